@@ -376,3 +376,46 @@ def test_bad_distance_and_summary_parameters() -> None:
         total_persistence(d, p=0)
     with pytest.raises(ValueError, match="ts"):
         betti_curve(d, np.ones((2, 2)))
+
+
+def _perfect_matching_within(fa, fb, t):
+    """Independent check (networkx Hopcroft-Karp): a perfect matching of the augmented graph using
+    only pairs at L-inf cost <= t (a to b, a to its diagonal, b to its diagonal, diagonal to diagonal)."""
+    import networkx as nx
+
+    n, m = len(fa), len(fb)
+    g = nx.Graph()
+    left = [("a", i) for i in range(n)] + [("db", j) for j in range(m)]
+    right = [("b", j) for j in range(m)] + [("da", i) for i in range(n)]
+    g.add_nodes_from(left, bipartite=0)
+    g.add_nodes_from(right, bipartite=1)
+    for i in range(n):
+        for j in range(m):
+            if max(abs(fa[i, 0] - fb[j, 0]), abs(fa[i, 1] - fb[j, 1])) <= t:
+                g.add_edge(("a", i), ("b", j))
+        if (fa[i, 1] - fa[i, 0]) / 2 <= t:
+            g.add_edge(("a", i), ("da", i))
+    for j in range(m):
+        if (fb[j, 1] - fb[j, 0]) / 2 <= t:
+            g.add_edge(("db", j), ("b", j))
+        for i in range(n):
+            g.add_edge(("db", j), ("da", i))
+    match = nx.bipartite.hopcroft_karp_matching(g, top_nodes=left)
+    return all(node in match for node in left)
+
+
+def test_bottleneck_finishes_on_a_pair_that_hung_scipys_matching_and_is_exact():
+    # two 255-bar H0 diagrams of SmolLM2-135M hidden states on which scipy's
+    # maximum_bipartite_matching did not return within minutes (scipy #26147)
+    import os
+
+    z = np.load(os.path.join(os.path.dirname(__file__), "data", "bottleneck_hard_pair_h0.npz"))
+    a, b = z["a"], z["b"]
+    d = bottleneck_distance(a, b)
+    fa, fb = a[np.isfinite(a[:, 1])], b[np.isfinite(b[:, 1])]
+    assert np.isinf(a[:, 1]).sum() == np.isinf(b[:, 1]).sum() == 1
+    inf_part = abs(a[np.isinf(a[:, 1]), 0][0] - b[np.isinf(b[:, 1]), 0][0])
+    assert d >= inf_part
+    if d > inf_part:  # the finite part decides: feasible at d, not just below
+        assert _perfect_matching_within(fa, fb, d)
+        assert not _perfect_matching_within(fa, fb, np.nextafter(d, 0.0) - 1e-12)

@@ -424,8 +424,7 @@ def wasserstein_distance(d1: np.ndarray, d2: np.ndarray, p: float = 1.0) -> floa
 
 
 def _bottleneck_finite(fa: np.ndarray, fb: np.ndarray) -> float:
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import maximum_bipartite_matching
+    from scipy.optimize import linear_sum_assignment
 
     n, m = len(fa), len(fb)
     diag_a = (fa[:, 1] - fa[:, 0]) / 2.0
@@ -437,14 +436,22 @@ def _bottleneck_finite(fa: np.ndarray, fb: np.ndarray) -> float:
     lower = max(np.minimum(diag_a, cost.min(axis=1)).max(), np.minimum(diag_b, cost.min(axis=0)).max())
     cand = np.unique(np.concatenate([cost.ravel(), diag_a, diag_b]))
     cand = cand[(cand >= lower) & (cand <= upper)]
-    ones = np.ones((m, n), dtype=bool)
+    # the augmented matching problem: a to b (cost), a to its diagonal copy, b's diagonal copy to b,
+    # diagonal to diagonal (free); other pairs are forbidden
+    big = np.full((n + m, m + n), np.inf)
+    big[:n, :m] = cost
+    big[np.arange(n), m + np.arange(n)] = diag_a
+    big[n + np.arange(m), np.arange(m)] = diag_b
+    big[n:, m:] = 0.0
 
     def feasible(t: float) -> bool:
-        top = np.hstack([cost <= t, np.diag(diag_a <= t)])
-        bottom = np.hstack([np.diag(diag_b <= t), ones])
-        graph = csr_matrix(np.vstack([top, bottom]))
-        match = maximum_bipartite_matching(graph, perm_type="column")
-        return bool((match >= 0).all())
+        # a perfect matching using only edges <= t exists iff the min-cost assignment of the 0/1
+        # "edge > t" matrix costs 0. linear_sum_assignment (Jonker-Volgenant) is polynomial;
+        # scipy's maximum_bipartite_matching can take exponential time on these graphs (scipy
+        # #26147: it did not return within minutes on two 255-bar H0 diagrams of SmolLM2 states)
+        bad = (big > t).astype(np.float64)
+        rows, cols = linear_sum_assignment(bad)
+        return bool(bad[rows, cols].sum() == 0)
 
     lo, hi = 0, len(cand) - 1  # cand[hi] == upper is feasible
     while lo < hi:
@@ -460,8 +467,8 @@ def bottleneck_distance(d1: np.ndarray, d2: np.ndarray) -> float:
     """Exact bottleneck distance ``W_inf`` between two persistence diagrams.
 
     Binary search over the candidate values (pairwise L-infinity costs and distances to the
-    diagonal) with a Hopcroft-Karp perfect-matching test
-    (``scipy.sparse.csgraph.maximum_bipartite_matching``) on the augmented bipartite graph.
+    diagonal) with a perfect-matching test on the augmented bipartite graph, by
+    ``scipy.optimize.linear_sum_assignment`` on the 0/1 matrix of edges above the threshold.
     Infinite bars are matched among themselves by sorted birth (cost ``|b1 - b2|``); different
     numbers of infinite bars give ``inf``.
 
