@@ -30,6 +30,7 @@ from topomon.metrics.spectral import (
     stable_rank,
     top_pc_share,
 )
+from topomon.metrics.spectral_torch import spectral_metrics_torch
 from topomon.metrics.topology import (
     betti_curve,
     bottleneck_distance,
@@ -90,6 +91,7 @@ __all__ = [
     "anisotropy",
     "top_pc_share",
     "spectral_metrics",
+    "spectral_metrics_torch",
     "persistence_diagrams",
     "total_persistence",
     "persistent_entropy",
