@@ -216,3 +216,30 @@ def test_reduce_logits_from_hidden_validation() -> None:
         reduce_logits_from_hidden(hidden[0], torch.nn.Linear(6, 11), input_ids, mask)
     with pytest.raises(ValueError, match="input_ids must have shape"):
         reduce_logits_from_hidden(hidden, torch.nn.Linear(6, 11), input_ids.T, mask)
+
+
+def test_from_hidden_at_counts_only_the_given_positions_in_row_major_order() -> None:
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(4, 7, 6, generator=g)
+    head = torch.nn.Linear(6, 11)
+    logits, input_ids, mask = _padded_batch(seed=11)
+    # some counted positions, a padded one, the last position (no next token), out of order, repeated
+    at_b = torch.tensor([2, 0, 0, 1, 3, 0, 2])
+    at_t = torch.tensor([1, 5, 0, 0, 2, 5, 6])
+    with torch.no_grad():
+        ref_logits = head(hidden)
+    keep = torch.zeros(4, 6, dtype=torch.bool)
+    for b, t in zip(at_b.tolist(), at_t.tolist(), strict=True):
+        if t < 6:
+            keep[b, t] = True
+    # the reference: the per-position loop over full logits, then only the wanted positions kept
+    masked_ids = input_ids.clone()
+    ref_all = _reference(ref_logits, masked_ids, mask)
+    counted = [
+        (b, t) for b in range(4) for t in range(6) if mask[b, t] and mask[b, t + 1]
+    ]  # row-major, the order of ref_all
+    pick = [i for i, (b, t) in enumerate(counted) if keep[b, t]]
+    ref = {k: v[pick] for k, v in ref_all.items()}
+    got = reduce_logits_from_hidden(hidden, head, input_ids, mask, at=(at_b, at_t), chunk_size=2)
+    assert len(got["nll"]) == len(pick) == 4  # (0,0), (0,5), (2,1), (3,2); (1,0) is padding, t=6 last
+    _assert_stats_equal(got, ref)

@@ -49,6 +49,7 @@ def _positions(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
+    at: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate the token tensors; return ``(batch_idx, pos_idx, target)`` of the counted positions."""
     import torch
@@ -79,6 +80,12 @@ def _positions(
             raise ValueError(f"labels must have shape (B, T) = {batch_shape}, got {tuple(labels.shape)}")
         targets_src = labels.to(device=input_ids.device)
         valid &= targets_src[:, 1:] != IGNORE_INDEX
+    if at is not None:  # only these (batch, position) pairs, still in row-major order
+        wanted = torch.zeros_like(valid)
+        b_at, t_at = (a.to(device=input_ids.device, dtype=torch.long) for a in at)
+        inside = t_at < batch_shape[1] - 1
+        wanted[b_at[inside], t_at[inside]] = True
+        valid &= wanted
     b_idx, t_idx = valid.nonzero(as_tuple=True)
     return b_idx, t_idx, targets_src[:, 1:][b_idx, t_idx].long()
 
@@ -201,6 +208,7 @@ def reduce_logits_from_hidden(
     *,
     labels: torch.Tensor | None = None,
     chunk_size: int = 256,
+    at: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
     """The statistics of :func:`reduce_logits`, computing the logits from final hidden states by chunks.
 
@@ -217,9 +225,12 @@ def reduce_logits_from_hidden(
         attention_mask: shape ``(B, T)`` or ``None``, see :func:`reduce_logits`.
         labels: optional ``(B, T)`` targets, see :func:`reduce_logits`.
         chunk_size: number of token positions sent through ``lm_head`` at once.
+        at: ``(batch_idx, pos_idx)`` 1-D integer tensors: count only these positions (those of them
+            that would count anyway), e.g. the tokens a probe capture subsampled; the LM head then
+            runs on them alone. None: every counted position.
 
     Returns:
-        The same dictionary as :func:`reduce_logits` on ``lm_head(hidden)``.
+        The same dictionary as :func:`reduce_logits` on ``lm_head(hidden)`` (restricted to ``at``).
 
     Raises:
         TypeError: on a non-tensor or non-floating ``hidden``, non-integer ids, or a non-callable ``lm_head``.
@@ -246,7 +257,7 @@ def reduce_logits_from_hidden(
         raise TypeError(f"lm_head must be a module or callable mapping (c, d) to (c, V), got {lm_head!r}")
     _check_chunk_size(chunk_size)
     batch_shape = (int(hidden.shape[0]), int(hidden.shape[1]))
-    b_idx, t_idx, targets = _positions(batch_shape, input_ids, attention_mask, labels)
+    b_idx, t_idx, targets = _positions(batch_shape, input_ids, attention_mask, labels, at)
     b_idx, t_idx = b_idx.to(hidden.device), t_idx.to(hidden.device)
 
     def chunk_logits(b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,33 @@ def _runner(model: Any, base: torch.nn.Module) -> Any:
     return body if isinstance(body, torch.nn.Module) and body is not base else base
 
 
+def _to_host(parts: list[dict[str, Any] | None]) -> list[dict[str, np.ndarray] | None]:
+    """Move the captured tensors to host numpy arrays.
+
+    On a GPU: asynchronous copies into pinned buffers and a single synchronisation, instead of one
+    blocking copy per layer and batch.
+    """
+    tensors = [v for p in parts if p is not None for v in p.values() if isinstance(v, torch.Tensor)]
+    on_gpu = any(t.device.type == "cuda" for t in tensors)
+    host: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        if t.device.type == "cuda":
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            host[id(t)] = buf
+        else:
+            host[id(t)] = t.cpu()
+    if on_gpu:
+        torch.cuda.synchronize()
+    out: list[dict[str, np.ndarray] | None] = []
+    for p in parts:
+        if p is None:
+            out.append(None)
+            continue
+        out.append({k: host[id(v)].numpy() if isinstance(v, torch.Tensor) else v for k, v in p.items()})
+    return out
+
+
 class ProbeCapture:
     """Runs the probe set through a model and returns a :class:`Snapshot` of the chosen layers.
 
@@ -259,7 +286,8 @@ class ProbeCapture:
                 pts = h[torch.arange(h.shape[0], device=h.device), sel.to(h.device)]
             else:
                 pts = torch.einsum("bt,btd->bd", sel.to(h.device, torch.float32), h.float())
-            current["points"][name] = pts.detach().to("cpu", torch.float32).numpy()
+            # stays on the device until the last batch: one copy and one synchronisation per capture
+            current["points"][name] = pts.detach().to(torch.float32)
 
         getter = getattr(base, "get_output_embeddings", None) if self.logits else None
         head = getter() if callable(getter) else None
@@ -289,15 +317,18 @@ class ProbeCapture:
                         stats = reduce_logits(logits, inp.to(device), att.to(device))
                         current["points"].update({f"logits/{k}": v for k, v in stats.items()})
                     elif head is not None:
+                        # pooling "all": the LM head runs on the captured tokens only (4x fewer than
+                        # the probe's tokens by default), so the logit metrics describe the same points
+                        at = (sel[:, 0], sel[:, 1]) if self.plan.pooling == "all" else None
                         stats = reduce_logits_from_hidden(
-                            _hidden(result), head, inp.to(device), att.to(device)
+                            _hidden(result), head, inp.to(device), att.to(device), at=at
                         )
                         current["points"].update({f"logits/{k}": v for k, v in stats.items()})
                     out.append(current["points"])
         finally:
             current["select"] = None
             model.train(was_training)
-        return out
+        return _to_host(out)
 
     def snapshot(
         self,
