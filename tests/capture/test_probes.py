@@ -53,3 +53,12 @@ def test_other_bad_inputs(tmp_path):
         load_probes(["x" * 200_001])
     with pytest.raises(ProbeError, match="must be None, a list of strings"):
         load_probes(42)
+
+
+def test_max_probes_spreads_over_the_default_set_and_keeps_the_first_of_a_user_set():
+    full = default_probes()
+    half = load_probes(None, max_probes=32)
+    assert half == full[::2]  # 64 texts grouped by genre: every other one keeps every genre
+    assert len(set(load_probes(None, max_probes=7))) == 7 and load_probes(None, max_probes=7)[0] == full[0]
+    with pytest.warns(UserWarning, match="max_probes=2"):
+        assert load_probes(["a b", "c d", "e f"], max_probes=2) == ["a b", "c d"]

@@ -36,7 +36,9 @@ def load_probes(spec: Any = None, *, field: str = "text", max_probes: int | None
         spec: None (the default set), a list of strings, a path to ``.txt``/``.jsonl``, or a
             ``datasets.Dataset`` with a string column ``field``.
         field: the text field of JSONL records and dataset rows.
-        max_probes: keep at most this many (the first ones).
+        max_probes: keep at most this many: the first ones of your set; of the default set (grouped
+            by genre: chat, facts, instructions, maths, code, stories, formal text, safety, other
+            languages), texts spread evenly over it, so that every genre stays.
 
     Returns:
         The probe texts.
@@ -74,7 +76,10 @@ def load_probes(spec: Any = None, *, field: str = "text", max_probes: int | None
                 UserWarning,
                 stacklevel=2,
             )
-        texts = texts[:max_probes]
+            texts = texts[:max_probes]
+        else:
+            n = len(texts)
+            texts = [texts[(i * n) // max_probes] for i in range(max_probes)]
     return texts
 
 
