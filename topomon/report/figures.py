@@ -7,12 +7,13 @@ so it is safe in a background thread and never opens a window.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-__all__ = ["persistence_diagram_figure", "draw_persistence_diagram", "eigenspectrum_figure"]
+__all__ = ["persistence_diagram_figure", "draw_persistence_diagram", "eigenspectrum_figure", "figure_images"]
 
 
 def draw_persistence_diagram(
@@ -89,3 +90,36 @@ def eigenspectrum_figure(
     ax.grid(True, which="both", alpha=0.2)
     fig.tight_layout()
     return fig
+
+
+def figure_images(record: Any, alpha_window: tuple[int, int] = (6, 100)) -> dict[str, np.ndarray]:
+    """The TensorBoard figures of one metric record, rendered to RGB images.
+
+    Called in the metric worker, so that drawing (matplotlib holds the GIL for a long time) never
+    runs in the training process.
+
+    Args:
+        record: a :class:`~topomon.types.MetricRecord` with ``dgm_h0``/``dgm_h1`` and/or
+            ``eigenspectrum`` arrays.
+        alpha_window: the alpha-ReQ fit window shaded on the eigenspectrum.
+
+    Returns:
+        ``{"figure_persistence", "figure_eigenspectrum"}`` (those the record has data for) ->
+        ``(H, W, 3)`` uint8 images.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    out: dict[str, np.ndarray] = {}
+    title = f"{record.stage} step {record.step} - {record.layer}"
+    figs = []
+    if "dgm_h0" in record.arrays or "dgm_h1" in record.arrays:
+        dgms = {k.upper().replace("DGM_", ""): v for k, v in record.arrays.items() if k.startswith("dgm_")}
+        figs.append(("figure_persistence", persistence_diagram_figure(dgms, title=title)))
+    if "eigenspectrum" in record.arrays:
+        spec = {record.layer: record.arrays["eigenspectrum"]}
+        figs.append(("figure_eigenspectrum", eigenspectrum_figure(spec, title=title, window=alpha_window)))
+    for name, fig in figs:
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        out[name] = np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
+    return out

@@ -93,6 +93,14 @@ class TensorBoardSink:
     def _write_figures(self, r: MetricRecord) -> None:
         from topomon.report.figures import eigenspectrum_figure, persistence_diagram_figure
 
+        rendered = False
+        for kind in ("persistence", "eigenspectrum"):  # drawn by the worker (engine.process)
+            img = r.arrays.get(f"figure_{kind}")
+            if img is not None:
+                self.writer.add_image(f"topomon_figures/{kind}/{r.layer}", img, r.step, dataformats="HWC")
+                rendered = True
+        if rendered:
+            return
         if "dgm_h0" in r.arrays or "dgm_h1" in r.arrays:
             dgms = {k.upper().replace("DGM_", ""): v for k, v in r.arrays.items() if k.startswith("dgm_")}
             fig = persistence_diagram_figure(dgms, title=f"{r.stage} step {r.step} - {r.layer}")

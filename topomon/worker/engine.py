@@ -92,6 +92,8 @@ class ComputeOptions:
         custom_metrics: metric name -> "module:function" taking ``(n, d)`` points and returning a
             float or a dict of floats (names prefixed with the metric name).
         threads: BLAS threads inside the worker (applied by the executor).
+        priority: CPU priority of the worker process, "idle", "low" or "normal" (applied by the
+            process executor).
         trajectory: token trajectories across the captured layers (needs the same tokens in every
             layer: pooling "all" in probe mode, or passive mode).
         lora_reference: ``.npz`` files of earlier stages' LoRA update subspaces, for
@@ -115,6 +117,7 @@ class ComputeOptions:
     seed: int = 0
     custom_metrics: Mapping[str, str] = field(default_factory=dict)
     threads: int = 1
+    priority: str = "idle"
     trajectory: bool = True
     lora_reference: tuple[str, ...] = ()
 
@@ -176,6 +179,14 @@ class MetricEngine:
         if model is not None:
             records.append(model)
         self.observe(records)
+        if figures:  # drawn here, in the worker: matplotlib never runs in the training process
+            from topomon.report.figures import figure_images
+
+            for r in records:
+                try:
+                    r.arrays.update(figure_images(r, self.options.alpha_window))
+                except Exception as e:  # noqa: BLE001 - a figure never costs a metric
+                    r.errors.append(f"figures: {type(e).__name__}: {e}")
         return records
 
     def _model_level(self, snap: Snapshot, figures: bool) -> MetricRecord | None:
