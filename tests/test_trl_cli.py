@@ -291,7 +291,7 @@ def test_dpo_end_to_end_with_a_preset_and_lora(assets, tmp_path):
         lora_r=4,
         lora_alpha=8,
         lora_target_modules=["q_proj", "v_proj"],
-        topomon={"worker": "thread", "run_dir": str(tmp_path / "run")},
+        topomon={"worker": "thread", "run_dir": str(tmp_path / "run"), "overhead_budget": None},
     )
     proc = topomon_cmd(
         ["dpo", "--config", str(write(tmp_path / "dpo.yaml", cfg)), "--topomon", "light"], tmp_path

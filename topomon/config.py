@@ -21,6 +21,10 @@ from topomon import schedules
 __all__ = ["MonitorConfig", "ConfigError"]
 
 
+AUTO_BUDGET = 0.01
+"""``overhead_budget="auto"`` with the default "log" schedule: 1% of the training's wall time."""
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and what is allowed."""
 
@@ -31,6 +35,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("log", "every", "steps"),
     "worker": ("process", "thread", "sync"),
     "topology_engine": ("auto", "ripser", "giotto"),
+    "worker_priority": ("idle", "low", "normal"),
 }
 
 
@@ -86,9 +91,23 @@ class MonitorConfig:
             points per layer at every capture, with a warning once; with ``queue_size`` it bounds the
             memory held by pending captures (about ``queue_size x max_snapshot_mb``).
         worker_threads: BLAS/OpenMP threads of the worker.
+        worker_priority: CPU priority of the worker process: "idle" (default; Linux ``SCHED_IDLE``,
+            else nice 19: it runs on CPU time training leaves unused, so on a machine whose cores
+            training saturates it lags behind and catches up at pauses and at train end), "low"
+            (nice 10) or "normal".
         task_timeout: seconds a single snapshot may take in the worker before it is restarted.
         flush_timeout: seconds to wait for pending results at train end and at each checkpoint save
             (so that the checkpoint's monitor state covers every capture up to its step).
+        overhead_budget: the largest fraction of the training's wall time the monitor may block it
+            (probe forwards and hand-over to the worker, counted from train begin, the step-0
+            baseline included). A scheduled capture that would exceed it is deferred to the first
+            step end where it fits (one capture waits at most; every scheduled step not captured on
+            time is counted in ``captures_deferred``). "auto" (default): 0.01 with the default "log"
+            schedule, so the default costs about 1% of the training time whatever the model, batch
+            or machine, and none with an explicit "every"/"steps" schedule (captured exactly as
+            asked). A number in (0, 1]: that budget with any schedule. None: exactly on schedule.
+            Applies to probe mode on one process; under several processes every rank must make the
+            same decision, so the schedule is kept.
         seed: seed of the probe subsample (fixed for the run).
         custom_metrics: your own per-layer metrics: name -> ``"module:function"``; the function
             takes the ``(n, d)`` points and returns a float or a dict of floats. It runs in the worker.
@@ -112,7 +131,7 @@ class MonitorConfig:
     mode: str = "probe"
     probes: Any = None
     probe_field: str = "text"
-    max_probes: int = 64
+    max_probes: int = 32
     max_length: int = 64
     probe_batch_size: int = 16
     layers: Any = "auto"
@@ -141,8 +160,10 @@ class MonitorConfig:
     queue_size: int = 4
     max_snapshot_mb: float = 64.0
     worker_threads: int = 1
+    worker_priority: str = "idle"
     task_timeout: float = 300.0
     flush_timeout: float = 120.0
+    overhead_budget: float | str | None = "auto"
     seed: int = 0
     custom_metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
     alerts: Any = "default"
@@ -256,6 +277,13 @@ class MonitorConfig:
         _require_number("task_timeout", self.task_timeout, 0.001)
         _require_number("max_snapshot_mb", self.max_snapshot_mb, 0.001)
         _require_number("flush_timeout", self.flush_timeout, 0.0)
+        b = self.overhead_budget
+        if b is not None and b != "auto":
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= 1.0:
+                raise ConfigError(
+                    f"`overhead_budget` must be 'auto', a fraction in (0, 1] (0.01 = 1% of the training "
+                    f"time) or None (capture exactly on schedule), got {b!r}"
+                )
         if self.layers != "auto":
             if (
                 isinstance(self.layers, (str, bytes))
@@ -313,6 +341,12 @@ class MonitorConfig:
         if self.schedule == "steps":
             return schedules.at_steps(self.steps)
         return schedules.log_spaced(self.every_n_steps)
+
+    def budget(self) -> float | None:
+        """The overhead budget in force: ``overhead_budget`` with "auto" resolved (see the field)."""
+        if self.overhead_budget == "auto":
+            return AUTO_BUDGET if self.schedule == "log" else None
+        return None if self.overhead_budget is None else float(self.overhead_budget)
 
     def replace(self, **changes: Any) -> MonitorConfig:
         """A copy with some fields changed (validated again; unknown names are an error)."""

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -75,6 +76,7 @@ def compute_options(
         seed=c.seed,
         custom_metrics=dict(c.custom_metrics),
         threads=c.worker_threads,
+        priority=c.worker_priority,
         trajectory=c.trajectory,
         lora_reference=tuple(lora_reference),
     )
@@ -141,6 +143,8 @@ class ResultRouter:
         self._pending_alerts: collections.deque[Alert] = collections.deque()
         self._lock = threading.Lock()
         self.health: dict[str, float] = {}
+        self.submit_times: dict[int, float] = {}  # step -> time.monotonic() at hand-over to the worker
+        self.latencies: list[float] = []  # seconds from hand-over to the records being durable
 
     # -- references
     def prime(self, records: Iterable[MetricRecord]) -> None:
@@ -180,6 +184,9 @@ class ResultRouter:
         self.metrics_log.write(r.to_json() for r in batch)  # durable first
         with self._lock:
             self.records_written += len(batch)
+            sent = self.submit_times.pop(step, None)
+            if sent is not None:
+                self.latencies.append(time.monotonic() - sent)
         for r in batch:
             self._remember(r)
         figures = step in self.figure_steps

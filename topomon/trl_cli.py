@@ -84,12 +84,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The defaults of MonitorConfig.
     "standard": {},
-    # Persistent homology on every captured layer, every 10 steps, figures at every capture.
+    # Persistent homology on every captured layer, exactly every 10 steps (no overhead budget),
+    # figures at every capture: the "aggressive" configuration of bench/overhead.py.
     "full": {
         "layers": "auto",
         "topology_layers": "all",
-        "max_probes": 64,
         "max_points": 512,
+        "overhead_budget": None,
         "topology_points": 256,
         "schedule": "every",
         "every_n_steps": 10,

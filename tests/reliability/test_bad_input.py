@@ -69,6 +69,8 @@ BAD: dict[str, list] = {
     "worker_threads": [1.0, 0],
     "task_timeout": ["300", 0, math.nan, math.inf],
     "flush_timeout": [None, -1, math.inf],
+    "overhead_budget": [0, -0.1, 1.5, math.nan, "1%", True, "Auto"],
+    "worker_priority": [None, "lowest", 19],
     "seed": [1.5, -1, 2**40],
     "custom_metrics": [["a:b"], {"x": "nocolon"}, {"": "a:b"}, {"x": 3}],
     "alerts": [5, "defualt", [1], [{"type": "drop"}], [{"type": "drop", "metric": "rankme", "colour": 1}]],

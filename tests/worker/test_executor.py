@@ -172,3 +172,21 @@ def test_state_survives_a_restart_through_the_shadow_engine():
     assert ex2.close(timeout=30)
     fn = [r for r in again.records if r.layer == "final_norm"][0]
     assert fn.metrics["topo_activity"] == 0.0
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+@pytest.mark.parametrize(
+    ("priority", "policy", "nice"), [("idle", "SCHED_IDLE", 0), ("low", "SCHED_OTHER", 10)]
+)
+def test_the_worker_process_runs_at_the_configured_priority(priority, policy, nice):
+    import dataclasses
+
+    ex = make_executor("process", dataclasses.replace(OPTS, priority=priority), Sink())
+    try:
+        assert ex.submit(snapshot(0))  # the worker applies its priority before its first task
+        assert wait_for(lambda: ex.stats.completed == 1)
+        assert os.sched_getscheduler(ex.pid) == getattr(os, policy)
+        assert os.getpriority(os.PRIO_PROCESS, ex.pid) - os.getpriority(os.PRIO_PROCESS, 0) == nice
+    finally:
+        ex.close(timeout=30)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training process is untouched

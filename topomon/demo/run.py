@@ -63,8 +63,10 @@ def _monitor(run_dir: str, stage: str, **extra: Any) -> Any:
         run_dir=run_dir,
         stage=stage,
         max_length=64,
+        max_probes=64,
         schedule="log",
         every_n_steps=5,
+        overhead_budget=None,  # the demo shows the dense trajectory; its cost is in the summary
         figures_every=3,
         **extra,
     )

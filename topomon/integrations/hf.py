@@ -53,12 +53,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _guarded(fn: F) -> F:
-    """Run a callback event; any exception is logged and counted, never raised into training."""
+    """Run a callback event; any exception is logged and counted, never raised into training.
+
+    The time spent inside (outermost call only) is the monitor's stall of the training loop.
+    """
 
     @functools.wraps(fn)
     def wrapper(self: TopoMonitor, *args: Any, **kwargs: Any) -> Any:
         if self._disabled:
             return None
+        self._depth += 1
+        t0 = time.perf_counter()
         try:
             return fn(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - the monitor must never crash training
@@ -66,6 +71,10 @@ def _guarded(fn: F) -> F:
             self.last_error = f"{fn.__name__}: {type(e).__name__}: {e}"
             logger.warning("topomon: %s (training continues)", self.last_error, exc_info=True)
             return None
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.stall_seconds += time.perf_counter() - t0
 
     return wrapper  # type: ignore[return-value]
 
@@ -137,6 +146,13 @@ class TopoMonitor(TrainerCallback):
         self.last_error: str | None = None
         self.captures: list[int] = []
         self.capture_seconds: list[float] = []
+        self.capture_stalls: list[float] = []  # per capture: the probe forward and the hand-over
+        self.stall_seconds = 0.0  # all the time training waited inside the monitor's callbacks
+        self.captures_deferred = 0  # scheduled steps moved later by ``overhead_budget``
+        self._depth = 0
+        self._t_begin: float | None = None
+        self._deferred: int | None = None  # the first scheduled step waiting for the budget
+        self._budget_warned = False
         self.alerts: list[Alert] = []
         self.run: RunDir | None = None
         self.logging_dir: str | None = None
@@ -370,10 +386,19 @@ class TopoMonitor(TrainerCallback):
             "captures": float(len(self.captures)),
             "monitor_errors": float(self.errors),
             "capture_seconds": self.capture_seconds[-1] if self.capture_seconds else 0.0,
+            "stall_seconds": self.stall_seconds,
+            "captures_deferred": float(self.captures_deferred),
         }
+        if self._t_begin is not None:
+            elapsed = time.perf_counter() - self._t_begin
+            h["stall_fraction"] = self.stall_seconds / elapsed if elapsed > 0 else 0.0
         if self._executor is not None:
             h.update({k: float(v) for k, v in self._executor.stats.as_dict().items()})
         if self._router is not None:
+            lat = sorted(self._router.latencies)
+            if lat:
+                h["worker_latency_median_s"] = lat[len(lat) // 2]
+                h["worker_latency_max_s"] = lat[-1]
             h["alerts"] = float(self._router.alerts_fired)
             h["records_written"] = float(self._router.records_written)  # durable in metrics.jsonl
         return h
@@ -405,6 +430,7 @@ class TopoMonitor(TrainerCallback):
         self._done_steps.add(snap.step)
         self.capture_seconds.append(float(snap.meta.get("capture_seconds", 0.0)))
         self._router.health = self.health()
+        self._router.submit_times[snap.step] = time.monotonic()
         self._executor.submit(snap)
 
     def _add_lora_factors(self, snap: Snapshot) -> None:
@@ -425,8 +451,45 @@ class TopoMonitor(TrainerCallback):
         if self._comm is not None:
             self._capture_probe_distributed(model, step)
             return
+        t0 = time.perf_counter()
         snap = self._probe.capture(model, step, self.config.stage)
         self._submit(snap)
+        self.capture_stalls.append(time.perf_counter() - t0)
+
+    def _within_budget(self) -> bool:
+        """Whether one more capture keeps the monitor's stall within ``overhead_budget``."""
+        budget = self.config.budget()
+        if budget is None or self._t_begin is None or not self.capture_stalls:
+            return True
+        # the least of the last three: the step-0 baseline also pays one-time warm-up (kernels,
+        # allocations); an optimistic estimate overshoots by at most one capture's difference
+        estimate = min(self.capture_stalls[-3:])
+        elapsed = time.perf_counter() - self._t_begin
+        return self.stall_seconds + estimate <= budget * (elapsed + estimate)
+
+    def _scheduled_probe(self, model: Any, step: int, scheduled: bool) -> None:
+        """Capture now, or defer (one pending capture at most) while over ``overhead_budget``."""
+        if scheduled and self._deferred is None and step not in self._done_steps:
+            self._deferred = step
+        if self._deferred is None or step in self._done_steps:
+            return
+        if not self._within_budget():
+            if scheduled:
+                self.captures_deferred += 1
+            if not self._budget_warned:
+                self._budget_warned = True
+                logger.warning(
+                    "topomon: capture of step %d deferred: the monitor has held training %.1f s of %.1f s, "
+                    "over overhead_budget=%g; captures resume as soon as they fit (set overhead_budget=None "
+                    "to capture exactly on schedule)",
+                    self._deferred,
+                    self.stall_seconds,
+                    time.perf_counter() - (self._t_begin or 0.0),
+                    self.config.budget(),
+                )
+            return
+        self._deferred = None
+        self._capture_probe(model, step)
 
     def _act(self, control: Any, step: int) -> None:
         if self._router is None:
@@ -617,6 +680,7 @@ class TopoMonitor(TrainerCallback):
         if not self._main:
             return
         self._setup(args, state, model, kwargs.get("processing_class"))
+        self._t_begin = time.perf_counter()  # the budget counts from here: the baseline is a stall
         self._started = True
         if self._resumed_interventions:
             self.interventions.load_state_dict(
@@ -650,8 +714,11 @@ class TopoMonitor(TrainerCallback):
                 snap = self._passive.collect(self.config.stage)
                 if snap is not None and snap.step not in self._done_steps:
                     self._submit(snap)
-        elif self.schedule(local) and step not in self._done_steps:
-            self._capture_probe(model, step)
+        elif self._comm is not None:
+            if self.schedule(local) and step not in self._done_steps:
+                self._capture_probe(model, step)
+        else:
+            self._scheduled_probe(model, step, self.schedule(local))
         if self._comm is not None:
             self._act_distributed(control, step)
         else:

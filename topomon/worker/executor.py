@@ -250,16 +250,39 @@ def _exit_with_parent(ppid: int, every: float = 1.0) -> None:
             os._exit(0)
 
 
+def set_priority(priority: str) -> str:
+    """Lower this process's CPU priority so that training keeps the cores (bench/RESULTS.md).
+
+    Args:
+        priority: "idle" (``SCHED_IDLE`` where the OS has it, else nice 19), "low" (nice 10) or
+            "normal" (unchanged).
+
+    Returns:
+        What was applied: "SCHED_IDLE", "nice 19", "nice 10" or "normal".
+    """
+    if priority == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            pass
+    if priority in ("idle", "low"):
+        step = 19 if priority == "idle" else 10
+        try:
+            os.nice(step)
+            return f"nice {step}"
+        except OSError:  # pragma: no cover
+            return "normal"
+    return "normal"
+
+
 def _worker_main(tasks: Any, results: Any, options: ComputeOptions, state: dict[str, Any]) -> None:
     """Entry point of the worker process: compute until a ``None`` task arrives."""
     threading.Thread(
         target=_exit_with_parent, args=(os.getppid(),), name="topomon-watchdog", daemon=True
     ).start()
     _limit_threads(options.threads)
-    try:
-        os.nice(5)  # training keeps priority on a small machine
-    except OSError:  # pragma: no cover
-        pass
+    set_priority(options.priority)
     engine = MetricEngine(options)
     engine.load_state_dict(state)
     while True:
