@@ -101,6 +101,10 @@ def _relative(value: float, reference: float | None) -> float:
     return 100.0 * (value / reference - 1.0)
 
 
+LATENCY_WINDOW = 256
+"""How many recent worker latencies the router keeps (for the health median)."""
+
+
 class ResultRouter:
     """The executor's handler for one stage.
 
@@ -144,7 +148,9 @@ class ResultRouter:
         self._lock = threading.Lock()
         self.health: dict[str, float] = {}
         self.submit_times: dict[int, float] = {}  # step -> time.monotonic() at hand-over to the worker
-        self.latencies: list[float] = []  # seconds from hand-over to the records being durable
+        # seconds from hand-over to the records being durable: the most recent ones, and the largest
+        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self.latency_max = 0.0
 
     # -- references
     def prime(self, records: Iterable[MetricRecord]) -> None:
@@ -186,7 +192,11 @@ class ResultRouter:
             self.records_written += len(batch)
             sent = self.submit_times.pop(step, None)
             if sent is not None:
-                self.latencies.append(time.monotonic() - sent)
+                lat = time.monotonic() - sent
+                self.latencies.append(lat)
+                self.latency_max = max(self.latency_max, lat)
+            for old in [s for s in self.submit_times if s < step]:  # dropped or lost: no result comes
+                del self.submit_times[old]
         for r in batch:
             self._remember(r)
         figures = step in self.figure_steps

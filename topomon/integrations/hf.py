@@ -395,10 +395,10 @@ class TopoMonitor(TrainerCallback):
         if self._executor is not None:
             h.update({k: float(v) for k, v in self._executor.stats.as_dict().items()})
         if self._router is not None:
-            lat = sorted(self._router.latencies)
+            lat = sorted(self._router.latencies)  # the last LATENCY_WINDOW captures
             if lat:
                 h["worker_latency_median_s"] = lat[len(lat) // 2]
-                h["worker_latency_max_s"] = lat[-1]
+                h["worker_latency_max_s"] = self._router.latency_max
             h["alerts"] = float(self._router.alerts_fired)
             h["records_written"] = float(self._router.records_written)  # durable in metrics.jsonl
         return h
@@ -431,7 +431,8 @@ class TopoMonitor(TrainerCallback):
         self.capture_seconds.append(float(snap.meta.get("capture_seconds", 0.0)))
         self._router.health = self.health()
         self._router.submit_times[snap.step] = time.monotonic()
-        self._executor.submit(snap)
+        if not self._executor.submit(snap):  # dropped: no result will come for it
+            self._router.submit_times.pop(snap.step, None)
 
     def _add_lora_factors(self, snap: Snapshot) -> None:
         from topomon.capture.lora_weights import lora_factors
