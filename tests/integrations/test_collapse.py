@@ -28,3 +28,9 @@ def test_collapse_alert_and_intervention_keep_effective_rank(tmp_path):
     # the intervened run ends with a clearly higher effective rank
     assert intervened["rankme_pca"][-1] > 1.5 * plain["rankme_pca"][-1]
     assert intervened["rankme"][-1] > plain["rankme"][-1]
+    # both runs learn the narrow data (loss on the narrow set itself, replay excluded)
+    for run in (plain, intervened):
+        assert run["narrow_loss_end"] < run["narrow_loss_start"]
+    # every monitored layer is reported, its last value the last capture's
+    assert "final_norm" in plain["layers_rankme_pca"] and len(plain["layers_rankme_pca"]) >= 2
+    assert plain["layers_rankme_pca"]["final_norm"][-1] == plain["rankme_pca"][-1]
