@@ -256,6 +256,7 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
             captures=len(monitor.captures),
             capture_steps=list(monitor.captures),
             stall_total_s=monitor.stall_seconds,
+            setup_s=getattr(monitor, "setup_seconds", None),
             capture_stalls_s=list(monitor.capture_stalls),
             capture_forward_s=list(monitor.capture_seconds),
             latencies_s=list(monitor._router.latencies) if monitor._router is not None else [],

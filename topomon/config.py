@@ -91,10 +91,11 @@ class MonitorConfig:
             points per layer at every capture, with a warning once; with ``queue_size`` it bounds the
             memory held by pending captures (about ``queue_size x max_snapshot_mb``).
         worker_threads: BLAS/OpenMP threads of the worker.
-        worker_priority: CPU priority of the worker process: "idle" (default; Linux ``SCHED_IDLE``,
-            else nice 19: it runs on CPU time training leaves unused, so on a machine whose cores
-            training saturates it lags behind and catches up at pauses and at train end), "low"
-            (nice 10) or "normal".
+        worker_priority: CPU priority of the worker process: "low" (default, nice 10: training
+            keeps the cores, metrics arrive within seconds to a minute on a machine whose cores
+            training saturates), "idle" (Linux ``SCHED_IDLE``: only CPU time training leaves unused;
+            right for GPU training, where the CPU is mostly free, but on a CPU-saturated machine
+            results and alerts arrive only at train end, bench/RESULTS.md) or "normal".
         task_timeout: seconds a single snapshot may take in the worker before it is restarted.
         flush_timeout: seconds to wait for pending results at train end and at each checkpoint save
             (so that the checkpoint's monitor state covers every capture up to its step).
@@ -131,7 +132,7 @@ class MonitorConfig:
     mode: str = "probe"
     probes: Any = None
     probe_field: str = "text"
-    max_probes: int = 32
+    max_probes: int = 64
     max_length: int = 64
     probe_batch_size: int = 16
     layers: Any = "auto"
@@ -160,7 +161,7 @@ class MonitorConfig:
     queue_size: int = 4
     max_snapshot_mb: float = 64.0
     worker_threads: int = 1
-    worker_priority: str = "idle"
+    worker_priority: str = "low"
     task_timeout: float = 300.0
     flush_timeout: float = 120.0
     overhead_budget: float | str | None = "auto"

@@ -149,6 +149,7 @@ class TopoMonitor(TrainerCallback):
         self.capture_stalls: list[float] = []  # per capture: the probe forward and the hand-over
         self.stall_seconds = 0.0  # all the time training waited inside the monitor's callbacks
         self.captures_deferred = 0  # scheduled steps moved later by ``overhead_budget``
+        self.setup_seconds = 0.0  # on_train_begin before the baseline: probe plan, worker start, sinks
         self._depth = 0
         self._t_begin: float | None = None
         self._deferred: int | None = None  # the first scheduled step waiting for the budget
@@ -387,6 +388,7 @@ class TopoMonitor(TrainerCallback):
             "monitor_errors": float(self.errors),
             "capture_seconds": self.capture_seconds[-1] if self.capture_seconds else 0.0,
             "stall_seconds": self.stall_seconds,
+            "setup_seconds": self.setup_seconds,
             "captures_deferred": float(self.captures_deferred),
         }
         if self._t_begin is not None:
@@ -680,8 +682,10 @@ class TopoMonitor(TrainerCallback):
             return
         if not self._main:
             return
+        t0 = time.perf_counter()
         self._setup(args, state, model, kwargs.get("processing_class"))
         self._t_begin = time.perf_counter()  # the budget counts from here: the baseline is a stall
+        self.setup_seconds = self._t_begin - t0
         self._started = True
         if self._resumed_interventions:
             self.interventions.load_state_dict(

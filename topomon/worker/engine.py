@@ -117,7 +117,7 @@ class ComputeOptions:
     seed: int = 0
     custom_metrics: Mapping[str, str] = field(default_factory=dict)
     threads: int = 1
-    priority: str = "idle"
+    priority: str = "low"
     trajectory: bool = True
     lora_reference: tuple[str, ...] = ()
 
