@@ -243,3 +243,5 @@ def test_from_hidden_at_counts_only_the_given_positions_in_row_major_order() -> 
     got = reduce_logits_from_hidden(hidden, head, input_ids, mask, at=(at_b, at_t), chunk_size=2)
     assert len(got["nll"]) == len(pick) == 4  # (0,0), (0,5), (2,1), (3,2); (1,0) is padding, t=6 last
     _assert_stats_equal(got, ref)
+    # the same positions from full logits (the FSDP path of a probe capture)
+    _assert_stats_equal(reduce_logits(ref_logits, input_ids, mask, at=(at_b, at_t)), ref)

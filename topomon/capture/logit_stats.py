@@ -150,6 +150,7 @@ def reduce_logits(
     *,
     labels: torch.Tensor | None = None,
     chunk_size: int = 256,
+    at: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-token next-token statistics of a causal LM's logits.
 
@@ -162,6 +163,8 @@ def reduce_logits(
             ``transformers`` model); positions whose next label is ``-100`` are left out.
         chunk_size: number of token positions reduced at once (peak extra memory about
             ``4 * chunk_size * V`` float32 values).
+        at: ``(batch_idx, pos_idx)``: count only these positions (see
+            :func:`reduce_logits_from_hidden`); None: every counted position.
 
     Returns:
         ``{"entropy", "top1_prob", "correct", "nll"}``: 1-D numpy arrays of the same length (the number of
@@ -190,7 +193,7 @@ def reduce_logits(
         )
     _check_chunk_size(chunk_size)
     batch_shape = (int(logits.shape[0]), int(logits.shape[1]))
-    b_idx, t_idx, targets = _positions(batch_shape, input_ids, attention_mask, labels)
+    b_idx, t_idx, targets = _positions(batch_shape, input_ids, attention_mask, labels, at)
     b_idx, t_idx = b_idx.to(logits.device), t_idx.to(logits.device)
 
     def chunk_logits(b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -313,13 +313,13 @@ class ProbeCapture:
                     current["select"], current["points"] = sel, {}
                     result = runner(input_ids=inp.to(device), attention_mask=att.to(device), use_cache=False)
                     logits = getattr(result, "logits", None)  # the FSDP root runs the LM head itself
+                    # pooling "all": the logit metrics describe the captured tokens only (4x fewer
+                    # than the probe's by default; the LM head then runs on them alone, below)
+                    at = (sel[:, 0], sel[:, 1]) if self.plan.pooling == "all" else None
                     if head is not None and isinstance(logits, torch.Tensor):
-                        stats = reduce_logits(logits, inp.to(device), att.to(device))
+                        stats = reduce_logits(logits, inp.to(device), att.to(device), at=at)
                         current["points"].update({f"logits/{k}": v for k, v in stats.items()})
                     elif head is not None:
-                        # pooling "all": the LM head runs on the captured tokens only (4x fewer than
-                        # the probe's tokens by default), so the logit metrics describe the same points
-                        at = (sel[:, 0], sel[:, 1]) if self.plan.pooling == "all" else None
                         stats = reduce_logits_from_hidden(
                             _hidden(result), head, inp.to(device), att.to(device), at=at
                         )

@@ -67,6 +67,7 @@ def _monitor(run_dir: str, stage: str, **extra: Any) -> Any:
         schedule="log",
         every_n_steps=5,
         overhead_budget=None,  # the demo shows the dense trajectory; its cost is in the summary
+        worker_priority="normal",  # so that the alert acts within a step while training uses both cores
         figures_every=3,
         **extra,
     )
