@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "SPECTRAL_KEYS",
     "rankme",
     "rankme_pca",
     "eigenspectrum",
@@ -43,6 +44,18 @@ __all__ = [
     "top_pc_share",
     "spectral_metrics",
 ]
+
+SPECTRAL_KEYS: tuple[str, ...] = (
+    "rankme",
+    "rankme_pca",
+    "alpha_req",
+    "alpha_req_r2",
+    "participation_ratio",
+    "stable_rank",
+    "anisotropy",
+    "top_pc_share",
+)
+"""The keys of :func:`spectral_metrics` (and of ``spectral_metrics_torch``), in this order."""
 
 _NAN = float("nan")
 

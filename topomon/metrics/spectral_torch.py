@@ -21,23 +21,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from topomon.metrics.spectral import _check_window
+from topomon.metrics.spectral import SPECTRAL_KEYS, _check_window
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["spectral_metrics_torch"]
-
-_KEYS = (
-    "rankme",
-    "rankme_pca",
-    "alpha_req",
-    "alpha_req_r2",
-    "participation_ratio",
-    "stable_rank",
-    "anisotropy",
-    "top_pc_share",
-)
 
 
 def _compute_dtype(x: torch.Tensor, dtype: Any) -> torch.dtype:
@@ -216,4 +205,4 @@ def spectral_metrics_torch(
     aniso = _nan_unless(m >= 2, (tot @ tot - (u * u).sum()) / torch.where(m >= 2, pairs, one))
 
     values = torch.stack([rankme, rankme_pca, alpha, r2, pr, stable, aniso, top]).cpu().tolist()
-    return {k: float(v) for k, v in zip(_KEYS, values, strict=True)}
+    return {k: float(v) for k, v in zip(SPECTRAL_KEYS, values, strict=True)}

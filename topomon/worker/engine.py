@@ -24,7 +24,7 @@ from topomon.metrics.lora import (
     subspace_overlap,
 )
 from topomon.metrics.preprocess import prepare_points, subsample_indices
-from topomon.metrics.spectral import eigenspectrum, spectral_metrics
+from topomon.metrics.spectral import SPECTRAL_KEYS, eigenspectrum, spectral_metrics
 from topomon.metrics.topology import bottleneck_distance, topology_metrics
 from topomon.metrics.trajectory import cka_matrix, trajectory_metrics
 from topomon.types import MetricRecord, Snapshot
@@ -41,16 +41,6 @@ __all__ = [
     "resolve_function",
 ]
 
-SPECTRAL_KEYS = (
-    "rankme",
-    "rankme_pca",
-    "alpha_req",
-    "alpha_req_r2",
-    "participation_ratio",
-    "stable_rank",
-    "anisotropy",
-    "top_pc_share",
-)
 TOPOLOGY_KEYS = (
     "h0_total_persistence",
     "h1_total_persistence",
