@@ -299,7 +299,7 @@ def make_router(
     """
     tb = None
     if c.tensorboard and logging_dir is not None:
-        tb = TensorBoardSink(logging_dir, figures=c.figures_every > 0, alpha_window=c.alpha_window)
+        tb = TensorBoardSink(logging_dir, figures=c.figures_every > 0)
     engine = None
     if c.alerts is not None:
         rules = default_rules() if c.alerts == "default" else rules_from_config(list(c.alerts))

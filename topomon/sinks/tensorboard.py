@@ -32,8 +32,7 @@ class TensorBoardSink:
 
     Args:
         logdir: the event-file folder.
-        figures: draw figures when records carry arrays.
-        alpha_window: the fit window shaded on eigenspectrum figures.
+        figures: write the figures the worker drew (``figure_*`` arrays of the records).
     """
 
     def __init__(
@@ -41,11 +40,9 @@ class TensorBoardSink:
         logdir: str | os.PathLike[str],
         *,
         figures: bool = True,
-        alpha_window: tuple[int, int] | None = None,
     ):
         self.logdir = os.fspath(logdir)
         self.figures = figures
-        self.alpha_window = alpha_window
         self._writer: Any = None
         self._layout_done = False
         self._lock = threading.Lock()
@@ -60,7 +57,7 @@ class TensorBoardSink:
         return self._writer
 
     def write_records(self, records: list[MetricRecord], *, figures: bool = False) -> None:
-        """Scalars of every record; figures too when ``figures`` and the record carries arrays."""
+        """Scalars of every record; figures too when ``figures`` and the worker drew them."""
         if not records:
             return
         with self._lock:
@@ -91,31 +88,10 @@ class TensorBoardSink:
         self._layout_done = True
 
     def _write_figures(self, r: MetricRecord) -> None:
-        from topomon.report.figures import eigenspectrum_figure, persistence_diagram_figure
-
-        rendered = False
         for kind in ("persistence", "eigenspectrum"):  # drawn by the worker (engine.process)
             img = r.arrays.get(f"figure_{kind}")
             if img is not None:
                 self.writer.add_image(f"topomon_figures/{kind}/{r.layer}", img, r.step, dataformats="HWC")
-                rendered = True
-        if rendered:
-            return
-        if "dgm_h0" in r.arrays or "dgm_h1" in r.arrays:
-            dgms = {k.upper().replace("DGM_", ""): v for k, v in r.arrays.items() if k.startswith("dgm_")}
-            fig = persistence_diagram_figure(dgms, title=f"{r.stage} step {r.step} - {r.layer}")
-            self.writer.add_figure(
-                f"topomon_figures/persistence/{r.layer}", fig, global_step=r.step, close=False
-            )
-        if "eigenspectrum" in r.arrays:
-            fig = eigenspectrum_figure(
-                {r.layer: r.arrays["eigenspectrum"]},
-                title=f"{r.stage} step {r.step} - {r.layer}",
-                window=self.alpha_window,
-            )
-            self.writer.add_figure(
-                f"topomon_figures/eigenspectrum/{r.layer}", fig, global_step=r.step, close=False
-            )
 
     def close(self) -> None:
         """Flush and close the writer (idempotent)."""
