@@ -129,6 +129,36 @@ def test_h1_equals_plain_ripser_and_h0_from_maxdim1() -> None:
     assert np.sum(lengths(ours[1]) > 0.2) == 2  # two loops
 
 
+@pytest.mark.parametrize("maxdim", [1, 2])
+def test_compiled_core_equals_public_ripser_on_distance_matrices(maxdim: int) -> None:
+    """The engine calls ripser's compiled core directly: the same bars as ``ripser.ripser``."""
+    from topomon.metrics.topology import _pairwise, _ripser_dm
+
+    rng = np.random.default_rng(11)
+    x = np.vstack([noisy_circle(rng, 50), rng.standard_normal((30, 2)) * 0.3 + 4])
+    dist = _pairwise(x, "euclidean")
+    ours = _ripser_dm(dist, maxdim)
+    ref = ripser(dist, maxdim=maxdim, distance_matrix=True)["dgms"]
+    assert len(ours) == len(ref) == maxdim + 1
+    for o, r in zip(ours, ref, strict=True):
+        np.testing.assert_array_equal(o[np.lexsort(o.T)], r[np.lexsort(r.T)])
+
+
+def test_persistent_homology_does_not_import_scikit_learn() -> None:
+    """``import ripser`` imports scikit-learn (about 1 s of CPU in every worker); the engine avoids it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from topomon.metrics.topology import topology_metrics\n"
+        "topology_metrics(np.random.default_rng(0).standard_normal((60, 8)), pca_dim=4)\n"
+        "print(sorted(m for m in ('sklearn', 'ripser') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_maxdim2_returns_three_diagrams() -> None:
     rng = np.random.default_rng(4)
     v = rng.standard_normal((60, 3))

@@ -144,10 +144,29 @@ def _run_engine(dist: np.ndarray, maxdim: int, engine: str, n_threads: int) -> l
             ) from e
         res = ripser_parallel(dist, maxdim=maxdim, metric="precomputed", n_threads=n_threads)
         return [np.asarray(d, dtype=np.float64).reshape(-1, 2) for d in res["dgms"]]
-    from ripser import ripser
+    return _ripser_dm(dist, maxdim)
 
-    res = ripser(dist, maxdim=maxdim, distance_matrix=True)
-    return [np.asarray(d, dtype=np.float64).reshape(-1, 2) for d in res["dgms"]]
+
+def _ripser_dm(dist: np.ndarray, maxdim: int) -> list[np.ndarray]:
+    """Persistence by ripser of a dense distance matrix (zero diagonal), through its compiled core.
+
+    ``ripser.ripser(dist, distance_matrix=True)`` hands the same float32 condensed (upper-triangle,
+    row-major) distances to the same function; importing the ``ripser`` package first imports
+    scikit-learn, about 1 s of CPU in every worker process (which competes with training on a CPU).
+    Builds without the top-level ``pyRipser`` module use the public function.
+    """
+    try:
+        from pyRipser import doRipsFiltrationDM
+    except ImportError:  # pragma: no cover - depends on how ripser was built
+        from ripser import ripser
+
+        res = ripser(dist, maxdim=maxdim, distance_matrix=True)
+        return [np.asarray(d, dtype=np.float64).reshape(-1, 2) for d in res["dgms"]]
+    from scipy.spatial.distance import squareform
+
+    condensed = np.ascontiguousarray(squareform(dist, checks=False), dtype=np.float32)
+    res = doRipsFiltrationDM(condensed, int(maxdim), np.inf, 2, False)
+    return [np.asarray(d, dtype=np.float64).reshape(-1, 2) for d in res["births_and_deaths_by_dim"]]
 
 
 def _int_param(value: Any, name: str, minimum: int, allow_none: bool = False) -> int | None:
