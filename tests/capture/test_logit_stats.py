@@ -101,6 +101,24 @@ def test_chunk_size_does_not_change_the_result(chunk_size: int) -> None:
         np.testing.assert_array_equal(got[k], ref[k])
 
 
+def test_wide_logit_ranges_masked_tokens_and_many_rows_match_the_reference() -> None:
+    """Logits spanning hundreds of nats (exp underflows), -inf for masked vocabulary entries, and more
+    positions than one reduction block: the float64 reference's values, an exact NLL included."""
+    g = torch.Generator().manual_seed(9)
+    v = 300
+    logits = 60.0 * torch.randn(2, 50, v, generator=g)  # spreads of several hundred nats
+    logits[:, :, 250:] = -math.inf  # tokens the model can never predict
+    input_ids = torch.randint(0, 250, (2, 50), generator=g)
+    input_ids[0, 10] = 7
+    logits[0, 9, 7] = logits[0, 9].max() - 150.0  # a target 150 nats below the top: NLL 150
+    mask = torch.ones(2, 50, dtype=torch.long)
+    got = reduce_logits(logits, input_ids, mask)
+    ref = _reference(logits, input_ids, mask)
+    _assert_stats_equal(got, ref)
+    assert got["nll"][9] == pytest.approx(150.0, rel=1e-5)
+    assert np.isfinite(got["entropy"]).all() and (got["entropy"] >= 0).all()
+
+
 def test_half_precision_logits_are_reduced_in_float32() -> None:
     logits, input_ids, mask = _padded_batch(seed=5)
     low = logits.to(torch.bfloat16)

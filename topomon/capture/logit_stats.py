@@ -99,6 +99,47 @@ def _empty() -> dict[str, np.ndarray]:
     }
 
 
+_Z_FLOOR = -87.0
+"""Logits more than this below a row's maximum are raised to it: ``exp`` stays above float32's
+denormal range (slow on CPUs); such a token's probability (< 1.7e-38) changes no statistic."""
+
+_BLOCK = 32
+"""Rows of logits reduced at a time: the working buffers (``32 x V`` float32) stay in cache."""
+
+
+def _token_stats(logits: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Entropy, top-1 probability, top-1 correctness and NLL of each row of ``(c, V)`` logits.
+
+    With ``z = logits - max``, ``e = exp(z)`` and ``s = sum(e)``: ``log p = z - log s``, so
+    entropy ``= log s - sum(e z) / s`` (both terms >= 0: no cancellation), top-1 probability
+    ``= 1 / s`` and NLL ``= log s - z[target]``. Two ``block x V`` buffers per block, updated in
+    place: about 3x faster on a CPU than ``log_softmax``, ``exp``, ``p * log p`` over the whole chunk.
+    """
+    import torch
+
+    entropy, top1, correct, nll = [], [], [], []
+    shape = (min(_BLOCK, logits.shape[0]), logits.shape[1])
+    z = torch.empty(shape, dtype=torch.float32, device=logits.device)
+    e = torch.empty_like(z)
+    for start in range(0, logits.shape[0], _BLOCK):
+        rows = logits[start : start + _BLOCK]
+        zb, eb = z[: rows.shape[0]], e[: rows.shape[0]]
+        zb.copy_(rows)
+        top, top_idx = zb.max(dim=-1, keepdim=True)
+        zb.sub_(top)
+        t = tgt[start : start + _BLOCK]
+        z_target = zb.gather(1, t[:, None]).squeeze(1)  # before the floor: the NLL stays exact
+        zb.clamp_(min=_Z_FLOOR)
+        torch.exp(zb, out=eb)
+        total = eb.sum(dim=-1)
+        log_total = torch.log(total)
+        entropy.append(log_total - torch.einsum("cv,cv->c", eb, zb) / total)
+        top1.append(1.0 / total)
+        correct.append(top_idx.squeeze(1) == t)
+        nll.append(log_total - z_target)
+    return torch.cat(entropy), torch.cat(top1), torch.cat(correct), torch.cat(nll)
+
+
 def _reduce(
     chunk_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     b_idx: torch.Tensor,
@@ -126,16 +167,9 @@ def _reduce(
                         f"at counted positions, got values in [{tmin}, {tmax}]"
                     )
             tgt = targets[sl].to(logits.device)
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (c, V) float32, the only large buffers
-            p = logp.exp()
-            entropy = -torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
-            del p
-            top_logp, top_idx = logp.max(dim=-1)
-            parts["entropy"].append(entropy)
-            parts["top1_prob"].append(top_logp.exp())
-            parts["correct"].append(top_idx == tgt)
-            parts["nll"].append(-logp.gather(1, tgt[:, None]).squeeze(1))
-            del logp
+            for key, stat in zip(parts, _token_stats(logits, tgt), strict=True):
+                parts[key].append(stat)
+            del logits
     out = {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}
     for k in ("entropy", "top1_prob", "nll"):
         out[k] = out[k].astype(np.float32, copy=False)
