@@ -50,21 +50,29 @@ def draw_persistence_diagram(
     ax.legend(loc="lower right", fontsize=8)
 
 
-def persistence_diagram_figure(dgms: Mapping[str, np.ndarray], title: str = "") -> Figure:
+def persistence_diagram_figure(dgms: Mapping[str, np.ndarray], title: str = "", tight: bool = True) -> Figure:
     """Birth-death scatter of H0 and H1 bars; infinite bars drawn on a dashed line at the top.
 
     Args:
         dgms: ``{"H0": (k, 2), "H1": (m, 2)}`` arrays of (birth, death); ``inf`` deaths allowed.
         title: figure title.
+        tight: fit the margins to the labels (``tight_layout``); False: fixed margins, about half
+            the drawing time (the worker's TensorBoard figures).
     """
     fig = Figure(figsize=(4.2, 4.0), dpi=100)
     draw_persistence_diagram(fig.add_subplot(1, 1, 1), dgms, title)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
+    else:
+        fig.subplots_adjust(left=0.16, right=0.97, bottom=0.12, top=0.93)
     return fig
 
 
 def eigenspectrum_figure(
-    spectra: Mapping[str, np.ndarray], title: str = "", window: tuple[int, int] | None = None
+    spectra: Mapping[str, np.ndarray],
+    title: str = "",
+    window: tuple[int, int] | None = None,
+    tight: bool = True,
 ) -> Figure:
     """Centred covariance eigenvalues against rank on log-log axes, one line per label.
 
@@ -72,6 +80,8 @@ def eigenspectrum_figure(
         spectra: label -> descending eigenvalues.
         title: figure title.
         window: the alpha-ReQ fit window, shaded.
+        tight: fit the margins to the labels (``tight_layout``); False: fixed margins that leave
+            room for a legend of short labels (the worker's one-layer TensorBoard figures).
     """
     fig = Figure(figsize=(6.4, 3.6), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
@@ -88,7 +98,10 @@ def eigenspectrum_figure(
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
+    else:
+        fig.subplots_adjust(left=0.11, right=0.70, bottom=0.14, top=0.91)
     return fig
 
 
@@ -114,10 +127,11 @@ def figure_images(record: Any, alpha_window: tuple[int, int] = (6, 100)) -> dict
     figs = []
     if "dgm_h0" in record.arrays or "dgm_h1" in record.arrays:
         dgms = {k.upper().replace("DGM_", ""): v for k, v in record.arrays.items() if k.startswith("dgm_")}
-        figs.append(("figure_persistence", persistence_diagram_figure(dgms, title=title)))
+        figs.append(("figure_persistence", persistence_diagram_figure(dgms, title=title, tight=False)))
     if "eigenspectrum" in record.arrays:
         spec = {record.layer: record.arrays["eigenspectrum"]}
-        figs.append(("figure_eigenspectrum", eigenspectrum_figure(spec, title=title, window=alpha_window)))
+        fig = eigenspectrum_figure(spec, title=title, window=alpha_window, tight=False)
+        figs.append(("figure_eigenspectrum", fig))
     for name, fig in figs:
         canvas = FigureCanvasAgg(fig)
         canvas.draw()
