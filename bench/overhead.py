@@ -121,7 +121,8 @@ def _data(spec: dict[str, Any]) -> Any:
 
 
 class _PeakRSS:
-    """Samples the RSS of this process and of its child processes (the monitor's worker)."""
+    """Samples the RSS of this process and of its child processes (the monitor's worker), and the
+    children's CPU time (the last sample of each child: the worker's CPU that training could not use)."""
 
     def __init__(self, every: float = 0.2):
         import psutil
@@ -129,6 +130,7 @@ class _PeakRSS:
         self._me = psutil.Process()
         self.main = 0
         self.children = 0
+        self.child_cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._every = every
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -137,8 +139,11 @@ class _PeakRSS:
         while not self._stop.is_set():
             try:
                 self.main = max(self.main, self._me.memory_info().rss)
-                kids = sum(c.memory_info().rss for c in self._me.children(recursive=True))
-                self.children = max(self.children, kids)
+                kids = self._me.children(recursive=True)
+                self.children = max(self.children, sum(c.memory_info().rss for c in kids))
+                for c in kids:
+                    t = c.cpu_times()
+                    self.child_cpu[c.pid] = t.user + t.system
             except Exception:  # noqa: BLE001, S110 - a child that just exited
                 pass
             self._stop.wait(self._every)
@@ -248,6 +253,7 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall,
         "rss_train_mib": rss.main / 2**20,
         "rss_worker_mib": rss.children / 2**20,
+        "worker_cpu_s": sum(rss.child_cpu.values()),
         "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
     if monitor is not None:
@@ -282,8 +288,8 @@ def summarize(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| arm | wall (median) | ratio to off: median [min, max] | captures | stall per capture (median) "
         "| plain probe forward | stall / forward | worker latency median / max | dropped "
-        "| peak RSS train / worker |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS train / worker | stall + worker CPU, share of the off wall: median [min, max] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in ARMS:
         rs = [rd[arm] for rd in rounds.values() if arm in rd]
@@ -294,17 +300,24 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         wall = _median([r["wall_s"] for r in rs])
         rss = f"{max(r['rss_train_mib'] for r in rs):.0f} / {max(r['rss_worker_mib'] for r in rs):.0f} MiB"
         if arm == "off":
-            lines.append(f"| off | {wall:.1f} s | 1 | - | - | - | - | - | - | {rss} |")
+            lines.append(f"| off | {wall:.1f} s | 1 | - | - | - | - | - | - | {rss} | - |")
             continue
         stalls = [s for r in rs for s in r["capture_stalls_s"]]
         fwd = _median([r["probe_forward_s"] for r in rs])
         lat = [x for r in rs for x in r["latencies_s"]]
         caps = "/".join(str(r["captures"]) for r in rs)
+        # what the monitor took from training, accounted: time it blocked the loop, plus every CPU
+        # second of the worker (on a machine whose cores training saturates, at most that is lost)
+        acc = [
+            (rd[arm]["stall_total_s"] + rd[arm].get("worker_cpu_s", float("nan"))) / rd["off"]["wall_s"]
+            for rd in both
+        ]
         lines.append(
             f"| {arm} | {wall:.1f} s | {_median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] | {caps} "
             f"| {_median(stalls):.2f} s | {fwd:.2f} s | {_median(stalls) / fwd:.2f} "
             f"| {_median(lat):.1f} / {max(lat, default=float('nan')):.1f} s "
-            f"| {sum(r['dropped'] for r in rs):.0f} | {rss} |"
+            f"| {sum(r['dropped'] for r in rs):.0f} | {rss} "
+            f"| {_median(acc):.2%} [{min(acc):.2%}, {max(acc):.2%}] |"
         )
     return "\n".join(lines)
 
