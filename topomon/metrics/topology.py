@@ -143,8 +143,13 @@ def _run_engine(dist: np.ndarray, maxdim: int, engine: str, n_threads: int) -> l
                 "engine='giotto' needs giotto-ph: pip install 'topomon[fast]' (or giotto-ph)"
             ) from e
         res = ripser_parallel(dist, maxdim=maxdim, metric="precomputed", n_threads=n_threads)
-        return [np.asarray(d, dtype=np.float64).reshape(-1, 2) for d in res["dgms"]]
+        return _as_diagrams(res["dgms"])
     return _ripser_dm(dist, maxdim)
+
+
+def _as_diagrams(dgms: Any) -> list[np.ndarray]:
+    """An engine's diagrams as ``(k, 2)`` float64 arrays."""
+    return [np.asarray(d, dtype=np.float64).reshape(-1, 2) for d in dgms]
 
 
 def _ripser_dm(dist: np.ndarray, maxdim: int) -> list[np.ndarray]:
@@ -160,13 +165,12 @@ def _ripser_dm(dist: np.ndarray, maxdim: int) -> list[np.ndarray]:
     except ImportError:  # pragma: no cover - depends on how ripser was built
         from ripser import ripser
 
-        res = ripser(dist, maxdim=maxdim, distance_matrix=True)
-        return [np.asarray(d, dtype=np.float64).reshape(-1, 2) for d in res["dgms"]]
+        return _as_diagrams(ripser(dist, maxdim=maxdim, distance_matrix=True)["dgms"])
     from scipy.spatial.distance import squareform
 
     condensed = np.ascontiguousarray(squareform(dist, checks=False), dtype=np.float32)
     res = doRipsFiltrationDM(condensed, int(maxdim), np.inf, 2, False)
-    return [np.asarray(d, dtype=np.float64).reshape(-1, 2) for d in res["births_and_deaths_by_dim"]]
+    return _as_diagrams(res["births_and_deaths_by_dim"])
 
 
 def _int_param(value: Any, name: str, minimum: int, allow_none: bool = False) -> int | None:

@@ -56,8 +56,8 @@ def persistence_diagram_figure(dgms: Mapping[str, np.ndarray], title: str = "", 
     Args:
         dgms: ``{"H0": (k, 2), "H1": (m, 2)}`` arrays of (birth, death); ``inf`` deaths allowed.
         title: figure title.
-        tight: fit the margins to the labels (``tight_layout``); False: fixed margins, about half
-            the drawing time (the worker's TensorBoard figures).
+        tight: fit the margins to the labels (``tight_layout``); False: fixed margins, less
+            drawing time (the worker's TensorBoard figures).
     """
     fig = Figure(figsize=(4.2, 4.0), dpi=100)
     draw_persistence_diagram(fig.add_subplot(1, 1, 1), dgms, title)
