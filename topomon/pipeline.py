@@ -238,6 +238,9 @@ class ResultRouter:
                 arrays["h1"] = np.asarray(r.arrays["dgm_h1"], dtype=float)
             if "eigenspectrum" in r.arrays:
                 arrays["eigenspectrum"] = np.asarray(r.arrays["eigenspectrum"], dtype=float)
+            if "cka" in r.arrays:  # model level: linear CKA of every pair of captured layers
+                arrays["cka"] = np.asarray(r.arrays["cka"], dtype=float)
+                arrays["cka_layers"] = np.asarray(r.arrays["cka_layers"], dtype=str)
             if arrays:
                 path = os.path.join(self.run.diagrams_dir, f"{r.stage}__{r.step}__{r.layer}.npz")
                 np.savez(path, **arrays)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -100,7 +101,14 @@ def test_sft_writes_tensorboard_and_jsonl(model, tok, sft_data, tmp_path):
     assert [e.step for e in acc.Scalars("topomon/topo_activity/final_norm")] == [2, 4]
     # figures at captures 0 and 2 (figures_every=2): persistence diagram and eigenspectrum images
     assert [e.step for e in acc.Images("topomon_figures/persistence/final_norm")] == [0, 4]
-    assert "topomon_figures/eigenspectrum/layer_0" in tags["images"]
+    # the eigenspectra of every captured layer in one figure per figure capture
+    assert [e.step for e in acc.Images("topomon_figures/eigenspectra")] == [0, 4]
+    assert not any(t.startswith("topomon_figures/eigenspectrum") for t in tags["images"])
+    # the model-level arrays of a figure capture: linear CKA of every pair of captured layers
+    with np.load(tmp_path / "topomon" / "diagrams" / "sft__4__model.npz") as z:
+        assert sorted(z["cka_layers"]) == ["final_norm", "layer_0", "layer_1", "layer_2", "layer_3"]
+        assert z["cka"].shape == (5, 5) and np.allclose(np.diag(z["cka"]), 1.0)
+        assert np.allclose(z["cka"], z["cka"].T) and ((z["cka"] > 0) & (z["cka"] <= 1 + 1e-9)).all()
     assert "custom_scalars__config__" in tags["tensors"]
     assert "topomon/health/dropped" in tags["scalars"]
 

@@ -43,6 +43,30 @@ def test_no_model_record_without_model_level_data():
     assert [r.layer for r in recs] == ["a"]
 
 
+@pytest.mark.parametrize("trajectory", [True, False])
+def test_figures_one_eigenspectra_image_per_capture_and_a_diagram_per_topology_layer(trajectory):
+    layers = {"layer_0": cloud(seed=1), "layer_1": cloud(seed=2), "final_norm": cloud(seed=3)}
+    opts = ComputeOptions(topology_layers=("final_norm",), trajectory=trajectory)
+    recs = MetricEngine(opts).process(Snapshot(5, "sft", layers, meta={"figures": True}))
+    by = {r.layer: r for r in recs}
+    # the model-level record (trajectories) carries the eigenspectra figure; without one, the last layer
+    assert list(by) == ["layer_0", "layer_1", "final_norm", *(["model"] if trajectory else [])]
+    carrier = by["model" if trajectory else "final_norm"]
+    img = carrier.arrays["figure_eigenspectra"]
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.std() > 0
+    assert "figure_persistence" in by["final_norm"].arrays
+    assert sum("figure_eigenspectra" in r.arrays for r in recs) == 1
+    assert not any(k.startswith("figure_") for ly in ("layer_0", "layer_1") for k in by[ly].arrays)
+    # one line per layer: a capture of fewer layers draws a different picture
+    two = {k: layers[k] for k in ("layer_0", "final_norm")}
+    fewer = MetricEngine(opts).process(Snapshot(5, "sft", two, meta={"figures": True}))
+    assert not np.array_equal(fewer[-1].arrays["figure_eigenspectra"], img)
+    # without figures, no images
+    plain = MetricEngine(opts).process(Snapshot(6, "sft", layers))
+    assert [r.layer for r in plain] == list(by)
+    assert not any(k.startswith("figure_") for r in plain for k in r.arrays)
+
+
 def lora_pair(rank, out=24, inp=20, r=6, seed=0):
     rng = np.random.default_rng(seed)
     b = np.zeros((out, r))

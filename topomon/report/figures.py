@@ -6,7 +6,7 @@ so it is safe in a background thread and never opens a window.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,35 +105,44 @@ def eigenspectrum_figure(
     return fig
 
 
-def figure_images(record: Any, alpha_window: tuple[int, int] = (6, 100)) -> dict[str, np.ndarray]:
-    """The TensorBoard figures of one metric record, rendered to RGB images.
+def figure_images(
+    records: Sequence[Any], alpha_window: tuple[int, int] = (6, 100), carrier: str | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """The TensorBoard figures of one capture, rendered to RGB images.
 
     Called in the metric worker, so that drawing (matplotlib holds the GIL for a long time) never
-    runs in the training process.
+    runs in the training process. One persistence diagram per layer that has diagrams, and one
+    figure with the eigenspectra of every captured layer (layers compare on one scale, and one
+    figure instead of one per layer: about a quarter of the drawing time, bench/RESULTS.md).
 
     Args:
-        record: a :class:`~topomon.types.MetricRecord` with ``dgm_h0``/``dgm_h1`` and/or
-            ``eigenspectrum`` arrays.
-        alpha_window: the alpha-ReQ fit window shaded on the eigenspectrum.
+        records: the :class:`~topomon.types.MetricRecord` of one capture; those with
+            ``dgm_h0``/``dgm_h1`` arrays get a diagram, those with ``eigenspectrum`` a line.
+        alpha_window: the alpha-ReQ fit window shaded on the eigenspectra.
+        carrier: the layer whose record carries the eigenspectra figure (default: the last record's).
 
     Returns:
-        ``{"figure_persistence", "figure_eigenspectrum"}`` (those the record has data for) ->
-        ``(H, W, 3)`` uint8 images.
+        layer -> ``{"figure_persistence" | "figure_eigenspectra": (H, W, 3) uint8 image}``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    out: dict[str, np.ndarray] = {}
-    title = f"{record.stage} step {record.step} - {record.layer}"
-    figs = []
-    if "dgm_h0" in record.arrays or "dgm_h1" in record.arrays:
-        dgms = {k.upper().replace("DGM_", ""): v for k, v in record.arrays.items() if k.startswith("dgm_")}
-        figs.append(("figure_persistence", persistence_diagram_figure(dgms, title=title, tight=False)))
-    if "eigenspectrum" in record.arrays:
-        spec = {record.layer: record.arrays["eigenspectrum"]}
-        fig = eigenspectrum_figure(spec, title=title, window=alpha_window, tight=False)
-        figs.append(("figure_eigenspectrum", fig))
-    for name, fig in figs:
+    figs: list[tuple[str, str, Figure]] = []
+    spectra: dict[str, np.ndarray] = {}
+    for r in records:
+        if "dgm_h0" in r.arrays or "dgm_h1" in r.arrays:
+            dgms = {k.upper().replace("DGM_", ""): v for k, v in r.arrays.items() if k.startswith("dgm_")}
+            title = f"{r.stage} step {r.step} - {r.layer}"
+            figs.append((r.layer, "figure_persistence", persistence_diagram_figure(dgms, title, tight=False)))
+        if "eigenspectrum" in r.arrays:
+            spectra[r.layer] = r.arrays["eigenspectrum"]
+    if spectra:
+        r = records[0]
+        title = f"{r.stage} step {r.step} - eigenspectra"
+        fig = eigenspectrum_figure(spectra, title=title, window=alpha_window, tight=False)
+        figs.append((carrier or records[-1].layer, "figure_eigenspectra", fig))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for layer, name, fig in figs:
         canvas = FigureCanvasAgg(fig)
         canvas.draw()
-        out[name] = np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
+        out.setdefault(layer, {})[name] = np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
     return out

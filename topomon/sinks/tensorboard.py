@@ -3,7 +3,8 @@
 Tags:
 - ``topomon/<metric>/<layer>`` for every finite metric value (e.g. ``topomon/rankme/layer_7``);
 - ``topomon/health/<counter>`` for the monitor's own counters (dropped, lost, capture seconds, ...);
-- ``topomon_figures/<kind>/<layer>`` for persistence diagrams and eigenspectra.
+- ``topomon_figures/persistence/<layer>`` for persistence diagrams, ``topomon_figures/eigenspectra``
+  for the eigenspectra of every captured layer in one figure.
 
 The custom-scalars layout (TensorBoard's "Custom Scalars" tab) puts every layer of a metric in one
 chart. It is written once, from the metric names of the first records.
@@ -88,10 +89,14 @@ class TensorBoardSink:
         self._layout_done = True
 
     def _write_figures(self, r: MetricRecord) -> None:
-        for kind in ("persistence", "eigenspectrum"):  # drawn by the worker (engine.process)
-            img = r.arrays.get(f"figure_{kind}")
-            if img is not None:
-                self.writer.add_image(f"topomon_figures/{kind}/{r.layer}", img, r.step, dataformats="HWC")
+        # drawn by the worker (engine.process): a diagram per topology layer, the eigenspectra of every
+        # captured layer in one figure (carried by one of the capture's records)
+        img = r.arrays.get("figure_persistence")
+        if img is not None:
+            self.writer.add_image(f"topomon_figures/persistence/{r.layer}", img, r.step, dataformats="HWC")
+        img = r.arrays.get("figure_eigenspectra")
+        if img is not None:
+            self.writer.add_image("topomon_figures/eigenspectra", img, r.step, dataformats="HWC")
 
     def close(self) -> None:
         """Flush and close the writer (idempotent)."""

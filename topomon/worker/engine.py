@@ -170,14 +170,26 @@ class MetricEngine:
             records.append(model)
         self.observe(records)
         if figures:  # drawn here, in the worker: matplotlib never runs in the training process
-            from topomon.report.figures import figure_images
-
-            for r in records:
-                try:
-                    r.arrays.update(figure_images(r, self.options.alpha_window))
-                except Exception as e:  # noqa: BLE001 - a figure never costs a metric
-                    r.errors.append(f"figures: {type(e).__name__}: {e}")
+            self._figures(records)
         return records
+
+    def _figures(self, records: list[MetricRecord]) -> None:
+        """Attach the capture's figures to its records.
+
+        A diagram to each topology layer's record, the eigenspectra of every layer to the last record
+        (the model-level one when there is one).
+        """
+        from topomon.report.figures import figure_images
+
+        if not records:
+            return
+        try:
+            images = figure_images(records, self.options.alpha_window, carrier=records[-1].layer)
+        except Exception as e:  # noqa: BLE001 - a figure never costs a metric
+            records[-1].errors.append(f"figures: {type(e).__name__}: {e}")
+            return
+        for r in records:
+            r.arrays.update(images.get(r.layer, {}))
 
     def _model_level(self, snap: Snapshot, figures: bool) -> MetricRecord | None:
         metrics: dict[str, float] = {}
