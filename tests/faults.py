@@ -17,6 +17,15 @@ def slow(x: np.ndarray) -> float:
     return 1.0
 
 
+def busy(x: np.ndarray) -> float:
+    """Burns ``TOPOMON_TEST_BUSY`` seconds of this thread's CPU (default 0.3) per call."""
+    end = time.thread_time() + float(os.environ.get("TOPOMON_TEST_BUSY", "0.3"))
+    n = 0
+    while time.thread_time() < end:
+        n += 1
+    return float(n > 0)
+
+
 def boom(x: np.ndarray) -> float:
     raise RuntimeError("planted failure")
 

@@ -99,11 +99,14 @@ class MonitorConfig:
         task_timeout: seconds a single snapshot may take in the worker before it is restarted.
         flush_timeout: seconds to wait for pending results at train end and at each checkpoint save
             (so that the checkpoint's monitor state covers every capture up to its step).
-        overhead_budget: the largest fraction of the training's wall time the monitor may block it
-            (probe forwards and hand-over to the worker, counted from train begin, the step-0
-            baseline included). A scheduled capture that would exceed it is deferred to the first
-            step end where it fits (one capture waits at most; every scheduled step not captured on
-            time is counted in ``captures_deferred``). "auto" (default): 0.01 with the default "log"
+        overhead_budget: the largest fraction of the training's wall time the monitor may cost it,
+            counted from train begin: the time it blocks training (probe forwards and hand-over to
+            the worker, the step-0 baseline included) and, for a model trained on the CPU, the
+            worker's CPU time (it takes the cores training uses). A scheduled capture that would
+            exceed it is deferred to the first step end where it fits (one capture waits at most;
+            every scheduled step not captured on time is counted in ``captures_deferred``; on the
+            CPU, no capture while the worker still computes the last one, whose CPU time is not
+            known yet). "auto" (default): 0.01 with the default "log"
             schedule, so the default costs about 1% of the training time whatever the model, batch
             or machine, and none with an explicit "every"/"steps" schedule (captured exactly as
             asked). A number in (0, 1]: that budget with any schedule. None: exactly on schedule.

@@ -38,7 +38,9 @@ def slow_capture(monkeypatch):
 
 
 def _monitor(**kw):
-    return TopoMonitor(topology=False, trajectory=False, logits=False, layers=[0], worker="thread", **kw)
+    # no figures: the worker's CPU (it counts on a CPU model) stays a few ms per capture
+    kw.setdefault("worker", "thread")
+    return TopoMonitor(topology=False, trajectory=False, logits=False, figures_every=0, layers=[0], **kw)
 
 
 @pytest.mark.slow
@@ -71,6 +73,40 @@ def test_the_budget_bounds_the_stall_and_none_captures_every_scheduled_step(
     exact = _monitor(schedule="every", every_n_steps=1, overhead_budget=None)
     run_sft(model, tok, sft_data, tmp_path / "b", exact, max_steps=6)
     assert exact.captures == list(range(7)) and exact.captures_deferred == 0
+
+
+@pytest.mark.slow
+def test_on_a_cpu_model_the_workers_cpu_counts_against_the_budget(
+    model, tok, sft_data, tmp_path, monkeypatch
+):
+    # the capture itself is cheap (tiny model) but the worker burns 0.4 s of CPU per layer (2 layers):
+    # on the CPU that time is taken from training, so the budget must defer captures for it. A worker
+    # process: a thread's pure-Python loop would also slow the training thread through the GIL.
+    monkeypatch.setenv("TOPOMON_TEST_BUSY", "0.4")
+    kw = dict(
+        schedule="every",
+        every_n_steps=1,
+        overhead_budget=0.5,
+        custom_metrics={"b": "tests.faults:busy"},
+        worker="process",
+    )
+    cpu = _monitor(**kw)
+    run_sft(model, tok, sft_data, tmp_path / "a", cpu, extra_callbacks=[SlowSteps(0.1)], max_steps=40)
+    h = cpu.health()
+    assert h["worker_cpu_seconds"] >= 0.75 * h["completed"] and h["completed"] >= 2
+    assert h["cost_seconds"] == pytest.approx(h["stall_seconds"] + h["worker_cpu_seconds"])
+    assert h["stall_fraction"] < 0.25  # the stall alone would have let far more captures through
+    assert cpu.captures_deferred >= 10 and h["dropped"] == 0
+
+    # the same run as if the model were on an accelerator: the worker's CPU is free, the stall counts
+    import topomon.integrations.hf as hf
+
+    monkeypatch.setattr(hf, "_on_cpu", lambda m: False)
+    gpu = _monitor(**kw)
+    run_sft(model, tok, sft_data, tmp_path / "b", gpu, extra_callbacks=[SlowSteps(0.1)], max_steps=40)
+    g = gpu.health()
+    assert g["cost_seconds"] == g["stall_seconds"]
+    assert gpu.captures_deferred < cpu.captures_deferred
 
 
 def test_auto_budget_applies_to_the_log_schedule_only():

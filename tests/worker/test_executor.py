@@ -132,6 +132,36 @@ def test_a_worker_killed_with_sigkill_is_replaced():
     assert {r.step for r in sink.records} == {2}
 
 
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_the_workers_cpu_time_is_counted_per_snapshot_and_in_total(kind):
+    # "busy" burns 0.3 s of CPU per layer: 0.6 s per snapshot of two layers
+    opts = ComputeOptions(topology=False, trajectory=False, custom_metrics={"b": "tests.faults:busy"})
+    sink = Sink()
+    ex = make_executor(kind, opts, sink, queue_size=4)
+    for s in (0, 1):
+        assert ex.submit(snapshot(s))
+    assert ex.close(timeout=60)
+    assert len(ex.task_cpu) == 2 and all(0.55 <= t < 3.0 for t in ex.task_cpu)
+    # the process worker's total includes its start-up (interpreter, imports) on top of the tasks
+    assert sum(ex.task_cpu) <= ex.cpu_seconds < sum(ex.task_cpu) + 10.0
+    assert make_executor("sync", opts, sink).cpu_seconds == 0.0  # sync computes inside the stall
+
+
+def test_a_killed_workers_reported_cpu_stays_counted():
+    opts = ComputeOptions(topology=False, trajectory=False, custom_metrics={"b": "tests.faults:busy"})
+    ex = make_executor("process", opts, Sink(), queue_size=2)
+    assert ex.submit(snapshot(1))
+    assert wait_for(lambda: len(ex.task_cpu) == 1)
+    before = ex.cpu_seconds
+    assert before >= 0.55
+    os.kill(ex.pid, signal.SIGKILL)
+    assert wait_for(lambda: ex.stats.restarts == 1, timeout=30)
+    assert ex.cpu_seconds >= before
+    assert ex.submit(snapshot(2))
+    assert ex.close(timeout=60)
+    assert ex.cpu_seconds >= before + 0.55 and len(ex.task_cpu) == 2
+
+
 def test_after_max_restarts_the_executor_degrades_to_dropping():
     opts = ComputeOptions(
         topology=False,

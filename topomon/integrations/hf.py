@@ -170,6 +170,7 @@ class TopoMonitor(TrainerCallback):
         self._model: Any = None
         self._lora_failed: str | None = None
         self._size_warned = False
+        self._on_cpu = False  # the model trains on the CPU: the worker's CPU time is a cost (budget)
         self._comm: Comm | None = None  # set under several processes (topomon.distributed)
 
     def attach(self, trainer: Any) -> TopoMonitor:
@@ -304,6 +305,7 @@ class TopoMonitor(TrainerCallback):
         earlier_lora = [p for p in earlier_lora if os.path.basename(p) != f"{c.stage}.npz"]
         options = compute_options(c, list(modules), len(decoder_layers(model)), earlier_lora)
         self._model = model
+        self._on_cpu = _on_cpu(model)
         self._router = make_router(
             c,
             run,
@@ -391,9 +393,13 @@ class TopoMonitor(TrainerCallback):
             "setup_seconds": self.setup_seconds,
             "captures_deferred": float(self.captures_deferred),
         }
+        if self._executor is not None:
+            h["worker_cpu_seconds"] = self._executor.cpu_seconds
+            h["cost_seconds"] = self.cost_seconds()
         if self._t_begin is not None:
             elapsed = time.perf_counter() - self._t_begin
             h["stall_fraction"] = self.stall_seconds / elapsed if elapsed > 0 else 0.0
+            h["cost_fraction"] = self.cost_seconds() / elapsed if elapsed > 0 else 0.0
         if self._executor is not None:
             h.update({k: float(v) for k, v in self._executor.stats.as_dict().items()})
         if self._router is not None:
@@ -459,16 +465,39 @@ class TopoMonitor(TrainerCallback):
         self._submit(snap)
         self.capture_stalls.append(time.perf_counter() - t0)
 
+    def _worker_cpu_counts(self) -> bool:
+        """Whether the worker's CPU time is a cost to training: the model trains on the CPU."""
+        return self._on_cpu and self._executor is not None
+
+    def cost_seconds(self) -> float:
+        """What the monitor has taken from training so far, in seconds.
+
+        Its stall, plus the worker's CPU time when the model trains on the CPU (the same cores):
+        what ``overhead_budget`` bounds.
+        """
+        cost = self.stall_seconds
+        if self._worker_cpu_counts():
+            assert self._executor is not None
+            cost += self._executor.cpu_seconds
+        return cost
+
     def _within_budget(self) -> bool:
-        """Whether one more capture keeps the monitor's stall within ``overhead_budget``."""
+        """Whether one more capture keeps the monitor's cost within ``overhead_budget``."""
         budget = self.config.budget()
         if budget is None or self._t_begin is None or not self.capture_stalls:
             return True
         # the least of the last three: the step-0 baseline also pays one-time warm-up (kernels,
-        # allocations); an optimistic estimate overshoots by at most one capture's difference
+        # allocations, the worker's start); an optimistic estimate overshoots by at most one
+        # capture's difference
         estimate = min(self.capture_stalls[-3:])
+        if self._worker_cpu_counts():
+            assert self._executor is not None
+            if self._executor.pending:  # its CPU time is not known yet: one capture in the worker at most
+                return False
+            recent = list(self._executor.task_cpu)[-3:]
+            estimate += min(recent) if recent else 0.0
         elapsed = time.perf_counter() - self._t_begin
-        return self.stall_seconds + estimate <= budget * (elapsed + estimate)
+        return self.cost_seconds() + estimate <= budget * (elapsed + estimate)
 
     def _scheduled_probe(self, model: Any, step: int, scheduled: bool) -> None:
         """Capture now, or defer (one pending capture at most) while over ``overhead_budget``."""
@@ -482,11 +511,11 @@ class TopoMonitor(TrainerCallback):
             if not self._budget_warned:
                 self._budget_warned = True
                 logger.warning(
-                    "topomon: capture of step %d deferred: the monitor has held training %.1f s of %.1f s, "
+                    "topomon: capture of step %d deferred: the monitor has cost training %.1f s of %.1f s, "
                     "over overhead_budget=%g; captures resume as soon as they fit (set overhead_budget=None "
                     "to capture exactly on schedule)",
                     self._deferred,
-                    self.stall_seconds,
+                    self.cost_seconds(),
                     time.perf_counter() - (self._t_begin or 0.0),
                     self.config.budget(),
                 )
@@ -803,6 +832,14 @@ class TopoMonitor(TrainerCallback):
             self.run.end_stage(self.config.stage, end, health)
         if not flushed:
             logger.warning("topomon: some metrics were still being computed at train end and were abandoned")
+
+
+def _on_cpu(model: Any) -> bool:
+    """Whether the model's parameters live on the CPU (False when it has none, or is elsewhere)."""
+    try:
+        return bool(next(model.parameters()).device.type == "cpu")
+    except (AttributeError, StopIteration, TypeError):
+        return False
 
 
 def _plain_config(c: MonitorConfig) -> dict[str, Any]:

@@ -7,10 +7,15 @@ reported and survived: a snapshot whose processing raises is counted in ``failed
 process that dies or exceeds ``task_timeout`` on one snapshot is killed, its in-flight snapshots are
 counted in ``lost``, and a fresh worker starts with the last known state (up to ``max_restarts``
 times; after that the executor stops computing and drops every snapshot, with a warning).
+
+The CPU time the computing takes (the worker process's, start-up included; the worker thread's) is
+counted in :attr:`Executor.cpu_seconds`: on a machine whose cores training uses, that is what the
+monitor takes from it besides the stall (``overhead_budget`` counts it for a model on the CPU).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import multiprocessing as mp
@@ -78,6 +83,8 @@ class Executor:
         self.stats = WorkerStats()
         self.last_error: str | None = None
         self._lock = threading.Lock()
+        self._cpu_done = 0.0  # CPU seconds of finished workers (killed or restarted) and of tasks
+        self.task_cpu: collections.deque[float] = collections.deque(maxlen=8)  # per snapshot, recent
         # The training process's copy of the engine state (previous diagrams), for restarts and resume.
         self.shadow = MetricEngine(options)
         if state:
@@ -95,6 +102,14 @@ class Executor:
     def pending(self) -> int:
         """Snapshots accepted but not finished."""
         return 0
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds spent computing outside the training thread so far.
+
+        0 in sync mode, where the computing is part of the stall.
+        """
+        return self._cpu_done
 
     def _deliver(self, records: list[MetricRecord]) -> None:
         with self._lock:
@@ -181,6 +196,7 @@ class ThreadExecutor(Executor):
             snap = self._queue.get()
             if snap is None:
                 return
+            t0 = time.thread_time()
             try:
                 records = self._engine.process(snap)
             except Exception as e:  # noqa: BLE001
@@ -188,6 +204,10 @@ class ThreadExecutor(Executor):
                     self.stats.failed += 1
                 self._report(f"metrics of step {snap.step} failed: {type(e).__name__}: {e}")
                 records = None
+            spent = time.thread_time() - t0
+            with self._lock:
+                self._cpu_done += spent
+                self.task_cpu.append(spent)
             if records is not None:
                 self._deliver(records)
             with self._lock:
@@ -276,8 +296,17 @@ def set_priority(priority: str) -> str:
     return "normal"
 
 
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process so far."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _worker_main(tasks: Any, results: Any, options: ComputeOptions, state: dict[str, Any]) -> None:
-    """Entry point of the worker process: compute until a ``None`` task arrives."""
+    """Entry point of the worker process: compute until a ``None`` task arrives.
+
+    Every message is ``(kind, task id, payload, CPU seconds of this process so far)``.
+    """
     threading.Thread(
         target=_exit_with_parent, args=(os.getppid(),), name="topomon-watchdog", daemon=True
     ).start()
@@ -290,12 +319,13 @@ def _worker_main(tasks: Any, results: Any, options: ComputeOptions, state: dict[
         if item is None:
             break
         tid, snap = item
-        results.put(("start", tid, time.time()))
+        results.put(("start", tid, time.time(), _cpu()))
         try:
             out: Any = engine.process(snap)
-            results.put(("done", tid, out))
+            results.put(("done", tid, out, _cpu()))
         except Exception as e:  # noqa: BLE001
-            results.put(("error", tid, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"))
+            error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"
+            results.put(("error", tid, error, _cpu()))
     results.close()
     results.join_thread()  # every result is in the pipe: nothing of this process is needed any more
     # Leave without the interpreter's teardown (freeing numpy, scipy, matplotlib, ...): about 0.4 s
@@ -333,6 +363,8 @@ class ProcessExecutor(Executor):
 
     # -- worker lifecycle
     def _start_worker(self) -> None:
+        self._worker_cpu = 0.0  # the current worker's CPU so far, as it last reported it
+        self._task_cpu0 = 0.0  # ... when it picked up the snapshot it is working on
         self._tasks = self._ctx.Queue()
         self._results = self._ctx.Queue()
         self._proc = self._ctx.Process(
@@ -345,6 +377,9 @@ class ProcessExecutor(Executor):
             self._proc.start()
 
     def _kill_worker(self) -> None:
+        with self._lock:  # what the worker reported counts; its CPU after the last report is unknown
+            self._cpu_done += self._worker_cpu
+            self._worker_cpu = 0.0
         proc = self._proc
         if proc.is_alive():
             proc.kill()
@@ -385,6 +420,12 @@ class ProcessExecutor(Executor):
         """Snapshots accepted but not finished."""
         return len(self._pending_tasks)
 
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the worker processes (start-up included) as of their last message."""
+        with self._lock:
+            return self._cpu_done + self._worker_cpu
+
     # -- training side
     def submit(self, snap: Snapshot) -> bool:
         """Queue the snapshot unless ``queue_size`` are already in flight; never waits."""
@@ -411,7 +452,7 @@ class ProcessExecutor(Executor):
     def _collect(self) -> None:
         while not self._stop.is_set():
             try:
-                kind, tid, payload = self._results.get(timeout=0.1)
+                kind, tid, payload, cpu = self._results.get(timeout=0.1)
             except queue.Empty:
                 self._check_health()
                 continue
@@ -419,6 +460,12 @@ class ProcessExecutor(Executor):
                 self._check_health()
                 time.sleep(0.05)
                 continue
+            with self._lock:
+                self._worker_cpu = max(self._worker_cpu, float(cpu))
+                if kind == "start":
+                    self._task_cpu0 = float(cpu)
+                else:
+                    self.task_cpu.append(float(cpu) - self._task_cpu0)
             if kind == "start":
                 with self._lock:
                     if tid in self._pending_tasks:
