@@ -131,6 +131,7 @@ class _PeakRSS:
         self.main = 0
         self.children = 0
         self.child_cpu: dict[int, float] = {}
+        self.thread_cpu: dict[int, tuple[str, float]] = {}  # this process: native id -> (name, CPU s)
         self._stop = threading.Event()
         self._every = every
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -144,6 +145,10 @@ class _PeakRSS:
                 for c in kids:
                     t = c.cpu_times()
                     self.child_cpu[c.pid] = t.user + t.system
+                names = {t.native_id: t.name for t in threading.enumerate()}
+                for th in self._me.threads():
+                    old = self.thread_cpu.get(th.id, ("?", 0.0))[0]
+                    self.thread_cpu[th.id] = (names.get(th.id, old), th.user_time + th.system_time)
             except Exception:  # noqa: BLE001, S110 - a child that just exited
                 pass
             self._stop.wait(self._every)
@@ -155,6 +160,15 @@ class _PeakRSS:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+    def cpu_by_thread(self) -> dict[str, float]:
+        """CPU seconds of this process's threads by name ("?" for threads not started by Python:
+        torch's intra-op pool, the first samples of short-lived threads)."""
+        out: dict[str, float] = {}
+        for name, cpu in self.thread_cpu.values():
+            key = name.split("-")[0] if name.startswith("Thread-") else name
+            out[key] = out.get(key, 0.0) + cpu
+        return out
 
 
 def _probe_forward_seconds(model: Any, monitor: Any, repeats: int = 3) -> float:
@@ -184,6 +198,23 @@ def _probe_forward_seconds(model: Any, monitor: Any, repeats: int = 3) -> float:
             times.append(time.perf_counter() - t0)
     model.train()
     return statistics.median(times)
+
+
+def _step_clock() -> Any:
+    """A callback that records the time at train begin and at every step end (after the monitor's)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.times.append(time.perf_counter())
+
+    return StepClock()
 
 
 def one_run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +271,8 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
     if fields is not None:
         monitor = TopoMonitor(run_dir=os.path.join(work, "topomon"), stage=spec["trainer"], **fields)
         trainer.add_callback(monitor)
+    clock = _step_clock()
+    trainer.add_callback(clock)
     if cuda:
         torch.cuda.synchronize()
     with _PeakRSS() as rss:
@@ -254,6 +287,9 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_train_mib": rss.main / 2**20,
         "rss_worker_mib": rss.children / 2**20,
         "worker_cpu_s": sum(rss.child_cpu.values()),
+        "thread_cpu_s": rss.cpu_by_thread(),
+        "step_s": [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)],
+        "to_first_step_s": clock.times[0] - t0 if clock.times else None,
         "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
     if monitor is not None:
@@ -272,6 +308,7 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
             errors=monitor.errors,
             probe_forward_s=_probe_forward_seconds(trainer.model, monitor),
             probe_tokens=int(sum(int(att.sum()) for _, att in monitor._probe.plan.batches)),
+            health=h,
         )
     return out
 
@@ -319,7 +356,43 @@ def summarize(runs: list[dict[str, Any]]) -> str:
             f"| {sum(r['dropped'] for r in rs):.0f} | {rss} "
             f"| {_median(acc):.2%} [{min(acc):.2%}, {max(acc):.2%}] |"
         )
+    lines += ["", *_step_table(rounds)]
     return "\n".join(lines)
+
+
+def _transient(r: dict[str, Any]) -> float:
+    """Seconds of the run above its own steady pace: wall - steps x the run's median step time."""
+    steps = r.get("step_s") or []
+    return r["wall_s"] - len(steps) * statistics.median(steps) if steps else float("nan")
+
+
+def _step_table(rounds: dict[int, dict[str, dict[str, Any]]]) -> list[str]:
+    """A second estimate that the machine's drift between runs does not reach.
+
+    The default arm's captures come at train begin (the baseline) and then only as the budget
+    allows, so its cost is a transient on top of the run's steady pace. Per run, the transient is
+    the wall time above (steps x the run's median step time); the monitor's cost is the arm's
+    transient minus the "off" run's of the same round. The ratio of median step times checks the
+    assumption that the steady pace is the same (it also carries the drift between runs).
+    """
+    lines = [
+        "| arm | transient above the run's median pace, minus off's: median [min, max] "
+        "| as a share of the off wall | median step time, ratio to off: median [min, max] |",
+        "|---|---|---|---|",
+    ]
+    for arm in ARMS[1:]:
+        both = [rd for rd in rounds.values() if {arm, "off"} <= set(rd) and rd[arm].get("step_s")]
+        if not both:
+            continue
+        extra = [_transient(rd[arm]) - _transient(rd["off"]) for rd in both]
+        share = [e / rd["off"]["wall_s"] for e, rd in zip(extra, both, strict=True)]
+        pace = [statistics.median(rd[arm]["step_s"]) / statistics.median(rd["off"]["step_s"]) for rd in both]
+        lines.append(
+            f"| {arm} | {_median(extra):.1f} s [{min(extra):.1f}, {max(extra):.1f}] "
+            f"| {_median(share):.2%} [{min(share):.2%}, {max(share):.2%}] "
+            f"| {_median(pace):.3f} [{min(pace):.3f}, {max(pace):.3f}] |"
+        )
+    return lines
 
 
 def _machine() -> str:
