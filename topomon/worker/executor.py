@@ -38,6 +38,11 @@ logger = logging.getLogger("topomon")
 
 Handler = Callable[[list[MetricRecord]], None]
 
+COLLECT_POLL = 1.0
+"""Seconds the collector thread waits for a result before it checks the worker's health (death,
+``task_timeout``). Results wake it at once; a shorter wait costs the training process CPU for
+nothing (at 0.1 s, about 1 s of CPU in a 7-minute run, bench/RESULTS.md)."""
+
 
 @dataclass
 class WorkerStats:
@@ -317,6 +322,7 @@ def _worker_main(tasks: Any, results: Any, options: ComputeOptions, state: dict[
     while True:
         item = tasks.get()
         if item is None:
+            results.put(("bye", -1, None, _cpu()))  # wakes the collector; the final CPU count
             break
         tid, snap = item
         results.put(("start", tid, time.time(), _cpu()))
@@ -452,7 +458,7 @@ class ProcessExecutor(Executor):
     def _collect(self) -> None:
         while not self._stop.is_set():
             try:
-                kind, tid, payload, cpu = self._results.get(timeout=0.1)
+                kind, tid, payload, cpu = self._results.get(timeout=COLLECT_POLL)
             except queue.Empty:
                 self._check_health()
                 continue
@@ -464,8 +470,10 @@ class ProcessExecutor(Executor):
                 self._worker_cpu = max(self._worker_cpu, float(cpu))
                 if kind == "start":
                     self._task_cpu0 = float(cpu)
-                else:
+                elif kind != "bye":
                     self.task_cpu.append(float(cpu) - self._task_cpu0)
+            if kind == "bye":
+                continue
             if kind == "start":
                 with self._lock:
                     if tid in self._pending_tasks:
@@ -516,12 +524,13 @@ class ProcessExecutor(Executor):
         self._stop.set()  # the collector and the worker stop side by side
         if not self._disabled:
             try:
-                self._tasks.put(None)
+                self._tasks.put(None)  # the worker answers "bye" (it wakes the collector) and exits
                 self._proc.join(timeout=5)
             except (OSError, ValueError):
                 pass
-            self._kill_worker()
-        self._collector.join(timeout=5)
+        self._collector.join(timeout=COLLECT_POLL + 5)
+        if not self._disabled:
+            self._kill_worker()  # after the collector: the worker's last CPU report is in
         return left == 0
 
 
