@@ -90,7 +90,7 @@ class MonitorConfig:
             huge hidden size, many layers, a large ``max_points``) is cut to the same fixed subset of
             points per layer at every capture, with a warning once; with ``queue_size`` it bounds the
             memory held by pending captures (about ``queue_size x max_snapshot_mb``).
-        worker_threads: BLAS/OpenMP threads of the worker.
+        worker_threads: threads of the worker: BLAS/OpenMP, and giotto-ph's persistent homology.
         worker_priority: CPU priority of the worker process: "low" (default, nice 10: training
             keeps the cores, metrics arrive within seconds to a minute on a machine whose cores
             training saturates), "idle" (Linux ``SCHED_IDLE``: only CPU time training leaves unused;

@@ -67,6 +67,21 @@ def test_figures_one_eigenspectra_image_per_capture_and_a_diagram_per_topology_l
     assert not any(k.startswith("figure_") for r in plain for k in r.arrays)
 
 
+def test_the_worker_thread_count_reaches_the_persistent_homology_engine(monkeypatch):
+    import topomon.worker.engine as engine_mod
+
+    seen = []
+    real = engine_mod.topology_metrics
+
+    def spy(x, **kw):
+        seen.append(kw["n_threads"])
+        return real(x, **kw)
+
+    monkeypatch.setattr(engine_mod, "topology_metrics", spy)
+    MetricEngine(ComputeOptions(threads=3, trajectory=False)).process(Snapshot(0, "s", {"a": cloud()}))
+    assert seen == [3]
+
+
 def lora_pair(rank, out=24, inp=20, r=6, seed=0):
     rng = np.random.default_rng(seed)
     b = np.zeros((out, r))

@@ -81,7 +81,7 @@ class ComputeOptions:
         seed: seed of the fixed topology subsample.
         custom_metrics: metric name -> "module:function" taking ``(n, d)`` points and returning a
             float or a dict of floats (names prefixed with the metric name).
-        threads: BLAS threads inside the worker (applied by the executor).
+        threads: threads of the worker: BLAS/OpenMP (applied by the executor) and giotto-ph's.
         priority: CPU priority of the worker process, "idle", "low" or "normal" (applied by the
             process executor).
         trajectory: token trajectories across the captured layers (needs the same tokens in every
@@ -333,6 +333,7 @@ class MetricEngine:
                 pca_dim=o.pca_dim,
                 engine=o.topology_engine,
                 seed=o.seed,
+                n_threads=o.threads,
             )
         except Exception as e:  # noqa: BLE001
             errors.append(f"topology: {type(e).__name__}: {e}")
