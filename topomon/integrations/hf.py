@@ -393,14 +393,14 @@ class TopoMonitor(TrainerCallback):
             "setup_seconds": self.setup_seconds,
             "captures_deferred": float(self.captures_deferred),
         }
-        if self._executor is not None:
-            h["worker_cpu_seconds"] = self._executor.cpu_seconds
-            h["cost_seconds"] = self.cost_seconds()
+        cost = self.cost_seconds()  # once: the worker may report between two reads
         if self._t_begin is not None:
             elapsed = time.perf_counter() - self._t_begin
             h["stall_fraction"] = self.stall_seconds / elapsed if elapsed > 0 else 0.0
-            h["cost_fraction"] = self.cost_seconds() / elapsed if elapsed > 0 else 0.0
+            h["cost_fraction"] = cost / elapsed if elapsed > 0 else 0.0
         if self._executor is not None:
+            h["worker_cpu_seconds"] = self._executor.cpu_seconds
+            h["cost_seconds"] = cost
             h.update({k: float(v) for k, v in self._executor.stats.as_dict().items()})
         if self._router is not None:
             lat = sorted(self._router.latencies)  # the last LATENCY_WINDOW captures
