@@ -116,3 +116,17 @@ def test_lora_geometry_and_overlap_with_an_earlier_stage(tmp_path):
     assert m["lora_norm_max"] == pytest.approx(max(norms))
     assert 1.0 < m["lora_effective_rank_mean"] <= 2.5  # ranks 3 and 2
     assert m["lora_overlap_prev"] == pytest.approx(1.0)  # only m1 has a reference, and it is identical
+
+
+def test_topological_drift_is_zero_at_the_first_capture_then_the_bottleneck_to_it():
+    from topomon.metrics.topology import bottleneck_distance
+
+    engine = MetricEngine(ComputeOptions(spectral=False, trajectory=False, pca_dim=None))
+    first = engine.process(Snapshot(0, "sft", {"final_norm": cloud(seed=1)}))[0]
+    engine.observe([first])
+    assert first.metrics["topo_drift"] == 0.0
+    assert math.isnan(first.metrics["topo_activity"])
+    later = engine.process(Snapshot(5, "sft", {"final_norm": cloud(seed=2)}))[0]
+    want = bottleneck_distance(later.arrays["dgm_h1"], first.arrays["dgm_h1"])
+    assert want > 0
+    assert later.metrics["topo_drift"] == want == later.metrics["topo_activity"]

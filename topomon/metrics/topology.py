@@ -119,19 +119,23 @@ def _greedy_landmarks(x: np.ndarray, m: int, metric: str, dist: np.ndarray | Non
 
 
 def _pca_project(x: np.ndarray, k: int) -> np.ndarray:
-    """Centred points projected on their top ``k`` principal components: ``(n, k)``."""
-    import scipy.linalg
+    """Centred points projected on their top ``k`` principal components: ``(n, k)``.
 
+    numpy's full ``eigh`` rather than scipy's subset one: at these sizes (d or n in the hundreds)
+    both take milliseconds, and importing ``scipy.linalg`` costs about 0.16 s of CPU in every worker
+    process, which competes with training on a CPU (bench/RESULTS.md).
+    """
     n, d = x.shape
     xc = x - x.mean(axis=0)
     if d <= n:
         c = xc.T @ xc
-        _, v = scipy.linalg.eigh((c + c.T) * 0.5, subset_by_index=[d - k, d - 1])
-        return np.asarray(xc @ v[:, ::-1])
+        _, v = np.linalg.eigh((c + c.T) * 0.5)
+        return np.asarray(xc @ v[:, ::-1][:, :k])
     k = min(k, n)
     g = xc @ xc.T
-    w, u = scipy.linalg.eigh((g + g.T) * 0.5, subset_by_index=[n - k, n - 1])
-    return np.asarray(u[:, ::-1] * np.sqrt(np.maximum(w[::-1], 0.0)))
+    w, u = np.linalg.eigh((g + g.T) * 0.5)
+    w, u = w[::-1][:k], u[:, ::-1][:, :k]
+    return np.asarray(u * np.sqrt(np.maximum(w, 0.0)))
 
 
 def _run_engine(dist: np.ndarray, maxdim: int, engine: str, n_threads: int) -> list[np.ndarray]:
@@ -166,9 +170,8 @@ def _ripser_dm(dist: np.ndarray, maxdim: int) -> list[np.ndarray]:
         from ripser import ripser
 
         return _as_diagrams(ripser(dist, maxdim=maxdim, distance_matrix=True)["dgms"])
-    from scipy.spatial.distance import squareform
-
-    condensed = np.ascontiguousarray(squareform(dist, checks=False), dtype=np.float32)
+    # scipy's condensed form (upper triangle, row-major) without importing scipy.spatial (0.15 s)
+    condensed = np.ascontiguousarray(dist[np.triu_indices(len(dist), 1)], dtype=np.float32)
     res = doRipsFiltrationDM(condensed, int(maxdim), np.inf, 2, False)
     return _as_diagrams(res["births_and_deaths_by_dim"])
 

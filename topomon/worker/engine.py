@@ -352,8 +352,9 @@ class MetricEngine:
             metrics.update(
                 dict.fromkeys(("topo_activity", "topo_activity_h0", "topo_activity_rate"), math.nan)
             )
-        first = self._first.get(name, dgms)
-        metrics["topo_drift"] = bottleneck_distance(dgms[1], first[1])
+        first = self._first.get(name)
+        # the first capture's drift from itself is 0 by definition (no matching to compute)
+        metrics["topo_drift"] = 0.0 if first is None else bottleneck_distance(dgms[1], first[1])
         # Diagrams always travel back: small, and the training process keeps them for resume.
         arrays["dgm_h0"] = dgms[0]
         arrays["dgm_h1"] = dgms[1]
