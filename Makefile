@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup setup-demo test check lint unit demo bench clean
+.PHONY: setup setup-demo test check lint unit demo bench bench-floor bench-overhead bench-memory bench-zigzag clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,25 @@ test: setup-demo lint
 demo: setup-demo
 	$(VENV)/bin/topomon demo
 
+# Benchmarks run on demand, never in the tests; each writes what it measured (bench/RESULTS.md says how long).
 bench: setup-demo
 	$(PY) bench/metrics.py
+
+bench-floor: setup-demo
+	$(PY) bench/capture_floor.py --out bench/results/capture_floor_cpu.json
+
+# about 35 min (DPO) and 80 min (SFT) on a 2-core CPU; nothing else should run meanwhile
+bench-overhead: setup-demo
+	$(PY) bench/overhead.py --trainer dpo --rounds 3 --steps 20 --batch 4 --max-length 128 \
+		--arms off,default,aggressive --out bench/results/overhead_dpo_cpu.json
+	$(PY) bench/overhead.py --trainer sft --rounds 3 --steps 30 --batch 8 --max-length 128 \
+		--arms off,default,aggressive --out bench/results/overhead_sft_cpu.json
+
+bench-memory: setup-demo
+	OMP_NUM_THREADS=1 $(PY) bench/memory.py
+
+bench-zigzag: setup-demo
+	$(PY) bench/zigzag.py --smollm2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,7 @@ logit statistics (what the default takes), one without, the decoder body alone (
 bench/overhead.py calls the plain forward) and the full model forward (LM head on every token).
 The first (cold) capture is timed apart.
 
-    python bench/capture_floor.py
+    python bench/capture_floor.py [--out bench/results/capture_floor_cpu.json]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
     a = p.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2()
@@ -87,6 +88,9 @@ def main() -> None:
         }
     )
     print(json.dumps(out, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
