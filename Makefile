@@ -46,6 +46,7 @@ bench: setup-demo
 
 bench-floor: setup-demo
 	$(PY) bench/capture_floor.py --out bench/results/capture_floor_cpu.json
+	$(PY) bench/worker_cold.py --out bench/results/worker_cold_cpu.json
 
 # about 35 min (DPO) and 80 min (SFT) on a 2-core CPU; nothing else should run meanwhile
 bench-overhead: setup-demo

@@ -12,13 +12,13 @@ The first (cold) capture is timed apart.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from _common import emit_json
 
 from topomon.capture.layers import unwrap_model
 from topomon.capture.probe import ProbeCapture, _runner, plan_tokens
@@ -87,10 +87,7 @@ def main() -> None:
             "raw": raw,
         }
     )
-    print(json.dumps(out, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
+    emit_json(out, a.out)
 
 
 if __name__ == "__main__":
