@@ -60,7 +60,11 @@ def _one_worker(options: Any, figures: bool) -> dict[str, float]:
     ex = ProcessExecutor(options, lambda records: done.append(len(records)), queue_size=2)
     for i, snap in enumerate(snaps):  # one at a time: the second capture finds a warm worker
         ex.submit(snap)
+        deadline = time.monotonic() + 300
         while len(done) <= i:
+            if ex.stats.failed or ex.stats.lost or time.monotonic() > deadline:
+                ex.close(timeout=1)
+                raise RuntimeError(f"the worker did not finish capture {i}: {ex.last_error}")
             time.sleep(0.01)
     first, second = ex.task_cpu[0], ex.task_cpu[1]
     total = ex.cpu_seconds
