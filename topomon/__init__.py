@@ -6,12 +6,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "TopoMonitor", "MonitorConfig"]
+__all__ = ["__version__", "TopoMonitor", "MonitorConfig", "ConfigError", "Alert"]
 
 # Nothing heavy happens at import time: the callback (and transformers) load on first use.
 _LAZY = {
     "TopoMonitor": "topomon.integrations.hf",
     "MonitorConfig": "topomon.config",
+    "ConfigError": "topomon.config",
+    "Alert": "topomon.types",
 }
 
 

@@ -10,7 +10,7 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topomon.alerts.rules import (
+from topomon.alerts import (
     AlertEngine,
     Decision,
     DropRule,
@@ -243,18 +243,28 @@ def test_drop_rule_baselines():
     assert fires(baseline="stage_start") == []
     # base model: 80 is -20% from 100
     assert fires(baseline="base")[0] == (2, "drop", 100.0)
-    # previous stage's end: narrow 67 vs sft's last 80 is -16%; in sft, vs base's end 100: 80 is -20%
-    assert fires(baseline="previous_stage_end") == [
-        (2, "drop", 100.0),
-        (3, "recovered", 80.0),
-        (4, "drop", 80.0),
-    ]
+    # previous stage's end: narrow 67 vs sft's last 80 is -16%; in sft, vs base's end 100: 80 is -20%.
+    # Firing belongs to a stage: narrow's drop fires in its own right, no recovery crosses the boundary
+    assert fires(baseline="previous_stage_end") == [(2, "drop", 100.0), (4, "drop", 80.0)]
     # "base" falls back to the first record seen when no base stage exists
     rule = DropRule("rankme", threshold=0.15, baseline="base")
     assert run(rule, [100.0, 95.0, 84.0], stage="sft")[2][0].reference == 100.0
     # previous_stage_end in the first stage falls back to the stage start
     rule = DropRule("rankme", threshold=0.15, baseline="previous_stage_end")
     assert run(rule, [100.0, 84.0], stage="sft")[1][0].reference == 100.0
+
+
+def test_a_rule_that_held_at_the_base_model_fires_again_in_a_later_stage():
+    """The base records set references; they do not use up a later stage's firing (issue 23, item 5)."""
+    rule = ThresholdRule("rankme", above=0.0, layer="final_norm")
+    engine = AlertEngine([rule], known_metrics=["rankme"])
+    assert [a.stage for a in engine.update([rec(0, "base", rankme=5.0)])] == ["base"]
+    state = engine.state_dict()  # a later stage in the same run directory: the rules are primed
+    engine = AlertEngine([ThresholdRule("rankme", above=0.0, layer="final_norm")], known_metrics=["rankme"])
+    engine.load_state_dict(state)
+    fired = engine.update([rec(10, "dpo", rankme=5.0)])
+    assert [(a.stage, a.reason) for a in fired] == [("dpo", "above")]
+    assert engine.update([rec(11, "dpo", rankme=5.0)]) == []  # once per stage, as hysteresis says
 
 
 def test_drop_rule_rise_direction_and_nan_values():

@@ -45,10 +45,12 @@ def ref_centred_eigs(x: np.ndarray) -> np.ndarray:
     return np.linalg.svd(xc, compute_uv=False) ** 2 / (x.shape[0] - 1)
 
 
-def ref_rankme_pca(x: np.ndarray) -> float:
-    lam = ref_centred_eigs(x)
-    p = lam / lam.sum()
-    p = p[p > 1e-15]
+def ref_rankme_pca(x: np.ndarray, eps: float = 1e-7) -> float:
+    """Li et al. 2025 / reptrix: p_k = (PCA explained-variance ratio)_k + eps over min(n, d) components."""
+    s = np.linalg.svd(x - x.mean(axis=0), compute_uv=False)  # min(n, d) values
+    ratio = s**2 / (s**2).sum()
+    p = ratio + eps
+    p = p[p > 0]  # eps = 0 only: 0 log 0 = 0
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
@@ -93,6 +95,18 @@ def test_metrics_match_svd_references(n: int, d: int) -> None:
     ref[: r.size] = r
     np.testing.assert_allclose(ev, ref, rtol=1e-6, atol=1e-9 * ref[0])
     assert np.all(np.diff(ev) <= 0) and ev.min() >= 0
+
+
+@pytest.mark.parametrize(("n", "d"), [(500, 30), (40, 120), (64, 64), (3, 7), (9, 1), (200, 2)])
+def test_rankme_pca_matches_reference_convention(n: int, d: int) -> None:
+    # eps = 1e-7 added to every normalised eigenvalue, zeros included, as in Li et al.'s and reptrix's code
+    rng = np.random.default_rng(n + 7 * d)
+    x = rng.standard_normal((n, d)) * rng.uniform(0.01, 3.0, size=d) + rng.standard_normal(d)
+    assert rankme_pca(x) == pytest.approx(ref_rankme_pca(x), rel=1e-10)
+    assert spectral_metrics(x)["rankme_pca"] == pytest.approx(ref_rankme_pca(x), rel=1e-10)
+    assert rankme_pca(x, eps=0.0) == pytest.approx(ref_rankme_pca(x, eps=0.0), rel=1e-10)
+    if min(n, d) > 2:  # the eps terms matter at the 1e-6 level, not below 1e-10
+        assert abs(rankme_pca(x) / rankme_pca(x, eps=0.0) - 1) > 1e-8
 
 
 def test_eigenspectrum_matches_numpy_covariance() -> None:

@@ -111,7 +111,8 @@ def test_low_rank_matches_numpy(n: int, d: int, k: int) -> None:
     want = spectral_metrics(x, window=(1, 3) if k >= 3 else (6, 100))
     for key in ("rankme", "rankme_pca", "participation_ratio", "stable_rank", "anisotropy", "top_pc_share"):
         assert got[key] == pytest.approx(want[key], rel=1e-7), key
-    assert got["rankme_pca"] <= k + 1e-6 and got["participation_ratio"] <= k + 1e-6
+    # rankme_pca: each of the min(n, d) - k zero eigenvalues adds eps = 1e-7 to p (Li et al., reptrix)
+    assert got["rankme_pca"] <= k * (1 + 1e-3) and got["participation_ratio"] <= k + 1e-6
     if k == 1:  # one direction: the window has no 3 positive eigenvalues -> NaN fit, as numpy
         assert math.isnan(want["alpha_req"]) and math.isnan(got["alpha_req"])
         assert got["top_pc_share"] == pytest.approx(1.0)
@@ -157,7 +158,7 @@ def test_identity_known_values() -> None:
     assert got["rankme"] == pytest.approx(4.0, rel=1e-5)
     assert got["stable_rank"] == pytest.approx(4.0)
     assert got["anisotropy"] == pytest.approx(0.0, abs=1e-15)
-    assert got["rankme_pca"] == pytest.approx(3.0)  # centred: 3 equal variances
+    assert got["rankme_pca"] == pytest.approx(3.0, rel=1e-5)  # centred: 3 equal variances (+ eps terms)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from tests.integrations.test_monitor import run_sft
 from tests.reliability._support import jsonl, metric_lines, same_metrics, sft_data
 from topomon import TopoMonitor
-from topomon.alerts.rules import AlertEngine, default_rules
+from topomon.alerts import AlertEngine, default_rules
 from topomon.capture.layers import decoder_layers
 from topomon.testing import tiny_causal_lm, tiny_tokenizer
 from topomon.types import Snapshot

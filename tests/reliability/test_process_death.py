@@ -20,7 +20,7 @@ import pytest
 
 from tests.reliability._support import wait_for
 from tests.reliability.train_script import MAX_STEPS, RULES
-from topomon.alerts.rules import AlertEngine, rules_from_config
+from topomon.alerts import AlertEngine, rules_from_config
 from topomon.pipeline import record_from_json
 from topomon.report.load import load_run
 from topomon.run import RunDir

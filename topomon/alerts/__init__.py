@@ -1,1 +1,94 @@
-"""topomon.alerts."""
+"""Alerts over metric streams: pure decisions, stateful rules, the engine that runs them, sinks.
+
+Modules: :mod:`~topomon.alerts.decisions` (pure functions returning a :class:`Decision`),
+:mod:`~topomon.alerts.base` (the :class:`Rule` base: state, cooldown, hysteresis),
+:mod:`~topomon.alerts.rules` (the concrete rules, :func:`rules_from_config`,
+:func:`default_rules`), :mod:`~topomon.alerts.engine` (:class:`AlertEngine`) and
+:mod:`~topomon.alerts.sinks` (where alerts go). Importing this package loads numpy and the
+standard library only.
+
+Example:
+    >>> from topomon.alerts import AlertEngine, default_rules
+    >>> from topomon.types import MetricRecord
+    >>> engine = AlertEngine(default_rules(), known_metrics=["rankme", "rankme_pca", "n_nonfinite"])
+    >>> rec = lambda step, v: MetricRecord(step, "narrow", "final_norm", {"rankme": v})
+    >>> engine.update([rec(0, 40.0)]), [a.reason for a in engine.update([rec(4, 30.0)])]
+    ([], ['drop'])
+"""
+
+from topomon.alerts.base import Rule
+from topomon.alerts.decisions import (
+    BASELINES,
+    DIRECTIONS,
+    SEVERITIES,
+    Decision,
+    TrendStats,
+    evaluate_drop,
+    evaluate_nonfinite,
+    evaluate_spike,
+    evaluate_threshold,
+    evaluate_trend,
+    hysteresis_step,
+    relative_change,
+    robust_zscore,
+    trend_statistics,
+)
+from topomon.alerts.engine import AlertEngine
+from topomon.alerts.rules import (
+    RULE_TYPES,
+    DropRule,
+    NonFiniteRule,
+    SpikeRule,
+    ThresholdRule,
+    TrendRule,
+    default_rules,
+    rules_from_config,
+)
+from topomon.alerts.sinks import (
+    AlertSink,
+    CallableSink,
+    JsonlAlertSink,
+    LogSink,
+    MultiSink,
+    TensorBoardAlertSink,
+    WebhookSink,
+)
+from topomon.types import Alert
+
+__all__ = [
+    # engine and rules
+    "AlertEngine",
+    "Rule",
+    "DropRule",
+    "SpikeRule",
+    "TrendRule",
+    "ThresholdRule",
+    "NonFiniteRule",
+    "RULE_TYPES",
+    "rules_from_config",
+    "default_rules",
+    # pure decisions
+    "Decision",
+    "TrendStats",
+    "BASELINES",
+    "DIRECTIONS",
+    "SEVERITIES",
+    "relative_change",
+    "evaluate_drop",
+    "robust_zscore",
+    "evaluate_spike",
+    "trend_statistics",
+    "evaluate_trend",
+    "evaluate_threshold",
+    "evaluate_nonfinite",
+    "hysteresis_step",
+    # the alert record and where alerts go
+    "Alert",
+    "AlertSink",
+    "LogSink",
+    "JsonlAlertSink",
+    "CallableSink",
+    "WebhookSink",
+    "TensorBoardAlertSink",
+    "MultiSink",
+]

@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from topomon._validate import check_int, check_number, check_str
 from topomon.sinks.jsonl import JsonlWriter
 from topomon.types import Alert
 
@@ -234,12 +235,10 @@ class WebhookSink:
         shown = self._display_url(parts)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError(f"`url` must be an http:// or https:// URL with a host, got {shown!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout):
-            raise ValueError(f"`timeout` must be a finite number of seconds > 0, got {timeout!r}")
-        if timeout <= 0:
-            raise ValueError(f"`timeout` must be a finite number of seconds > 0, got {timeout!r}")
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise ValueError(f"`max_queue` must be an int >= 1, got {max_queue!r}")
+        check_number(
+            "timeout", timeout, 0, low_open=True, plain=True, expected="a finite number of seconds > 0"
+        )
+        check_int("max_queue", max_queue, 1, plain=True)
         extra = dict(headers or {})
         if headers is not None and not isinstance(headers, Mapping):
             raise TypeError(f"`headers` must be a mapping of str -> str, got {type(headers).__name__}")
@@ -444,10 +443,8 @@ class TensorBoardAlertSink:
         missing = [m for m in ("add_text", "add_scalar", "flush") if not callable(getattr(writer, m, None))]
         if missing:
             raise TypeError(f"`writer` must be a SummaryWriter; {type(writer).__name__} lacks {missing}")
-        if not isinstance(tag, str) or not tag:
-            raise ValueError(f"`tag` must be a non-empty str, got {tag!r}")
-        if isinstance(initial_count, bool) or not isinstance(initial_count, int) or initial_count < 0:
-            raise ValueError(f"`initial_count` must be an int >= 0, got {initial_count!r}")
+        check_str("tag", tag)
+        check_int("initial_count", initial_count, 0, plain=True)
         self.writer = writer
         self.tag = tag
         self.count = initial_count

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from topomon._validate import check_int
+
 if TYPE_CHECKING:
     import torch
 
@@ -28,13 +30,6 @@ __all__ = ["IGNORE_INDEX", "reduce_logits", "reduce_logits_from_hidden"]
 
 #: Label value excluded from the statistics (the ``transformers`` / PyTorch ``ignore_index``).
 IGNORE_INDEX = -100
-
-
-def _check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
 
 
 def _check_tensor(x: object, name: str) -> None:
@@ -225,7 +220,9 @@ def reduce_logits(
         raise ValueError(
             f"logits must have shape (B, T, V) with no empty dimension, got {tuple(logits.shape)}"
         )
-    _check_chunk_size(chunk_size)
+    check_int(
+        "chunk_size", chunk_size, 1, type_error=TypeError, plain=True, expected="a positive int", quote=False
+    )
     batch_shape = (int(logits.shape[0]), int(logits.shape[1]))
     b_idx, t_idx, targets = _positions(batch_shape, input_ids, attention_mask, labels, at)
     b_idx, t_idx = b_idx.to(logits.device), t_idx.to(logits.device)
@@ -292,7 +289,9 @@ def reduce_logits_from_hidden(
         )
     if not callable(lm_head):
         raise TypeError(f"lm_head must be a module or callable mapping (c, d) to (c, V), got {lm_head!r}")
-    _check_chunk_size(chunk_size)
+    check_int(
+        "chunk_size", chunk_size, 1, type_error=TypeError, plain=True, expected="a positive int", quote=False
+    )
     batch_shape = (int(hidden.shape[0]), int(hidden.shape[1]))
     b_idx, t_idx, targets = _positions(batch_shape, input_ids, attention_mask, labels, at)
     b_idx, t_idx = b_idx.to(hidden.device), t_idx.to(hidden.device)

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
+from topomon._validate import check_int
+
 __all__ = [
     "LOGIT_STAT_KEYS",
     "expected_calibration_error",
@@ -30,10 +32,6 @@ __all__ = [
 
 #: Keys that :func:`logit_metrics` reads (the output of ``reduce_logits``).
 LOGIT_STAT_KEYS: tuple[str, ...] = ("entropy", "top1_prob", "correct", "nll")
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _bool_vector(x: npt.ArrayLike, name: str) -> np.ndarray:
@@ -117,10 +115,7 @@ def expected_calibration_error(confidence: npt.ArrayLike, correct: npt.ArrayLike
         >>> expected_calibration_error([0.9, 0.9], [True, False])  # said 0.9, was right half the time
         0.4
     """
-    if not _is_int(n_bins):
-        raise TypeError(f"n_bins must be a positive int, got {n_bins!r}")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins}")
+    check_int("n_bins", n_bins, 1, type_error=TypeError, expected="a positive int", quote=False)
     conf = _float_vector(confidence, "confidence")
     corr = _bool_vector(correct, "correct")
     if conf.shape[0] != corr.shape[0]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from topomon._validate import check_int
+
 __all__ = ["token_mask", "Prepared", "prepare_points", "subsample_indices"]
 
 
@@ -150,12 +152,6 @@ def prepare_points(
     return Prepared(points=pts, n_outliers=n_outliers, n_nonfinite=n_nonfinite)
 
 
-def _check_nonneg_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
-        raise ValueError(f"`{name}` must be a non-negative int, got {value!r}")
-    return int(value)
-
-
 def subsample_indices(n: int, k: int, seed: int) -> np.ndarray:
     """Deterministic choice of ``k`` of ``n`` indices, identical on every machine.
 
@@ -178,9 +174,9 @@ def subsample_indices(n: int, k: int, seed: int) -> np.ndarray:
         >>> subsample_indices(5, 10, 0).tolist()
         [0, 1, 2, 3, 4]
     """
-    n = _check_nonneg_int(n, "n")
-    k = _check_nonneg_int(k, "k")
-    seed = _check_nonneg_int(seed, "seed")
+    n = check_int("n", n, 0, expected="a non-negative int")
+    k = check_int("k", k, 0, expected="a non-negative int")
+    seed = check_int("seed", seed, 0, expected="a non-negative int")
     if k >= n:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ References:
     * Agrawal et al. 2022, "alpha-ReQ: assessing representation quality in self-supervised
       learning by measuring eigenspectrum decay" (weighted log-log fit of the covariance spectrum).
     * Li et al. 2025 (arXiv 2509.23024) and the ``reptrix`` package: the PCA-entropy effective rank
-      exposed here as :func:`rankme_pca`.
+      exposed here as :func:`rankme_pca` (their ``p_k = lambda_k / sum(lambda) + 1e-7``).
 
 Numerics: spectra come from the Gram matrix on the smaller side (``d x d`` or ``n x n``) and a
 symmetric eigenvalue solver, in float64; eigenvalues below ``max(n, d) * machine-eps * lambda_max``
@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from topomon._validate import check_int, check_number
 
 __all__ = [
     "SPECTRAL_KEYS",
@@ -157,11 +159,12 @@ def _rankme_from_raw(raw: np.ndarray, eps: float) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def _entropy_rank(lam: np.ndarray) -> float:
+def _entropy_rank(lam: np.ndarray, eps: float) -> float:
     total = lam.sum()
     if total <= 0:
         return _NAN
-    p = lam[lam > 0] / total
+    p = lam / total + eps
+    p = p[p > 0]  # only with eps = 0: 0 log 0 = 0
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
@@ -208,33 +211,47 @@ def rankme(x: np.ndarray, eps: float = 1e-7) -> float:
         >>> round(rankme(np.eye(4)), 3)
         4.0
     """
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 <= eps < np.inf):
-        raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}")
+    eps = check_number("eps", eps, 0)
     pts = _check_points(x)
     raw = _raw_eigs(pts)
-    return _rankme_from_raw(raw, float(eps))
+    return _rankme_from_raw(raw, eps)
 
 
-def rankme_pca(x: np.ndarray) -> float:
-    """Effective rank of the centred PCA spectrum (Li et al. 2025; ``reptrix``).
+def rankme_pca(x: np.ndarray, eps: float = 1e-7) -> float:
+    """Effective rank of the centred PCA spectrum, as Li et al. (2025) and ``reptrix`` compute it.
 
-    ``exp(-sum p_k log p_k)`` with ``p_k = lambda_k / sum(lambda)`` the explained-variance ratios of
-    the centred ``x`` (normalised ``s^2`` of centred data, ``0 log 0 = 0``; no eps). Invariant to
-    rotation, translation and scale. Differs from :func:`rankme` (raw ``s``, not ``s^2``).
+    ``exp(-sum p_k log p_k)`` with ``p_k = lambda_k / sum(lambda) + eps``: ``lambda_k / sum(lambda)``
+    are the explained-variance ratios of the centred ``x`` (normalised ``s^2`` of the centred data)
+    over all ``min(n, d)`` eigenvalues, zeros included, and ``eps = 1e-7`` is added to each. This is,
+    to rounding, ``rankme(get_eigenspectrum(x))`` in the code of Li et al. 2025 (arXiv 2509.23024;
+    ``utils/powerlaw.py`` of github.com/melodylizx/Tracing-the-representation-geometry-of-language-models)
+    and ``get_rank(get_eigenspectrum(x))`` in ``reptrix`` (``reptrix/rankme.py``): both take
+    sklearn's ``PCA(n_components=min(2048, n, d)).explained_variance_ratio_`` of the centred
+    features, so they agree with this function while ``min(n, d) <= 2048``. Invariant to rotation,
+    translation and scale. Differs from :func:`rankme` (Garrido et al. 2023: raw, uncentred ``s``,
+    not ``s^2``).
 
     Args:
         x: ``(n, d)`` points, n >= 2, d >= 1, finite.
+        eps: smoothing constant added to each normalised eigenvalue, >= 0 (``1e-7`` as in the
+            reference code; ``0`` gives the plain entropy, with ``0 log 0 = 0``).
 
     Returns:
-        A float in ``[1, min(n - 1, d)]``; NaN when all points are identical (no variance).
+        A float in about ``[1, min(n - 1, d)]`` (the eps terms move it by about ``1e-6`` relative);
+        NaN when all points are identical (no variance).
 
     Raises:
         TypeError: if ``x`` is not a real numeric array.
-        ValueError: on wrong shape, fewer than 2 points, no dimensions, or NaN/Inf.
+        ValueError: on wrong shape, fewer than 2 points, no dimensions, NaN/Inf, or a negative eps.
+
+    Example:
+        >>> round(rankme_pca(np.eye(4)), 3)
+        3.0
     """
+    eps = check_number("eps", eps, 0)
     pts = _check_points(x)
     _, cen, _ = _raw_and_centred(pts, need_raw=False)
-    return _entropy_rank(cen)
+    return _entropy_rank(cen, eps)
 
 
 def eigenspectrum(x: np.ndarray) -> np.ndarray:
@@ -442,10 +459,8 @@ def anisotropy(x: np.ndarray, n_pairs: int = 2048, seed: int = 0) -> float:
         TypeError: if ``x`` is not a real numeric array.
         ValueError: on invalid ``x``, a negative ``n_pairs`` or a negative ``seed``.
     """
-    if isinstance(n_pairs, bool) or not isinstance(n_pairs, numbers.Integral) or n_pairs < 0:
-        raise ValueError(f"`n_pairs` must be an int >= 0 (0 = exact over all pairs), got {n_pairs!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
+    check_int("n_pairs", n_pairs, 0, expected="an int >= 0 (0 = exact over all pairs)")
+    check_int("seed", seed, 0, expected="a non-negative int")
     pts = _check_points(x)
     norms = np.linalg.norm(pts, axis=1)
     keep = norms > 0
@@ -514,7 +529,7 @@ def spectral_metrics(x: np.ndarray, *, window: tuple[int, int] = (6, 100)) -> di
     aniso = _exact_mean_cosine(pts[keep] / norms[keep, None]) if keep.sum() >= 2 else _NAN
     return {
         "rankme": _rankme_from_raw(raw, 1e-7),
-        "rankme_pca": _entropy_rank(cen),
+        "rankme_pca": _entropy_rank(cen, 1e-7),
         "alpha_req": fit.alpha,
         "alpha_req_r2": fit.r2,
         "participation_ratio": _pr(cen),

@@ -127,9 +127,10 @@ def spectral_metrics_torch(
 
     The torch twin of :func:`topomon.metrics.spectral.spectral_metrics`: the same keys and
     definitions (RankMe of Garrido et al. 2023 on the raw singular values, ``eps = 1e-7``; PCA-entropy
-    effective rank of Li et al. 2025; alpha-ReQ of Agrawal et al. 2022, weighted ``1/k`` fit over
-    ``window`` with its R^2; participation ratio; stable rank; exact mean pairwise cosine; top-PC
-    share), the same NaN cases. It agrees with the numpy function to rounding in float64.
+    effective rank of Li et al. 2025 and reptrix, ``eps = 1e-7``; alpha-ReQ of Agrawal et al. 2022,
+    weighted ``1/k`` fit over ``window`` with its R^2; participation ratio; stable rank; exact mean
+    pairwise cosine; top-PC share), the same NaN cases. It agrees with the numpy function to
+    rounding in float64.
 
     Args:
         x: ``(n, d)`` tensor, n >= 2, d >= 1, finite, any real dtype, on any device; not modified
@@ -182,12 +183,12 @@ def spectral_metrics_torch(
     p = s / torch.where(s_tot > 0, s_tot, one) + 1e-7
     rankme = _nan_unless(s_tot > 0, torch.exp(-(p * torch.log(p)).sum()))
 
-    # centred spectrum: PCA-entropy rank, participation ratio, top-PC share (0 log 0 = 0)
+    # centred spectrum: PCA-entropy rank (p = lambda / sum lambda + eps, as Li et al. and reptrix),
+    # participation ratio, top-PC share
     c_tot = cen.sum()
     has_var = c_tot > 0
-    q = cen / torch.where(has_var, c_tot, one)
-    plogp = torch.where(q > 0, q * torch.log(torch.where(q > 0, q, one)), torch.zeros_like(q))
-    rankme_pca = _nan_unless(has_var, torch.exp(-plogp.sum()))
+    q = cen / torch.where(has_var, c_tot, one) + 1e-7
+    rankme_pca = _nan_unless(has_var, torch.exp(-(q * torch.log(q)).sum()))
     pr = _nan_unless(has_var, c_tot**2 / torch.where(has_var, (cen**2).sum(), one))
     top = _nan_unless(has_var, cen[0] / torch.where(has_var, c_tot, one))
     alpha, r2 = _alpha_fit(cen / (n - 1), lo, hi)

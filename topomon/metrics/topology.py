@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from topomon._validate import check_int, check_optional_int
 from topomon.metrics.spectral import _check_points
 
 __all__ = [
@@ -176,15 +177,6 @@ def _ripser_dm(dist: np.ndarray, maxdim: int) -> list[np.ndarray]:
     return _as_diagrams(res["births_and_deaths_by_dim"])
 
 
-def _int_param(value: Any, name: str, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be an int >= {minimum}{extra}, got {value!r}")
-    return int(value)
-
-
 def persistence_diagrams(
     x: np.ndarray,
     *,
@@ -234,12 +226,11 @@ def persistence_diagrams(
         >>> len(h1), bool(h1[0, 1] - h1[0, 0] > 1)
         (1, True)
     """
-    maxdim_i = _int_param(maxdim, "maxdim", 0)
-    n_land = _int_param(n_landmarks, "n_landmarks", 2, allow_none=True)
-    k_pca = _int_param(pca_dim, "pca_dim", 1, allow_none=True)
-    seed_i = _int_param(seed, "seed", 0)
-    n_thr = _int_param(n_threads, "n_threads", 1)
-    assert maxdim_i is not None and seed_i is not None and n_thr is not None
+    maxdim_i = check_int("maxdim", maxdim, 0)
+    n_land = check_optional_int("n_landmarks", n_landmarks, 2)
+    k_pca = check_optional_int("pca_dim", pca_dim, 1)
+    seed_i = check_int("seed", seed, 0)
+    n_thr = check_int("n_threads", n_threads, 1)
     if metric not in _METRICS:
         raise ValueError(f"`metric` must be one of {_METRICS}, got {metric!r}")
     if engine not in _ENGINES:

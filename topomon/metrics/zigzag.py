@@ -26,12 +26,13 @@ the layers where the class is alive; bars that live only inside one intersection
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from topomon._validate import check_int
 
 __all__ = [
     "ZigzagResult",
@@ -49,16 +50,6 @@ _NORMALIZE = ("row", "counts", "geometric")
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r})")
-    v = int(value)
-    if v < low or (high is not None and v > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"`{name}` must be {allowed}, got {v}")
-    return v
-
-
 def _check_cloud(points: Any, name: str) -> np.ndarray:
     arr = np.asarray(points)
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
@@ -121,8 +112,8 @@ def knn_complex(points: np.ndarray, k: int, maxdim: int = 2) -> list[tuple[int, 
     """
     from topomon.metrics._zigzag_engine import knn_edge_keys, triangle_keys
 
-    k = _check_int(k, "k", 1)
-    maxdim = _check_int(maxdim, "maxdim", 0, 2)
+    k = check_int("k", k, 1, type_error=TypeError)
+    maxdim = check_int("maxdim", maxdim, 0, high=2, type_error=TypeError)
     x = _check_cloud(points, "points")
     n = x.shape[0]
     if n <= k:
@@ -238,8 +229,8 @@ def zigzag_barcodes(
     """
     from topomon.metrics._zigzag_engine import dionysus_intervals, knn_edge_keys, zigzag_intervals
 
-    k = _check_int(k, "k", 1)
-    maxdim = _check_int(maxdim, "maxdim", 0, 1)
+    k = check_int("k", k, 1, type_error=TypeError)
+    maxdim = check_int("maxdim", maxdim, 0, high=1, type_error=TypeError)
     if engine not in _ENGINES:
         raise ValueError(f"`engine` must be one of {', '.join(map(repr, _ENGINES))}, got {engine!r}")
     clouds = _check_layers(layers, k)
@@ -266,7 +257,7 @@ def _as_layer_bars(bars: ZigzagResult | np.ndarray, n_layers: int | None, dim: i
         return bars.layer_bars(dim), bars.n_layers
     if n_layers is None:
         raise ValueError("`n_layers` is required when `bars` is an array of layer bars")
-    n_layers = _check_int(n_layers, "n_layers", 1)
+    n_layers = check_int("n_layers", n_layers, 1, type_error=TypeError)
     arr = np.asarray(bars)
     if arr.size == 0:
         return np.zeros((0, 2), dtype=np.int64), n_layers
@@ -460,7 +451,7 @@ def prune_candidates(similarity: np.ndarray, k: int) -> list[int]:
     """
     score = prune_scores(similarity)
     n = score.shape[0]
-    k = _check_int(k, "k", 1, n)
+    k = check_int("k", k, 1, high=n, type_error=TypeError)
     order = np.lexsort((np.arange(n), -np.nan_to_num(score, nan=-np.inf)))
     return [int(i) for i in order[:k]]
 
@@ -494,7 +485,7 @@ def adjacent_layer_similarity(layers: Sequence[np.ndarray], k: int = 10) -> np.n
     """
     from topomon.metrics._zigzag_engine import knn_edge_keys
 
-    k = _check_int(k, "k", 1)
+    k = check_int("k", k, 1, type_error=TypeError)
     clouds = _check_layers(layers, k)
     if len(clouds) < 2:
         raise ValueError(f"`layers` must hold at least two layers, got {len(clouds)}")

@@ -1,0 +1,255 @@
+"""The base of the stateful alert rules: per-key state, cooldown, hysteresis, ``state_dict``.
+
+:class:`Rule` holds what every rule shares; :class:`_SeriesRule` is a rule on one metric of one
+layer (or of each layer, or of their mean). The concrete rules are in :mod:`topomon.alerts.rules`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from topomon._validate import check_choice, check_int, check_number, check_str
+from topomon.alerts.decisions import Decision, _as_float, _is_number, hysteresis_step
+from topomon.types import Alert, MetricRecord
+
+__all__ = ["Rule"]
+
+
+def _init_params(cls: type) -> list[str]:
+    return list(inspect.signature(cls).parameters)
+
+
+class _Obs(NamedTuple):
+    decision: Decision
+    recovered: bool
+    value: float
+    reference: float
+
+
+def _opt_float(x: Any) -> float | None:
+    return float(x) if _is_number(x) and math.isfinite(float(x)) else None
+
+
+class Rule:
+    """Base of the stateful rules: per-key state, cooldown, hysteresis, ``state_dict``.
+
+    A *key* is one watched series: a layer name (for ``layer="*"`` each layer has its own state),
+    or ``"mean"`` for the aggregate over layers. Subclasses implement :meth:`update` (feeding
+    :meth:`_transition`), :attr:`metrics` and ``_default_name``; constructor arguments are kept
+    under attributes of the same name (see :meth:`config`).
+
+    Attributes:
+        name: unique name of the rule (used in alerts and state dicts).
+        cooldown: captures after a firing during which the rule cannot fire again.
+        severity: severity of the alerts it raises.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, *, name: str | None, cooldown: int, severity: str, layer: str) -> None:
+        self.cooldown = check_int("cooldown", cooldown, 0)
+        self.severity = check_choice("severity", severity, ("warning", "critical"))
+        self.layer = check_str("layer", layer)
+        self.name = check_str("name", name) if name is not None else self._default_name()
+        self._keys: dict[str, dict[str, Any]] = {}
+
+    # -- to override
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metric names this rule reads (checked against the engine's known metrics)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments as a plain dict with ``type``: ``rules_from_config`` input.
+
+        Every constructor argument is stored under an attribute of the same name.
+        """
+        out: dict[str, Any] = {"type": self.kind}
+        for p in _init_params(type(self)):
+            v = getattr(self, p)
+            out[p] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def _default_name(self) -> str:
+        raise NotImplementedError
+
+    def _new_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_key_state(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+    # -- shared machinery
+    def validate(self, known_metrics: Iterable[str]) -> None:
+        """Check that every metric this rule reads is known.
+
+        Args:
+            known_metrics: the metric names the monitor produces.
+
+        Raises:
+            ValueError: naming the unknown metric and listing the known ones.
+        """
+        known = sorted(set(known_metrics))
+        for m in self.metrics:
+            if m not in known:
+                close = difflib.get_close_matches(m, known, n=3)
+                hint = f" (did you mean {close}?)" if close else ""
+                raise ValueError(f"rule {self.name!r}: unknown metric {m!r}{hint}; known metrics: {known}")
+
+    def reset(self) -> None:
+        """Forget all baselines, histories and fired states."""
+        self._keys.clear()
+
+    def _state(self, key: str) -> dict[str, Any]:
+        st = self._keys.get(key)
+        if st is None:
+            st = {"armed": True, "since_fire": None, **self._new_state()}
+            self._keys[key] = st
+        return st
+
+    def _transition(
+        self, st: dict[str, Any], obs: _Obs | None, key: str, metric: str, record: MetricRecord
+    ) -> Alert | None:
+        if st.get("fire_stage") != record.stage:
+            # firing belongs to a stage: what a rule saw in the base model or an earlier stage sets
+            # its references (kept by each rule's own state), it never uses up this stage's firing
+            st["fire_stage"], st["armed"], st["since_fire"] = record.stage, True, None
+        if st["since_fire"] is not None:
+            st["since_fire"] += 1
+        if obs is None:
+            return None
+        cooling = st["since_fire"] is not None and st["since_fire"] <= self.cooldown
+        action = hysteresis_step(
+            armed=st["armed"], firing=obs.decision.fired, recovered=obs.recovered, cooling=cooling
+        )
+        where = f"step {record.step} (stage {record.stage!r})"
+        if action == "fire":
+            st["armed"], st["since_fire"] = False, 0
+            reason, severity, message = obs.decision.reason, self.severity, obs.decision.message
+        elif action == "recover":
+            st["armed"] = True
+            reason, severity, message = "recovered", "info", f"recovered: {obs.decision.message}"
+        else:
+            return None
+        return Alert(
+            step=int(record.step),
+            stage=record.stage,
+            rule=self.name,
+            metric=metric,
+            layer=key,
+            value=float(obs.value),
+            reference=float(obs.reference),
+            reason=reason,
+            message=f"{where}: {message} [{self.name}]",
+            severity=severity,
+        )
+
+    def update(self, records: Sequence[MetricRecord]) -> list[Alert]:
+        """Feed the records of one capture; return the alerts raised (fired or recovered).
+
+        Args:
+            records: all records of one capture (one per layer, plus ``"model"``).
+
+        Returns:
+            The alerts.
+        """
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state (no NaN: absent values are None) to resume exactly."""
+        return {"kind": self.kind, "name": self.name, "keys": copy.deepcopy(self._keys)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`; missing fields take their defaults.
+
+        Args:
+            state: a dict from :meth:`state_dict` (possibly of an older version).
+
+        Raises:
+            ValueError: if the state belongs to a different kind of rule.
+        """
+        kind = state.get("kind", self.kind)
+        if kind != self.kind:
+            raise ValueError(f"rule {self.name!r}: state of a {kind!r} rule, expected {self.kind!r}")
+        self._keys = {}
+        for key, saved in dict(state.get("keys", {}) or {}).items():
+            saved = saved if isinstance(saved, Mapping) else {}
+            since = saved.get("since_fire")
+            self._keys[str(key)] = {
+                "armed": bool(saved.get("armed", True)),
+                "since_fire": int(since) if isinstance(since, (int, float)) else None,
+                "fire_stage": saved.get("fire_stage"),
+                **self._load_key_state(saved),
+            }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
+        return f"{type(self).__name__}({args})"
+
+
+class _SeriesRule(Rule):
+    """A rule on one metric of one layer (or of every layer, or of their mean)."""
+
+    def __init__(
+        self,
+        metric: str,
+        *,
+        layer: str,
+        name: str | None,
+        cooldown: int,
+        severity: str,
+        rearm_fraction: float,
+    ) -> None:
+        self.metric = check_str("metric", metric)
+        self.rearm_fraction = check_number("rearm_fraction", rearm_fraction, 0, 1)
+        super().__init__(name=name, cooldown=cooldown, severity=severity, layer=layer)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metric watched, as a 1-tuple."""
+        return (self.metric,)
+
+    def _default_name(self) -> str:
+        return f"{self.kind}:{self.metric}@{self.layer}"
+
+    def _observe(self, st: dict[str, Any], value: float, stage: str, label: str) -> _Obs | None:
+        raise NotImplementedError
+
+    def _series(self, records: Sequence[MetricRecord], metric: str) -> list[tuple[str, float, MetricRecord]]:
+        """The (key, value, record) triples this capture gives for ``metric``."""
+        have = [r for r in records if metric in r.metrics]
+        if self.layer == "*":
+            return [(r.layer, _as_float(r.metrics[metric]), r) for r in have]
+        if self.layer == "mean":
+            if not have:
+                return []
+            vals = [_as_float(r.metrics[metric]) for r in have]
+            finite = [v for v in vals if math.isfinite(v)]
+            return [("mean", float(np.mean(finite)) if finite else math.nan, have[0])]
+        return [(r.layer, _as_float(r.metrics[metric]), r) for r in have if r.layer == self.layer]
+
+    def update(self, records: Sequence[MetricRecord]) -> list[Alert]:
+        """Feed the records of one capture; return the alerts raised (fired or recovered).
+
+        Args:
+            records: all records of one capture (one per layer, plus ``"model"``).
+
+        Returns:
+            The alerts, in key order.
+        """
+        (metric,) = self.metrics
+        alerts = []
+        for key, value, record in self._series(records, metric):
+            st = self._state(key)
+            obs = self._observe(st, value, record.stage, f"{key} {metric}")
+            alert = self._transition(st, obs, key, metric, record)
+            if alert is not None:
+                alerts.append(alert)
+        return alerts
