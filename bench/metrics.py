@@ -586,9 +586,9 @@ def main(argv: list[str] | None = None) -> None:
         pipe_sizes, pipes = [512, 1024, 2048, 4096], PIPELINES
         cap_configs, cap_layers, cap_points = CAPTURE_CONFIGS, 8, 512
     if args.lsa_bottleneck:
-        import topomon.worker.engine as engine_module
+        import topomon.metrics.families as families_module  # the topology family computes them
 
-        engine_module.bottleneck_distance = lsa_bottleneck
+        families_module.bottleneck_distance = lsa_bottleneck
 
     spectral_metrics(power_law_cloud(16, 8))  # warm-up: imports, BLAS initialisation
     persistence_diagrams(power_law_cloud(16, 8))

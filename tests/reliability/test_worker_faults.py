@@ -31,9 +31,10 @@ from tests.reliability._support import (
     wait_for,
 )
 from topomon import TopoMonitor
+from topomon.metrics.spectral import SPECTRAL_KEYS
 from topomon.testing import tiny_causal_lm, tiny_tokenizer
 from topomon.types import MetricRecord, Snapshot
-from topomon.worker.engine import SPECTRAL_KEYS, ComputeOptions, MetricEngine
+from topomon.worker.engine import ComputeOptions, MetricEngine
 from topomon.worker.executor import make_executor
 
 

@@ -3,10 +3,11 @@ import math
 import numpy as np
 import pytest
 
+from topomon.metrics.families import family
 from topomon.metrics.logits import logit_metrics
 from topomon.metrics.lora import LORA_SUBSPACE_FORMAT, lora_update_subspace
 from topomon.types import Snapshot
-from topomon.worker.engine import LORA_KEYS, ComputeOptions, MetricEngine
+from topomon.worker.engine import ComputeOptions, MetricEngine
 
 
 def cloud(n=80, d=10, seed=0):
@@ -68,16 +69,16 @@ def test_figures_one_eigenspectra_image_per_capture_and_a_diagram_per_topology_l
 
 
 def test_the_worker_thread_count_reaches_the_persistent_homology_engine(monkeypatch):
-    import topomon.worker.engine as engine_mod
+    import topomon.metrics.families as families_mod
 
     seen = []
-    real = engine_mod.topology_metrics
+    real = families_mod.topology_metrics
 
     def spy(x, **kw):
         seen.append(kw["n_threads"])
         return real(x, **kw)
 
-    monkeypatch.setattr(engine_mod, "topology_metrics", spy)
+    monkeypatch.setattr(families_mod, "topology_metrics", spy)
     MetricEngine(ComputeOptions(threads=3, trajectory=False)).process(Snapshot(0, "s", {"a": cloud()}))
     assert seen == [3]
 
@@ -109,7 +110,7 @@ def test_lora_geometry_and_overlap_with_an_earlier_stage(tmp_path):
     opts = ComputeOptions(topology=False, trajectory=False, lora_reference=(str(ref),))
     model = MetricEngine(opts).process(Snapshot(5, "dpo", {"l": cloud()}, extras=extras))[-1]
     m = model.metrics
-    assert set(LORA_KEYS) <= set(m)
+    assert set(family("lora").keys) <= set(m)
     assert m["lora_modules"] == 2
     norms = [np.linalg.norm(2.0 * b @ a) for a, b in ((a1, b1), (a2, b2))]
     assert m["lora_norm_total"] == pytest.approx(float(np.sqrt(np.sum(np.square(norms)))))

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from topomon.metrics.families import headline_keys
 from topomon.sinks.jsonl_read import read_jsonl
 
 __all__ = [
@@ -41,16 +42,9 @@ __all__ = [
     "change_pct",
 ]
 
-#: The metrics the report shows first (summary table, trajectories, heatmaps).
-KEY_METRICS = (
-    "rankme",
-    "rankme_pca",
-    "alpha_req",
-    "participation_ratio",
-    "anisotropy",
-    "h1_total_persistence",
-    "topo_activity",
-)
+#: The metrics the report shows first (summary table, trajectories, heatmaps): the families'
+#: ``headline`` keys.
+KEY_METRICS = headline_keys()
 
 _LAYER_RE = re.compile(r"^(?:layer|layers|h|block|blocks)[_.]?(\d+)$")
 
