@@ -54,7 +54,7 @@ def test_replay_and_diversity_are_switched_on_by_an_alert(tok, sft_data, tmp_pat
     assert mon.interventions.diversity.weight == 0.1
     assert mon.interventions.diversity.n_applied > 0
     acc = scalar_events(tmp_path / "topomon" / "tensorboard" / "train")
-    ratio = {e.step: e.value for e in acc.Scalars("topomon/interventions/replay_ratio")}
+    ratio = {e.step: e.value for e in acc.Scalars("topomon/interventions/replay")}
     assert ratio[1] == 0.5 and all(v == 0.5 for v in ratio.values())
     pen = [e.value for e in acc.Scalars("topomon/interventions/diversity_penalty")]
     assert pen and all(abs(v) < 1e6 for v in pen)

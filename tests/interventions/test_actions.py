@@ -8,12 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import TrainerControl
 
-from topomon.interventions.actions import (
+from topomon.interventions import (
     Action,
     ActionPolicy,
     ActionSpec,
+    Interventions,
     PolicyState,
-    apply_action,
+    Signals,
     decide_actions,
 )
 from topomon.types import Alert
@@ -59,6 +60,13 @@ class Recorder:
 
     def set_weight(self, w: float) -> None:
         self.calls.append(("weight", w))
+
+
+def with_targets(iv: Interventions, **targets: object) -> Interventions:
+    """Put stand-in targets into the configured interventions, as if setup() had built them."""
+    for kind, target in targets.items():
+        iv.interventions[kind].target = target  # type: ignore[attr-defined]
+    return iv
 
 
 # ---------------------------------------------------------------- spec validation
@@ -245,63 +253,82 @@ def test_action_to_json() -> None:
     assert (
         d["params"] == {"ratio": 0.3} and d["cause"]["rule"] == "r" and d["cause"]["message"] == "r drop at 4"
     )
+    # one serialisation: to_json is to_dict with the JSONL envelope; from_dict reads to_dict back
+    plain = a.to_dict()
+    assert {k: v for k, v in d.items() if k not in ("kind", "action")} == {
+        k: v for k, v in plain.items() if k != "kind"
+    }
+    assert Action.from_dict(json.loads(json.dumps(plain))) == a
 
 
-def test_required_targets() -> None:
+def test_action_from_dict_errors() -> None:
+    with pytest.raises(TypeError, match="Action fields"):
+        Action.from_dict({"kind": "stop"})  # no step, no params
+    with pytest.raises(TypeError, match="Action fields"):
+        Action.from_dict({"step": 1, "kind": "stop", "params": {}, "colour": "red"})
+
+
+def test_policy_kinds() -> None:
     p = ActionPolicy([ActionSpec("replay", value=0.1), ActionSpec("stop")], baselines={"diversity": 0.01})
-    assert p.required_targets() == {"replay", "diversity"}
+    assert p.kinds() == {"replay", "stop", "diversity"}
 
 
 # ---------------------------------------------------------------- applying
-def test_apply_action_sets_real_trainer_control_flags() -> None:
-    policy = ActionPolicy([ActionSpec("checkpoint"), ActionSpec("stop", severities=("critical",))])
+def test_checkpoint_and_stop_set_real_trainer_control_flags() -> None:
+    iv = Interventions([ActionSpec("checkpoint"), ActionSpec("stop", severities=("critical",))])
     control = TrainerControl()
     assert not control.should_save and not control.should_training_stop
-    for a in policy.decide([alert("r", 1)]):
-        apply_action(a, control=control)
+    iv.act([alert("r", 1)], control, 1)
     assert control.should_save and not control.should_training_stop
-    for a in policy.decide([alert("r", 2, severity="critical")]):
-        apply_action(a, control=control)
+    iv.act([alert("r", 2, severity="critical")], control, 2)
     assert control.should_training_stop
+    signals = Signals()  # the framework-free control object
+    iv.act([alert("r", 3, severity="critical")], signals, 3)
+    assert signals.should_save and signals.should_training_stop
 
 
-def test_apply_action_drives_the_interventions() -> None:
+def test_actions_drive_the_interventions() -> None:
     replay, div, dec = Recorder(), Recorder(), Recorder()
-    policy = ActionPolicy(
+    iv = Interventions(
         [
             ActionSpec("replay", value=0.3),
             ActionSpec("diversity", value=0.1),
             ActionSpec("lora_decorrelation", value=2.0),
-        ]
+        ],
+        replay_dataset=[{"text": "x"}],
     )
+    with_targets(iv, replay=replay, diversity=div, lora_decorrelation=dec)
     control = TrainerControl()
-    for a in policy.decide([alert("r", 1)]):
-        apply_action(a, control=control, replay=replay, diversity=div, decorrelation=dec)
-    for a in policy.decide([recovered("r", 5)]):
-        apply_action(a, control=control, replay=replay, diversity=div, decorrelation=dec)
+    iv.act([alert("r", 1)], control, 1)
+    iv.act([recovered("r", 5)], control, 5)
     assert replay.calls == [("ratio", 0.3), ("ratio", 0.0)]
     assert div.calls == [("weight", 0.1), ("weight", 0.0)]
     assert dec.calls == [("weight", 2.0), ("weight", 0.0)]
     assert not control.should_save and not control.should_training_stop
 
 
-def test_apply_action_with_the_real_objects() -> None:
+def test_actions_with_the_real_objects() -> None:
     from topomon.interventions.diversity import DiversityRegularizer
     from topomon.interventions.replay import ReplayMixer
     from topomon.testing import tiny_causal_lm
 
     mixer = ReplayMixer([{"input_ids": [1]}])
     reg = DiversityRegularizer(tiny_causal_lm(), [-1])
-    for a in ActionPolicy([ActionSpec("replay", value=0.3), ActionSpec("diversity", value=0.1)]).decide(
-        [alert("r", 1)]
-    ):
-        apply_action(a, control=TrainerControl(), replay=mixer, diversity=reg)
+    iv = Interventions(
+        [ActionSpec("replay", value=0.3), ActionSpec("diversity", value=0.1)], replay_dataset=[{"text": "x"}]
+    )
+    with_targets(iv, replay=mixer, diversity=reg)
+    iv.act([alert("r", 1)], TrainerControl(), 1)
     assert mixer.ratio == 0.3 and reg.weight == 0.1
 
 
-def test_apply_action_errors() -> None:
+def test_apply_errors() -> None:
+    iv = Interventions([ActionSpec("replay", value=0.3)], replay_dataset=[{"text": "x"}])
     a = Action(step=1, kind="replay", params={"ratio": 0.2}, cause={})
-    with pytest.raises(ValueError, match="needs replay="):
-        apply_action(a, control=TrainerControl())
-    with pytest.raises(ValueError, match="kind must be one of"):
-        apply_action(Action(step=1, kind="rewind", params={}, cause={}), control=TrainerControl())
+    with pytest.raises(
+        RuntimeError, match="replay at step 1: ValueError: the 'replay' intervention was not built"
+    ):
+        iv.apply([a.to_dict()], TrainerControl())
+    with pytest.raises(RuntimeError, match="no 'rewind' intervention is configured"):
+        iv.apply([{"step": 1, "kind": "rewind", "params": {}}], TrainerControl())
+    assert iv.taken == []

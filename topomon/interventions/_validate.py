@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from topomon._validate import check_number
 
 __all__ = ["check_weight"]
 
@@ -15,8 +16,4 @@ def check_weight(weight: Any) -> float:
         TypeError: for a non-number (bools included).
         ValueError: for a negative or non-finite weight.
     """
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise TypeError(f"weight must be a non-negative float, got {weight!r} ({type(weight).__name__})")
-    if not (math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"weight must be finite and >= 0, got {weight!r}")
-    return float(weight)
+    return check_number("weight", weight, 0, type_error=TypeError, plain=True, quote=False)

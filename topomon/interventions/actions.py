@@ -1,17 +1,15 @@
 """From alerts to actions: which intervention to switch on, how strongly, and when to switch it off.
 
 An :class:`ActionSpec` says which alerts trigger it (rule names, reasons, severities), what it does
-(``kind``: ``"replay"``, ``"diversity"``, ``"lora_decorrelation"``, ``"checkpoint"``, ``"stop"``), with
-what value (replay ratio, regulariser weight) and whether it is reverted when the alert recovers.
+(``kind``, a registered intervention: ``"replay"``, ``"diversity"``, ``"lora_decorrelation"``,
+``"checkpoint"``, ``"stop"``, see :func:`~topomon.interventions.base.intervention_kinds`), with what
+value (replay ratio, regulariser weight) and whether it is reverted when the alert recovers.
 :class:`ActionPolicy` keeps what is currently switched on and turns a batch of alerts into a list of
-:class:`Action` records; the decision itself is the pure function :func:`decide_actions`.
-:func:`apply_action` executes an action on the objects the monitor callback holds: the Trainer's
-``TrainerControl`` (``should_save`` / ``should_training_stop``), a
-:class:`~topomon.interventions.replay.ReplayMixer`, a
-:class:`~topomon.interventions.diversity.DiversityRegularizer` or a
-:class:`~topomon.interventions.lora_decorrelation.LoRADecorrelation`.
+:class:`Action` records; the decision itself is the pure function :func:`decide_actions`. The
+actions are executed by :class:`~topomon.interventions.controller.Interventions`, which holds one
+built intervention per kind.
 
-Semantics of the settable kinds (replay, diversity, lora_decorrelation):
+Semantics of the settable kinds (replay, diversity, lora_decorrelation: those with a value):
 
 * A spec is *engaged* while at least one alert that matched it has not recovered. An alert is
   identified by ``(rule, metric, layer)``; an alert with ``reason == "recovered"`` releases the
@@ -22,39 +20,37 @@ Semantics of the settable kinds (replay, diversity, lora_decorrelation):
   changes over a :meth:`ActionPolicy.decide` call (one per kind, caused by the last alert that
   changed it), so repeated alerts do not repeat actions.
 
-``checkpoint`` and ``stop`` act once per ``decide`` call in which a matching alert arrives; they
-have no value and are never reverted. Actions come out in the order replay, diversity,
-lora_decorrelation, checkpoint, stop (so a checkpoint is requested before a stop).
+The kinds without a value (``checkpoint``, ``stop``) act once per ``decide`` call in which a
+matching alert arrives and are never reverted. Actions come out in registration order, the settable
+kinds first (built-in: replay, diversity, lora_decorrelation, checkpoint, stop; so a checkpoint is
+requested before a stop).
 
 Example:
     >>> policy = ActionPolicy([ActionSpec("replay", rules=("rank_drop",), value=0.25),
     ...                        ActionSpec("checkpoint", rules=("rank_drop",))])
     >>> actions = policy.decide(alerts)  # doctest: +SKIP
-    >>> for a in actions: apply_action(a, control=control, replay=mixer)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import topomon.interventions.kinds  # noqa: F401  - registers the built-in kinds
+from topomon.interventions.base import INTERVENTIONS, intervention_kinds
 from topomon.types import Alert
 
 __all__ = [
-    "KINDS",
     "ActionSpec",
     "Action",
     "PolicyState",
     "decide_actions",
     "ActionPolicy",
-    "apply_action",
 ]
 
-KINDS = ("replay", "diversity", "lora_decorrelation", "checkpoint", "stop")
-_PARAM = {"replay": "ratio", "diversity": "weight", "lora_decorrelation": "weight"}
 _SEVERITIES = ("info", "warning", "critical")
 _RECOVERED = "recovered"
 
@@ -73,17 +69,18 @@ def _str_tuple(name: str, value: Any) -> tuple[str, ...]:
     return out
 
 
+def _check_kind(kind: Any) -> None:
+    if kind not in INTERVENTIONS:
+        raise ValueError(f"kind must be one of {', '.join(intervention_kinds())}, got {kind!r}")
+
+
+def _params() -> dict[str, str]:
+    """Settable kind -> the name of its value in :attr:`Action.params`, in registration order."""
+    return {k: c.param for k, c in INTERVENTIONS.items() if c.settable}
+
+
 def _check_value(kind: str, value: Any, field_name: str = "value") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field_name} of a {kind!r} action must be a number, got {value!r}")
-    v = float(value)
-    if kind == "replay" and not (0.0 <= v <= 1.0):
-        raise ValueError(f"{field_name} of a 'replay' action is a ratio and must be in [0, 1], got {value!r}")
-    if not (math.isfinite(v) and v >= 0):
-        raise ValueError(
-            f"{field_name} of a {kind!r} action is a weight and must be finite and >= 0, got {value!r}"
-        )
-    return v
+    return INTERVENTIONS[kind].check_value(value, field_name)
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,8 @@ class ActionSpec:
     """One rule of the policy: which alerts trigger what.
 
     Attributes:
-        kind: ``"replay"``, ``"diversity"``, ``"lora_decorrelation"``, ``"checkpoint"`` or ``"stop"``.
+        kind: a registered kind (:func:`~topomon.interventions.base.intervention_kinds`): ``"replay"``,
+            ``"diversity"``, ``"lora_decorrelation"``, ``"checkpoint"``, ``"stop"``.
         rules: alert rule names that trigger it; empty = any rule.
         reasons: alert reasons that trigger it (``"drop"``, ``"spike"``, ...); empty = any reason except
             ``"recovered"`` (which never triggers, it reverts).
@@ -117,8 +115,7 @@ class ActionSpec:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        _check_kind(self.kind)
         rules = _str_tuple("rules", self.rules)
         reasons = _str_tuple("reasons", self.reasons)
         severities = _str_tuple("severities", self.severities)
@@ -129,10 +126,11 @@ class ActionSpec:
         bad = [s for s in severities if s not in _SEVERITIES]
         if bad:
             raise ValueError(f"severities must be among {', '.join(_SEVERITIES)}, got {bad[0]!r}")
-        settable = self.kind in _PARAM
+        cls = INTERVENTIONS[self.kind]
+        settable = cls.settable
         if settable:
             if self.value is None:
-                raise ValueError(f"a {self.kind!r} spec needs a value (its {_PARAM[self.kind]}), got None")
+                raise ValueError(f"a {self.kind!r} spec needs a value (its {cls.param}), got None")
             value: float | None = _check_value(self.kind, self.value)
         else:
             if self.value is not None:
@@ -204,8 +202,9 @@ class Action:
     """An intervention decided by the policy.
 
     Attributes:
-        step: training step of the alert that caused it.
-        kind: one of :data:`KINDS`.
+        step: training step of the alert that caused it (:meth:`Interventions.act
+            <topomon.interventions.controller.Interventions.act>` stamps the step it is applied at).
+        kind: a registered kind.
         params: ``{"ratio": r}`` for replay, ``{"weight": w}`` for the regularisers, ``{}`` otherwise.
         cause: the alert behind it: ``rule``, ``reason``, ``metric``, ``layer``, ``severity``,
             ``stage``, ``message``.
@@ -221,17 +220,45 @@ class Action:
     revert: bool = False
     spec: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        """The JSONL form (``kind: "action"``; the action's own kind is under ``action``)."""
+    def to_dict(self) -> dict[str, Any]:
+        """The plain (JSON-able, picklable) form, read back by :meth:`from_dict`."""
         return {
-            "kind": "action",
-            "action": self.kind,
             "step": int(self.step),
+            "kind": self.kind,
             "params": {k: float(v) for k, v in self.params.items()},
+            "cause": dict(self.cause),
             "revert": bool(self.revert),
             "spec": self.spec,
-            "cause": dict(self.cause),
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Action:
+        """Build an action from :meth:`to_dict`'s form.
+
+        Raises:
+            TypeError: not a mapping, unknown fields, or ``step`` / ``kind`` / ``params`` missing.
+        """
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if (
+            not isinstance(data, Mapping)
+            or set(data) - set(fields)
+            or not {"step", "kind", "params"} <= set(data)
+        ):
+            raise TypeError(f"an action must be a mapping of the Action fields {fields}, got {data!r}")
+        d = dict(data)
+        return cls(
+            step=int(d["step"]),
+            kind=str(d["kind"]),
+            params={str(k): float(v) for k, v in dict(d["params"]).items()},
+            cause=dict(d.get("cause") or {}),
+            revert=bool(d.get("revert", False)),
+            spec=str(d.get("spec", "")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The alerts.jsonl line: :meth:`to_dict` with ``kind: "action"``, the own kind under ``action``."""
+        d = self.to_dict()
+        return {"kind": "action", "action": d.pop("kind"), **d}
 
 
 def _cause(alert: Alert) -> dict[str, Any]:
@@ -257,9 +284,9 @@ class PolicyState:
 def _effective(
     specs: Sequence[ActionSpec], engaged: Mapping[str, Iterable[TriggerKey]], baselines: Mapping[str, float]
 ) -> dict[str, tuple[float, str]]:
-    out: dict[str, tuple[float, str]] = {k: (baselines.get(k, 0.0), "baseline") for k in _PARAM}
+    out: dict[str, tuple[float, str]] = {k: (baselines.get(k, 0.0), "baseline") for k in _params()}
     for spec in specs:
-        if spec.kind in _PARAM and engaged.get(spec.name) and spec.value is not None:
+        if spec.kind in out and engaged.get(spec.name) and spec.value is not None:
             if spec.value > out[spec.kind][0] or out[spec.kind][1] == "baseline":
                 out[spec.kind] = (spec.value, spec.name)
     return out
@@ -283,8 +310,9 @@ def decide_actions(
         ``(new_state, actions)``; see the module docstring for the rules.
     """
     base = dict(baselines or {})
+    params = _params()
     engaged = {k: set(v) for k, v in state.engaged.items()}
-    start = {k: state.applied.get(k, base.get(k, 0.0)) for k in _PARAM}
+    start = {k: state.applied.get(k, base.get(k, 0.0)) for k in params}
     current = dict(start)
     changed_by: dict[str, Alert] = {}
     once: dict[str, tuple[Alert, ActionSpec]] = {}
@@ -292,7 +320,7 @@ def decide_actions(
         key: TriggerKey = (alert.rule, alert.metric, alert.layer)
         for spec in specs:
             if spec.triggered_by(alert):
-                if spec.kind in _PARAM:
+                if spec.kind in params:
                     engaged.setdefault(spec.name, set()).add(key)
                 elif spec.kind not in once:
                     once[spec.kind] = (alert, spec)
@@ -304,7 +332,7 @@ def decide_actions(
                 changed_by[kind] = alert
     effective = _effective(specs, engaged, base)
     actions: list[Action] = []
-    for kind, param in _PARAM.items():
+    for kind, param in params.items():
         if current[kind] != start[kind]:
             alert = changed_by[kind]
             actions.append(
@@ -317,7 +345,7 @@ def decide_actions(
                     spec=effective[kind][1],
                 )
             )
-    for kind in ("checkpoint", "stop"):
+    for kind in intervention_kinds():
         if kind in once:
             alert, spec = once[kind]
             actions.append(Action(step=alert.step, kind=kind, params={}, cause=_cause(alert), spec=spec.name))
@@ -333,8 +361,8 @@ class ActionPolicy:
 
     Args:
         specs: the specs; names must be unique.
-        baselines: per settable kind (``replay``, ``diversity``, ``lora_decorrelation``), the value in
-            effect when no spec is engaged; default 0 (off).
+        baselines: per settable kind (``replay``, ``diversity``, ``lora_decorrelation``, ...), the value
+            in effect when no spec is engaged; default 0 (off).
 
     Raises:
         ValueError: duplicate spec names, unknown baseline kinds or out-of-range baselines.
@@ -362,11 +390,12 @@ class ActionPolicy:
             raise ValueError(f"spec names must be unique, got duplicates {dup}; give each spec a name")
         self.specs: tuple[ActionSpec, ...] = tuple(built)
         self.baselines: dict[str, float] = {}
+        params = _params()
         for kind, value in (baselines or {}).items():
-            if kind not in _PARAM:
-                raise ValueError(f"baselines keys must be among {', '.join(_PARAM)}, got {kind!r}")
+            if kind not in params:
+                raise ValueError(f"baselines keys must be among {', '.join(params)}, got {kind!r}")
             self.baselines[kind] = _check_value(kind, value, "baseline")
-        self.state = PolicyState(applied={k: self.baselines.get(k, 0.0) for k in _PARAM})
+        self.state = PolicyState(applied={k: self.baselines.get(k, 0.0) for k in params})
 
     def decide(self, alerts: Sequence[Alert]) -> list[Action]:
         """Update what is switched on and return the actions to apply (see :func:`decide_actions`)."""
@@ -383,11 +412,9 @@ class ActionPolicy:
         """Per engaged spec, the ``(rule, metric, layer)`` of the alerts holding it."""
         return dict(self.state.engaged)
 
-    def required_targets(self) -> set[str]:
-        """Targets :func:`apply_action` will need: among ``replay``, ``diversity``, ``decorrelation``."""
-        names = {"replay": "replay", "diversity": "diversity", "lora_decorrelation": "decorrelation"}
-        kinds = {s.kind for s in self.specs} | {k for k, v in self.baselines.items() if v}
-        return {names[k] for k in kinds if k in names}
+    def kinds(self) -> set[str]:
+        """The kinds this policy can emit actions of: those of its specs and of its nonzero baselines."""
+        return {s.kind for s in self.specs} | {k for k, v in self.baselines.items() if v}
 
     def restore_actions(self, step: int) -> list[Action]:
         """Actions that set every settable kind to its value in effect (after a resume, or at train begin)."""
@@ -399,7 +426,7 @@ class ActionPolicy:
                 cause={"rule": "restore", "reason": "restore", "message": "policy state restored"},
                 spec="restore",
             )
-            for kind, param in _PARAM.items()
+            for kind, param in _params().items()
         ]
 
     def state_dict(self) -> dict[str, Any]:
@@ -432,50 +459,6 @@ class ActionPolicy:
             engaged[name] = tuple(sorted(triples))
         applied_in = dict(state.get("applied", {}))
         applied = {
-            k: _check_value(k, applied_in.get(k, self.baselines.get(k, 0.0)), "applied") for k in _PARAM
+            k: _check_value(k, applied_in.get(k, self.baselines.get(k, 0.0)), "applied") for k in _params()
         }
         self.state = PolicyState(engaged=engaged, applied=applied)
-
-
-def apply_action(
-    action: Action,
-    *,
-    control: Any,
-    replay: Any = None,
-    diversity: Any = None,
-    decorrelation: Any = None,
-) -> None:
-    """Execute an action: set ``TrainerControl`` flags, or a ratio / weight on the intervention objects.
-
-    Args:
-        action: the action.
-        control: the ``transformers.TrainerControl`` of the current event (``checkpoint`` sets
-            ``should_save``, ``stop`` sets ``should_training_stop``).
-        replay: a :class:`~topomon.interventions.replay.ReplayMixer` (for ``replay`` actions).
-        diversity: a :class:`~topomon.interventions.diversity.DiversityRegularizer`.
-        decorrelation: a :class:`~topomon.interventions.lora_decorrelation.LoRADecorrelation`.
-
-    Raises:
-        ValueError: an unknown action kind, or the object the action needs was not given.
-    """
-    kind = action.kind
-    if kind == "checkpoint":
-        control.should_save = True
-    elif kind == "stop":
-        control.should_training_stop = True
-    elif kind == "replay":
-        if replay is None:
-            raise ValueError("a 'replay' action needs replay=<ReplayMixer>, got None (see install_replay)")
-        replay.set_ratio(action.params["ratio"])
-    elif kind == "diversity":
-        if diversity is None:
-            raise ValueError("a 'diversity' action needs diversity=<DiversityRegularizer>, got None")
-        diversity.set_weight(action.params["weight"])
-    elif kind == "lora_decorrelation":
-        if decorrelation is None:
-            raise ValueError(
-                "a 'lora_decorrelation' action needs decorrelation=<LoRADecorrelation>, got None"
-            )
-        decorrelation.set_weight(action.params["weight"])
-    else:
-        raise ValueError(f"action kind must be one of {', '.join(KINDS)}, got {kind!r}")

@@ -1,43 +1,49 @@
-"""The interventions of one stage, driven by alerts: the glue between the policy and the trainer.
+"""The interventions of one stage, driven by alerts: the one object a monitor session holds.
 
-:class:`Interventions` owns the :class:`~topomon.interventions.actions.ActionPolicy` and the objects
-it drives (replay mixer, diversity regulariser, LoRA decorrelation), builds them when the model is
-known, applies the policy's actions on the training thread, and saves this stage's LoRA update
-subspace into the run directory at the end, for the decorrelation of later stages.
+:class:`Interventions` owns the :class:`~topomon.interventions.actions.ActionPolicy` and one
+registered :class:`~topomon.interventions.base.Intervention` per configured kind (a kind's name is
+its config ``kind``, its state key and its TensorBoard tag). It installs what needs the trainer
+(:meth:`~Interventions.attach_trainer`), builds the rest on the model at train begin
+(:meth:`~Interventions.setup`, which raises when a configured intervention cannot act), applies the
+policy's actions (:meth:`~Interventions.act` on the deciding process, :meth:`~Interventions.apply`
+on the others) and reports their values (:meth:`~Interventions.values`).
+
+Example:
+    >>> iv = Interventions([{"kind": "stop"}])
+    >>> iv.setup(model, run_path, "sft")  # doctest: +SKIP
+    >>> signals = Signals()
+    >>> iv.act(alerts, signals, step=12)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import glob
-import logging
-import os
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from topomon.interventions.actions import Action, ActionPolicy, ActionSpec, apply_action
+from topomon.interventions.actions import Action, ActionPolicy, ActionSpec
+from topomon.interventions.base import INTERVENTIONS, BuildContext, Intervention, InterventionError
+from topomon.interventions.kinds import lora_subspace_path
 from topomon.types import Alert
 
 __all__ = ["Interventions", "lora_subspace_path"]
 
-logger = logging.getLogger("topomon")
-
-
-def lora_subspace_path(run_path: str, stage: str) -> str:
-    """Where a stage's LoRA update subspace is saved in a run directory."""
-    return os.path.join(run_path, "lora", f"{stage}.npz")
-
 
 class Interventions:
-    """Policy plus targets for one stage.
+    """Policy plus one intervention per configured kind, for one stage.
 
     Args:
         specs: action specs (mappings or :class:`ActionSpec`).
         diversity: options of the diversity regulariser (``layers``, ``kind``, ``max_tokens``, ...).
-        replay_dataset: replay examples, used by :meth:`attach_trainer`.
+        replay_dataset: replay examples, installed by :meth:`attach_trainer`.
         replay_seed: seed of the replay draws (None: the trainer's seed).
+        options: per kind, the keyword arguments of its intervention class (for registered kinds
+            beyond the built-in ones; ``diversity`` / ``replay_dataset`` / ``replay_seed`` fill in
+            the built-in ones).
 
     Raises:
-        ValueError: a spec is invalid (the message names the field).
+        ValueError: a spec or an option is invalid (the message names it).
+        TypeError: a spec of the wrong type.
     """
 
     def __init__(
@@ -47,128 +53,174 @@ class Interventions:
         diversity: Mapping[str, Any] | None = None,
         replay_dataset: Any = None,
         replay_seed: int | None = None,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         parsed = [s if isinstance(s, ActionSpec) else ActionSpec.from_dict(s) for s in specs]
         self.policy = ActionPolicy(parsed)
-        self.diversity_options = dict(diversity or {})
-        self.replay_dataset = replay_dataset
-        self.replay_seed = replay_seed
-        self.replay: Any = None
-        self.diversity: Any = None
-        self.decorrelation: Any = None
+        opts: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (options or {}).items()}
+        opts.setdefault("diversity", {}).update(diversity or {})
+        opts.setdefault("replay", {}).update({"dataset": replay_dataset, "seed": replay_seed})
+        unknown = sorted(set(opts) - set(INTERVENTIONS))
+        if unknown:
+            raise ValueError(f"options name unknown kind(s) {unknown}; registered: {list(INTERVENTIONS)}")
+        self.interventions: dict[str, Intervention] = {}
+        for kind in INTERVENTIONS:  # registration order: the order actions and values come out in
+            if kind in self.policy.kinds():
+                try:
+                    self.interventions[kind] = INTERVENTIONS[kind](**opts.get(kind, {}))
+                except TypeError as e:
+                    raise ValueError(f"options of {kind!r}: {e}") from None
         self.taken: list[Action] = []
 
+    # ------------------------------------------------------------------ set-up
     @property
     def needs(self) -> set[str]:
-        """The kinds of target the specs need (``replay``, ``diversity``, ``lora_decorrelation``)."""
-        return set(self.policy.required_targets())
+        """The configured kinds: each has an intervention that :meth:`setup` builds."""
+        return set(self.interventions)
+
+    def get(self, kind: str) -> Intervention | None:
+        """The intervention of ``kind``, or None when that kind is not configured."""
+        return self.interventions.get(kind)
 
     def attach_trainer(self, trainer: Any) -> None:
-        """Install replay mixing into a built trainer (before ``train()``)."""
-        if "replay" not in self.needs:
-            return
-        if self.replay_dataset is None:
-            raise ValueError("a 'replay' action needs replay_dataset=...: the examples to mix in")
-        from topomon.interventions.replay import install_replay
-
-        self.replay = install_replay(trainer, self.replay_dataset, ratio=0.0, seed=self.replay_seed)
-
-    def setup(self, model: Any, run_path: str, stage: str) -> None:
-        """Build the targets that need the model (at train begin).
+        """Install into a built trainer what needs it (replay mixing), before ``train()``.
 
         Raises:
-            ValueError: replay is configured but the trainer was not attached, or LoRA decorrelation is
-                configured for a model without LoRA adapters.
+            ValueError: an intervention cannot be installed (e.g. replay without replay examples).
         """
-        needs = self.needs
-        if "replay" in needs and self.replay is None:
-            raise ValueError(
-                "a 'replay' action is configured but replay is not installed: use monitor.attach(trainer) "
-                "(with TopoMonitor(replay_dataset=...)) instead of callbacks=[monitor]"
-            )
-        if "diversity" in needs and self.diversity is None:
-            from topomon.interventions.diversity import DiversityRegularizer
+        for iv in self.interventions.values():
+            iv.attach_trainer(trainer)
 
-            opts = dict(self.diversity_options)
-            layers = opts.pop("layers", [-1])
-            self.diversity = DiversityRegularizer(model, layers, weight=0.0, **opts)
-        if "lora_decorrelation" in needs and self.decorrelation is None:
-            from topomon.interventions.lora_decorrelation import (
-                LoRADecorrelation,
-                load_lora_subspaces,
-                merge_lora_subspaces,
-            )
+    def setup(self, model: Any, run_path: str, stage: str) -> None:
+        """Build every configured intervention on the model (at train begin, before step 1).
 
-            earlier = sorted(glob.glob(os.path.join(run_path, "lora", "*.npz")))
-            earlier = [p for p in earlier if os.path.basename(p) != f"{stage}.npz"]
-            if not earlier:
-                logger.warning(
-                    "topomon: lora_decorrelation is configured but %s holds no earlier stage's LoRA "
-                    "subspace; it will have nothing to decorrelate from",
-                    os.path.join(run_path, "lora"),
-                )
-            previous = merge_lora_subspaces(*[load_lora_subspaces(p) for p in earlier]) if earlier else {}
-            self.decorrelation = LoRADecorrelation(model, previous, weight=0.0)
+        Raises:
+            ValueError: a configured intervention cannot be built: replay not installed (no
+                :meth:`attach_trainer` or no replay data), LoRA decorrelation on a model without LoRA
+                adapters or without an earlier stage's LoRA subspace in ``<run_path>/lora/``, ... The
+                message names the kind and says what to fix.
+        """
+        ctx = BuildContext(model=model, run_path=str(run_path), stage=stage)
+        for kind, iv in self.interventions.items():
+            try:
+                iv.build(ctx)
+            except (TypeError, ValueError) as e:
+                msg = str(e)
+                raise ValueError(msg if kind in msg else f"{kind!r}: {msg}") from e
+
+    # ------------------------------------------------------------------ acting
+    def _apply_all(self, actions: Iterable[Action], control: Any) -> list[Action]:
+        applied: list[Action] = []
+        failed: list[tuple[Action, BaseException]] = []
+        for a in actions:
+            try:
+                iv = self.interventions.get(a.kind)
+                if iv is None:
+                    configured = sorted(self.interventions)
+                    raise ValueError(
+                        f"no {a.kind!r} intervention is configured here; configured: {configured}"
+                    )
+                iv.apply(a, control)
+            except Exception as e:  # noqa: BLE001 - every action is applied; failures are raised below
+                failed.append((a, e))
+            else:
+                applied.append(a)
+        self.taken.extend(applied)
+        if failed:
+            raise InterventionError(applied, failed)
+        return applied
 
     def act(self, alerts: Sequence[Alert], control: Any, step: int) -> list[Action]:
-        """Let the policy decide on ``alerts`` and apply the actions; returns the actions taken."""
-        # the policy stamps actions with the alert's step; they take effect now, at ``step``
-        actions = [
-            Action(step=step, kind=a.kind, params=a.params, cause=a.cause, revert=a.revert, spec=a.spec)
-            for a in self.policy.decide(alerts)
-        ]
-        for a in actions:
-            apply_action(
-                a,
-                control=control,
-                replay=self.replay,
-                diversity=self.diversity,
-                decorrelation=self.decorrelation,
-            )
-            self.taken.append(a)
-        return actions
+        """Let the policy decide on ``alerts`` and apply every action, stamped with ``step``.
+
+        Args:
+            alerts: new alerts, oldest first.
+            control: ``transformers.TrainerControl`` or :class:`~topomon.interventions.base.Signals`:
+                ``checkpoint`` sets ``should_save``, ``stop`` sets ``should_training_stop``.
+            step: the step the actions take effect at.
+
+        Returns:
+            The actions applied (also appended to :attr:`taken`).
+
+        Raises:
+            InterventionError: some actions failed; every other one was applied (a failure never
+                loses a stop). ``.applied`` holds the applied actions, ``.failed`` the failures.
+        """
+        decided = [dataclasses.replace(a, step=step) for a in self.policy.decide(alerts)]
+        return self._apply_all(decided, control)
+
+    def apply(self, actions: Sequence[Mapping[str, Any]], control: Any) -> list[Action]:
+        """Apply actions decided elsewhere (the main rank's, as :meth:`Action.to_dict` mappings).
+
+        Returns:
+            The actions applied, adopted in :attr:`taken`.
+
+        Raises:
+            TypeError: an entry is not an :meth:`Action.to_dict` mapping (nothing is applied).
+            InterventionError: some actions failed; every other one was applied.
+        """
+        return self._apply_all([Action.from_dict(d) for d in actions], control)
 
     def pre_optimizer_step(self) -> float | None:
-        """Add the LoRA decorrelation gradient (if active); returns the penalty."""
-        if self.decorrelation is not None and self.decorrelation.weight > 0:
-            return float(self.decorrelation.apply_gradients())
-        return None
+        """Let the interventions add gradients (LoRA decorrelation); returns the summed penalty, or None."""
+        values = [v for v in (iv.pre_optimizer_step() for iv in self.interventions.values()) if v is not None]
+        return sum(values) if values else None
 
     def values(self) -> dict[str, float]:
-        """Current ratios, weights and penalties, for TensorBoard."""
+        """The scalars of every built intervention: ``<kind>`` (its value) and ``<kind>_<extra>``."""
         out: dict[str, float] = {}
-        if self.replay is not None:
-            out["replay_ratio"] = float(self.replay.ratio)
-            out["replay_examples"] = float(self.replay.n_replayed)
-        if self.diversity is not None:
-            out["diversity_weight"] = float(self.diversity.weight)
-            if self.diversity.last_value is not None:
-                out["diversity_penalty"] = float(self.diversity.last_value)
-        if self.decorrelation is not None:
-            out["lora_decorrelation_weight"] = float(self.decorrelation.weight)
-            if self.decorrelation.last_value is not None:
-                out["lora_decorrelation_penalty"] = float(self.decorrelation.last_value)
+        for kind, iv in self.interventions.items():
+            if not iv.built:
+                continue
+            for key, v in iv.scalars().items():
+                name = key if key == kind or key.startswith(f"{kind}_") else f"{kind}_{key}"
+                out[name] = float(v)
         return out
 
     def finish(self) -> None:
-        """Remove hooks (the model is left as it was)."""
-        if self.diversity is not None:
-            self.diversity.remove()
+        """Remove what the interventions hooked into the model (a later :meth:`setup` builds again)."""
+        for iv in self.interventions.values():
+            iv.remove()
 
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The policy's state (what is switched on)."""
-        return {"policy": self.policy.state_dict()}
+        """Plain-typed state: the policy (what is switched on) and each intervention's state by kind."""
+        return {
+            "version": 2,
+            "policy": self.policy.state_dict(),
+            "interventions": {k: iv.state_dict() for k, iv in self.interventions.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any], control: Any, step: int) -> None:
-        """Restore the policy and re-apply the values in effect."""
+        """Restore the policy and the interventions, and re-apply the values in effect (after a resume).
+
+        Raises:
+            InterventionError: a value could not be re-applied; the others were.
+        """
+        for kind, sub in dict(state.get("interventions", {})).items():
+            if kind in self.interventions and isinstance(sub, Mapping):
+                self.interventions[kind].load_state_dict(sub)
         if state.get("policy"):
             self.policy.load_state_dict(state["policy"])
-            for a in self.policy.restore_actions(step):
-                if a.kind in self.needs:
-                    apply_action(
-                        a,
-                        control=control,
-                        replay=self.replay,
-                        diversity=self.diversity,
-                        decorrelation=self.decorrelation,
-                    )
+            restore = [a for a in self.policy.restore_actions(step) if a.kind in self.interventions]
+            n = len(self.taken)
+            try:
+                self._apply_all(restore, control)
+            finally:
+                del self.taken[n:]  # restoring is not an action taken
+
+    # ------------------------------------------------------------------ the built-in targets, by kind
+    @property
+    def replay(self) -> Any:
+        """The :class:`~topomon.interventions.replay.ReplayMixer` of the ``replay`` kind, or None."""
+        return getattr(self.interventions.get("replay"), "target", None)
+
+    @property
+    def diversity(self) -> Any:
+        """The :class:`~topomon.interventions.diversity.DiversityRegularizer` of ``diversity``, or None."""
+        return getattr(self.interventions.get("diversity"), "target", None)
+
+    @property
+    def lora_decorrelation(self) -> Any:
+        """The :class:`~topomon.interventions.lora_decorrelation.LoRADecorrelation` of its kind, or None."""
+        return getattr(self.interventions.get("lora_decorrelation"), "target", None)

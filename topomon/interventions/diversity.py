@@ -351,6 +351,11 @@ class DiversityRegularizer:
         vals = [v for v in self.last_values.values() if math.isfinite(v)]
         return sum(vals) / len(vals) if vals else float("nan")
 
+    @property
+    def hooked(self) -> bool:
+        """Whether the hooks are installed (False after :meth:`remove`)."""
+        return bool(self._handles)
+
     def remove(self) -> None:
         """Remove every hook; the model behaves as if the regulariser had never been installed."""
         for h in self._handles:

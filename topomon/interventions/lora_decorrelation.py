@@ -43,6 +43,7 @@ from topomon.metrics.lora import load_lora_subspaces
 
 __all__ = [
     "lora_overlap_penalty",
+    "has_lora_adapters",
     "LoRADecorrelation",
     "save_lora_subspaces",
     "load_lora_subspaces",
@@ -128,6 +129,19 @@ def _live_factors(
         if isinstance(la, torch.nn.Linear) and isinstance(lb, torch.nn.Linear):
             out[name] = (la.weight, lb.weight, float(module.scaling[adapter]))
     return out
+
+
+def has_lora_adapters(model: Any, adapter_name: str | None = None) -> bool:
+    """Whether the model has live ``nn.Linear`` LoRA adapters (PEFT) that a decorrelation can act on.
+
+    Raises:
+        ValueError: a module has several active adapters and ``adapter_name`` is None.
+    """
+    try:
+        import peft  # noqa: F401
+    except ImportError:  # without peft there are no LoRA layers
+        return False
+    return bool(_live_factors(model, adapter_name))
 
 
 def _orthonormal(name: str, which: str, arr: Any, rows: int) -> np.ndarray:
