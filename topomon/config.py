@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from topomon import schedules
+from topomon._validate import check_int, check_number, check_str
 
 __all__ = ["MonitorConfig", "ConfigError"]
 
@@ -241,7 +241,7 @@ class MonitorConfig:
                 f"`alerts` must be 'default', a list of rules (mappings) or None, got {self.alerts!r}"
             )
         if isinstance(self.alerts, (list, tuple)):
-            from topomon.alerts.rules import rules_from_config
+            from topomon.alerts import rules_from_config
 
             try:
                 rules_from_config(list(self.alerts))
@@ -425,23 +425,15 @@ def _check_keys(data: Mapping[str, Any]) -> None:
 
 
 def _require_str(name: str, value: Any) -> None:
-    if not isinstance(value, str):
-        raise ConfigError(f"`{name}` must be a string, got {value!r}")
+    check_str(name, value, empty=True, error=ConfigError)
 
 
 def _require_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"`{name}` must be an int >= {low}, got {value!r}")
+    check_int(name, value, low, error=ConfigError, plain=True)
 
 
 def _require_number(name: str, value: Any, low: float) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not value >= low
-        or not math.isfinite(value)
-    ):
-        raise ConfigError(f"`{name}` must be a number >= {low} (finite), got {value!r}")
+    check_number(name, value, low, error=ConfigError, plain=True, expected=f"a number >= {low} (finite)")
 
 
 def _check_webhook_url(url: Any) -> None:
@@ -457,3 +449,8 @@ def _check_webhook_url(url: Any) -> None:
         shown = f"{parts.scheme}://{'***@' if '@' in parts.netloc else ''}{parts.netloc.rsplit('@', 1)[-1]}"
         shown += parts.path + ("?***" if parts.query else "")
         raise ConfigError(f"`webhook_url` must be an http:// or https:// URL with a host, got {shown!r}")
+    if parts.path.endswith("/***"):
+        raise ConfigError(
+            "`webhook_url` is a redacted URL as run.json stores it (only its host is kept); "
+            "give the real URL to send alerts"
+        )

@@ -15,24 +15,22 @@ a rank that fails still makes the next call, carrying its error instead of its d
   same points in the same order as a one-process run.
 - :func:`merge_passive`: passive captures of every rank, concatenated in rank order and subsampled
   to the one-process point budget.
-- :func:`action_to_dict` / :func:`apply_actions`: the main process decides, every rank applies.
 
 Only the main process computes metrics, writes files and decides on alerts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
-from topomon.interventions.actions import Action, apply_action
+from topomon._validate import check_int
 from topomon.metrics.preprocess import subsample_indices
 from topomon.types import Snapshot
 
@@ -47,8 +45,6 @@ __all__ = [
     "shard_slots",
     "merge_shards",
     "merge_passive",
-    "action_to_dict",
-    "apply_actions",
 ]
 
 logger = logging.getLogger("topomon")
@@ -240,9 +236,7 @@ class Comm:
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
+    return check_int(name, value, low, quote=False)
 
 
 def shard_slots(n_items: int, rank: int, world: int) -> list[int | None]:
@@ -354,53 +348,3 @@ def merge_passive(snaps: Sequence[Snapshot | None], *, max_points: int, seed: in
         }
     )
     return merged
-
-
-def action_to_dict(action: Action) -> dict[str, Any]:
-    """The plain (JSON-able, picklable) form of an :class:`~topomon.interventions.actions.Action`."""
-    return {
-        "step": int(action.step),
-        "kind": action.kind,
-        "params": {k: float(v) for k, v in action.params.items()},
-        "cause": dict(action.cause),
-        "revert": bool(action.revert),
-        "spec": action.spec,
-    }
-
-
-def apply_actions(
-    actions: Sequence[Mapping[str, Any]],
-    *,
-    control: Any,
-    replay: Any = None,
-    diversity: Any = None,
-    decorrelation: Any = None,
-) -> list[Action]:
-    """Apply the main process's decided actions (:func:`action_to_dict` form) on this rank.
-
-    Every rank sets its own ``TrainerControl`` flags and its own replay mixer / regulariser weights,
-    so all ranks stop, save and regularise alike.
-
-    Args:
-        actions: the actions as plain mappings, in the order the main process applied them.
-        control: this rank's ``TrainerControl``.
-        replay: this rank's replay mixer, if any.
-        diversity: this rank's diversity regulariser, if any.
-        decorrelation: this rank's LoRA decorrelation, if any.
-
-    Returns:
-        The actions applied, as :class:`~topomon.interventions.actions.Action` records.
-
-    Raises:
-        ValueError: an action of an unknown kind or one whose target is missing on this rank.
-        TypeError: an entry that is not a mapping of the Action fields.
-    """
-    fields = {f.name for f in dataclasses.fields(Action)}
-    out: list[Action] = []
-    for d in actions:
-        if not isinstance(d, Mapping) or set(d) - fields or not {"step", "kind", "params"} <= set(d):
-            raise TypeError(f"each action must be a mapping of the Action fields {sorted(fields)}, got {d!r}")
-        action = Action(**dict(d))
-        apply_action(action, control=control, replay=replay, diversity=diversity, decorrelation=decorrelation)
-        out.append(action)
-    return out

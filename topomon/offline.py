@@ -1,9 +1,10 @@
 """Offline analysis: the monitor's metrics for saved checkpoints (a dense checkpoint analysis).
 
-``probe_checkpoints`` loads each checkpoint in turn, runs the run's probe set through it exactly
-as the live monitor does (same probe texts, token plan, layers and seed), computes the metrics in
-this process, and writes them into the run directory like a live stage (``metrics.jsonl``,
-TensorBoard, diagrams, alerts). Captures of the same model give the same numbers live and offline.
+``probe_checkpoints`` loads each checkpoint in turn and captures it with the same
+:class:`~topomon.session.MonitorSession` the live monitor runs (same probe texts, token plan,
+layers, seed and metric families, logits and LoRA included), computing in this process, and writes
+into the run directory like a live stage (``metrics.jsonl``, TensorBoard, diagrams, alerts).
+Captures of the same model give the same numbers live and offline.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from topomon.capture.layers import decoder_layers, final_norm, layer_name, resolve_layer_indices
-from topomon.capture.probe import ProbeCapture, plan_tokens
-from topomon.capture.probes import load_probes
 from topomon.config import ConfigError, MonitorConfig
-from topomon.pipeline import compute_options, make_router
+from topomon.pipeline import record_from_json
 from topomon.run import RunDir
+from topomon.session import MonitorSession
 from topomon.types import MetricRecord
-from topomon.worker.engine import MetricEngine
 
 __all__ = ["probe_checkpoints", "checkpoint_step", "stage_config"]
 
@@ -45,6 +43,8 @@ def stage_config(run: RunDir, like: str | None) -> MonitorConfig | None:
         return None
     stored = dict(chosen[0].get("config", {}))
     stored.pop("probes", None)
+    # a stored webhook URL is redacted (only its host is kept): it is never sent to again
+    stored.pop("webhook_url", None)
     keep = {k: v for k, v in stored.items() if k in MonitorConfig.__dataclass_fields__}
     return MonitorConfig.from_dict(keep)
 
@@ -98,7 +98,7 @@ def probe_checkpoints(
         progress: show a progress bar.
 
     Returns:
-        The records written, in order.
+        The records written (without their arrays), in order.
 
     Raises:
         ConfigError: bad arguments (no checkpoints, mismatched ``steps``, unknown stage ...).
@@ -112,76 +112,33 @@ def probe_checkpoints(
     if steps is not None and len(steps) != len(checkpoints):
         raise ConfigError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
     run = RunDir(run_dir)
-    run.ensure()
-    c = config or stage_config(run, like) or MonitorConfig()
-    c = c.replace(stage=stage, worker="sync")
-    stored = run.probes()
-    texts = (
-        list(stored["texts"])
-        if stored
-        else load_probes(c.probes, field=c.probe_field, max_probes=c.max_probes)
-    )
     step_of = list(steps) if steps is not None else [checkpoint_step(p, i) for i, p in enumerate(checkpoints)]
+    c = config or stage_config(run, like) or MonitorConfig()
+    c = c.replace(stage=stage, worker="sync", run_dir=run_dir, step_offset=min(step_of), actions=())
+    session = MonitorSession(c)
     load = loader or (lambda p: _load(p, base_model))
 
     from tqdm.auto import tqdm
 
-    records: list[MetricRecord] = []
-    router = None
-    engine = None
     bar = tqdm(
         list(zip(checkpoints, step_of, strict=True)), desc="topomon probe", unit="ckpt", disable=not progress
     )
-    for path, step in bar:
-        bar.set_postfix_str(os.path.basename(os.path.normpath(path)))
-        model, tok = load(path)
-        blocks = decoder_layers(model)
-        try:
-            indices = resolve_layer_indices(c.layers, len(blocks))
-        except ValueError as e:
-            raise ConfigError(f"`layers`: {e}") from None
-        names = [layer_name(i) for i in indices]
-        include_norm = c.final_norm and final_norm(model) is not None
-        if include_norm:
-            names.append("final_norm")
-        if router is None:
-            options = compute_options(c, names, len(blocks))
-            engine = MetricEngine(options)
-            router = make_router(
-                c, run, logging_dir=run.tensorboard_dir(stage), metric_names=options.metric_names()
-            )
-            run.begin_stage(
-                stage,
-                min(step_of),
-                {
-                    "config": {**c.to_dict(), "probes": f"<{len(texts)} texts>"},
-                    "layers": names,
-                    "offline": True,
-                },
-            )
-        plan = plan_tokens(
-            tok,
-            texts,
-            max_length=c.max_length,
-            batch_size=c.probe_batch_size,
-            pooling=c.pooling,
-            max_points=c.max_points,
-            exclude_first=c.exclude_first,
-            seed=c.seed,
-        )
-        if stored is None:
-            run.save_probes(texts, plan.describe())
-            stored = {"texts": texts}
-        snap = ProbeCapture(plan, indices, include_final_norm=include_norm).capture(model, step, stage)
-        if c.figures_every:
-            snap.meta["figures"] = True
-            router.figure_steps.add(step)
-        assert engine is not None
-        recs = engine.process(snap)
-        router(recs)
-        records.extend(recs)
-        del model
-    if router is not None:
-        router.close()
-        run.end_stage(stage, max(step_of), {"checkpoints": len(checkpoints)})
-    return records
+    try:
+        for path, step in bar:
+            bar.set_postfix_str(os.path.basename(os.path.normpath(path)))
+            model, tok = load(path)
+            if not session.started:
+                session.begin(model, tokenizer=tok, baseline=False, info={"offline": True, "like": like})
+            session.capture(model, step)
+            if session.errors:
+                raise RuntimeError(f"topomon probe failed on {path}: {session.last_error}")
+            del model
+    finally:
+        session.close(last_step=max(step_of))
+    lines, _ = run.records()
+    wanted = set(step_of)
+    return [
+        record_from_json(r)
+        for r in lines
+        if r.get("kind") == "metrics" and r.get("stage") == stage and r.get("step") in wanted
+    ]

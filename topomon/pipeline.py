@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from topomon.alerts.rules import AlertEngine, default_rules, rules_from_config
+from topomon.alerts import AlertEngine, default_rules, rules_from_config
 from topomon.alerts.sinks import CallableSink, LogSink, MultiSink, TensorBoardAlertSink, WebhookSink
 from topomon.capture.layers import layer_name
 from topomon.config import ConfigError, MonitorConfig
+from topomon.metrics.families import array_names, explain_unknown, relative_keys
 from topomon.run import BASE_STAGE, RunDir
 from topomon.sinks.jsonl import JsonlWriter
 from topomon.sinks.tensorboard import TensorBoardSink
@@ -34,19 +35,18 @@ __all__ = ["ResultRouter", "record_from_json", "compute_options", "make_router",
 
 logger = logging.getLogger("topomon")
 
-RELATIVE_METRICS = (
-    "rankme",
-    "rankme_pca",
-    "alpha_req",
-    "participation_ratio",
-    "stable_rank",
-    "anisotropy",
-    "h1_total_persistence",
-)
+RELATIVE_METRICS = relative_keys()
+"""Metrics with ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves: the families' ``relative`` keys."""
 
 
 def compute_options(
-    c: MonitorConfig, layer_names: list[str], n_blocks: int, lora_reference: Sequence[str] = ()
+    c: MonitorConfig,
+    layer_names: list[str],
+    n_blocks: int,
+    lora_reference: Sequence[str] = (),
+    *,
+    logits: bool | None = None,
+    lora: bool | None = None,
 ) -> ComputeOptions:
     """The worker's options for a monitor config and the captured layers (in capture order).
 
@@ -54,7 +54,10 @@ def compute_options(
         c: the monitor config.
         layer_names: the captured layers, in capture order (the last one gets topology by default).
         n_blocks: decoder blocks of the model (resolves negative ``topology_layers``).
-        lora_reference: earlier stages' LoRA subspace files (for ``lora_overlap_prev``).
+        lora_reference: earlier stages' LoRA subspace files (the LoRA family's overlap with them).
+        logits: whether the logits family is on; None: ``c.mode == "probe" and c.logits``.
+        lora: whether the LoRA family is on; None: ``c.lora_metrics`` (pass False for a model
+            without LoRA adapters).
     """
     if c.topology_layers is None:
         topo: tuple[str, ...] = (layer_names[-1],)
@@ -79,6 +82,8 @@ def compute_options(
         priority=c.worker_priority,
         trajectory=c.trajectory,
         lora_reference=tuple(lora_reference),
+        logits=(c.mode == "probe" and c.logits) if logits is None else bool(logits),
+        lora=c.lora_metrics if lora is None else bool(lora),
     )
 
 
@@ -141,16 +146,65 @@ class ResultRouter:
         self.alerts_log = JsonlWriter(run.alerts_path)
         self.base_values: dict[str, float] = {}
         self.stage_values: dict[str, float] = {}
-        self.figure_steps: set[int] = set()
         self.records_written = 0
         self.alerts_fired = 0
-        self._pending_alerts: collections.deque[Alert] = collections.deque()
+        # Shared by the training thread (submissions, draining alerts) and the collector thread (the
+        # handler): every field below is read and written under ``_lock`` only.
         self._lock = threading.Lock()
-        self.health: dict[str, float] = {}
-        self.submit_times: dict[int, float] = {}  # step -> time.monotonic() at hand-over to the worker
+        self._figure_steps: set[int] = set()
+        self._pending_alerts: collections.deque[Alert] = collections.deque()
+        self._health: dict[str, float] = {}
+        self._submit_times: dict[int, float] = {}  # step -> time.monotonic() at hand-over to the worker
         # seconds from hand-over to the records being durable: the most recent ones, and the largest
-        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
-        self.latency_max = 0.0
+        self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._latency_max = 0.0
+
+    # -- the training thread's side
+    def submitted(self, step: int) -> None:
+        """A capture of ``step`` was handed to the worker now."""
+        with self._lock:
+            self._submit_times[step] = time.monotonic()
+
+    def dropped(self, step: int) -> None:
+        """The capture of ``step`` was not accepted by the worker: no result will come."""
+        with self._lock:
+            self._submit_times.pop(step, None)
+
+    def mark_figures(self, step: int) -> None:
+        """The capture of ``step`` carries figures: save its arrays when its records arrive."""
+        with self._lock:
+            self._figure_steps.add(step)
+
+    def set_health(self, health: dict[str, float]) -> None:
+        """The monitor's counters, written to TensorBoard with the next records."""
+        with self._lock:
+            self._health = dict(health)
+
+    def counters(self) -> dict[str, float]:
+        """The router's own health counters: alerts fired, records made durable, worker latency."""
+        with self._lock:
+            lat = sorted(self._latencies)  # the last LATENCY_WINDOW captures
+            out = {"alerts": float(self.alerts_fired), "records_written": float(self.records_written)}
+            if lat:
+                out["worker_latency_median_s"] = lat[len(lat) // 2]
+                out["worker_latency_max_s"] = self._latency_max
+            return out
+
+    def in_flight(self) -> list[int]:
+        """Steps handed to the worker whose records have not arrived yet."""
+        with self._lock:
+            return sorted(self._submit_times)
+
+    def write_scalars(self, values: dict[str, float], step: int, prefix: str = "topomon") -> None:
+        """Scalars of the training thread (intervention values) to TensorBoard, if it is on."""
+        if self.tb is not None:
+            self.tb.write_scalars(values, step, prefix=prefix)
+
+    def write_health(self, stage: str, health: dict[str, float], step: int) -> None:
+        """The final health line of a stage: ``metrics.jsonl`` (durable) and TensorBoard."""
+        self.metrics_log.write([{"kind": "health", "stage": stage, "time": round(time.time(), 3), **health}])
+        if self.tb is not None:
+            self.tb.write_scalars(health, step)
 
     # -- references
     def prime(self, records: Iterable[MetricRecord]) -> None:
@@ -190,24 +244,26 @@ class ResultRouter:
         self.metrics_log.write(r.to_json() for r in batch)  # durable first
         with self._lock:
             self.records_written += len(batch)
-            sent = self.submit_times.pop(step, None)
+            sent = self._submit_times.pop(step, None)
             if sent is not None:
                 lat = time.monotonic() - sent
-                self.latencies.append(lat)
-                self.latency_max = max(self.latency_max, lat)
-            for old in [s for s in self.submit_times if s < step]:  # dropped or lost: no result comes
-                del self.submit_times[old]
+                self._latencies.append(lat)
+                self._latency_max = max(self._latency_max, lat)
+            for old in [s for s in self._submit_times if s < step]:  # dropped or lost: no result comes
+                del self._submit_times[old]
+            figures = step in self._figure_steps
+            self._figure_steps.discard(step)
+            health = dict(self._health)
         for r in batch:
             self._remember(r)
-        figures = step in self.figure_steps
         if figures:
             self._save_arrays(records)
         if self.tb is not None:
             self.tb.write_records(records, figures=figures)
             self.tb.write_scalars(self._relative(records, self.base_values), step, prefix="topomon_vs_base")
             self.tb.write_scalars(self._relative(records, self.stage_values), step, prefix="topomon_vs_stage")
-            if self.health:
-                self.tb.write_scalars(self.health, step)
+            if health:
+                self.tb.write_scalars(health, step)
         if self.alert_engine is not None:
             # the base copies are a reference, not a stage: alerts are about this stage's records
             alerts = self.alert_engine.update(records)
@@ -230,17 +286,13 @@ class ResultRouter:
 
     def _save_arrays(self, records: list[MetricRecord]) -> None:
         os.makedirs(self.run.diagrams_dir, exist_ok=True)
+        names = array_names()  # record array -> npz key, as the families declare them
         for r in records:
             arrays = {}
-            if "dgm_h0" in r.arrays:
-                arrays["h0"] = np.asarray(r.arrays["dgm_h0"], dtype=float)
-            if "dgm_h1" in r.arrays:
-                arrays["h1"] = np.asarray(r.arrays["dgm_h1"], dtype=float)
-            if "eigenspectrum" in r.arrays:
-                arrays["eigenspectrum"] = np.asarray(r.arrays["eigenspectrum"], dtype=float)
-            if "cka" in r.arrays:  # model level: linear CKA of every pair of captured layers
-                arrays["cka"] = np.asarray(r.arrays["cka"], dtype=float)
-                arrays["cka_layers"] = np.asarray(r.arrays["cka_layers"], dtype=str)
+            for name, key in names.items():
+                if name in r.arrays:  # text arrays (layer names) stay text, the rest is float
+                    a = np.asarray(r.arrays[name])
+                    arrays[key] = a.astype(str) if a.dtype.kind in "USO" else a.astype(float)
             if arrays:
                 path = os.path.join(self.run.diagrams_dir, f"{r.stage}__{r.step}__{r.layer}.npz")
                 np.savez(path, **arrays)  # type: ignore[arg-type]
@@ -291,14 +343,24 @@ def make_router(
     run: RunDir,
     *,
     logging_dir: str | None,
-    metric_names: Sequence[str],
+    options: ComputeOptions,
     on_alert: Callable[[Alert], Any] | None = None,
     base_alias_step: int | None = None,
 ) -> ResultRouter:
     """The router of one stage, with its TensorBoard sink, alert engine and alert sinks from ``c``.
 
+    Args:
+        c: the monitor config.
+        run: the run directory.
+        logging_dir: TensorBoard directory (None: no TensorBoard).
+        options: the worker's options: alert rules are checked against the metrics they produce,
+            and the enabled families' relative keys get relative curves.
+        on_alert: called with each alert (on the collector thread), or None.
+        base_alias_step: see :class:`ResultRouter`.
+
     Raises:
-        ConfigError: an alert rule names a metric these options do not produce.
+        ConfigError: an alert rule names a metric these options do not produce (naming the family
+            and the config field that turns it on when the metric's family is off).
     """
     tb = None
     if c.tensorboard and logging_dir is not None:
@@ -306,8 +368,13 @@ def make_router(
     engine = None
     if c.alerts is not None:
         rules = default_rules() if c.alerts == "default" else rules_from_config(list(c.alerts))
+        for rule in rules:
+            for metric in rule.metrics:
+                why = explain_unknown(metric, options)
+                if why is not None:
+                    raise ConfigError(f"`alerts`: rule {rule.name!r}: {why}")
         try:
-            engine = AlertEngine(rules, metric_names)
+            engine = AlertEngine(rules, options.metric_names())
         except ValueError as e:
             raise ConfigError(f"`alerts`: {e}") from None
     sinks: list[Any] = [LogSink()]
@@ -324,4 +391,5 @@ def make_router(
         alert_engine=engine,
         alert_sinks=MultiSink(sinks),
         base_alias_step=base_alias_step,
+        relative_metrics=relative_keys(options),
     )

@@ -64,6 +64,26 @@ class RunDir:
         """``diagrams/``."""
         return os.path.join(self.path, "diagrams")
 
+    def lora_path(self, stage: str) -> str:
+        """``lora/<stage>.npz``: a LoRA stage's update subspace, saved at its end."""
+        return os.path.join(self.path, "lora", f"{stage}.npz")
+
+    def earlier_lora(self, stage: str, like: str | None = None) -> list[str]:
+        """The saved LoRA update subspaces of the stages before ``stage``, in ``run.json`` order.
+
+        "Before" is before ``like`` when an offline analysis replays the live stage ``like`` (it sees
+        what that stage saw), else before ``stage``; for a new stage, every saved subspace but its
+        own. Stages without a saved subspace are skipped.
+        """
+        names = [str(s.get("name")) for s in self.stages()]
+        anchor = like if like in names else stage
+        if anchor in names:
+            paths = [self.lora_path(n) for n in names[: names.index(anchor)] if n != stage]
+            return [p for p in paths if os.path.exists(p)]
+        folder = os.path.dirname(self.lora_path(stage))
+        saved = sorted(f for f in os.listdir(folder) if f.endswith(".npz")) if os.path.isdir(folder) else []
+        return [os.path.join(folder, f) for f in saved if f != f"{stage}.npz"]
+
     def tensorboard_dir(self, stage: str) -> str:
         """``tensorboard/<stage>``."""
         return os.path.join(self.path, "tensorboard", stage)

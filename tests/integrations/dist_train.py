@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             if not a.kill_worker or rank != 0 or os.path.exists(flag) or state.global_step < 2:
                 return
             deadline = time.monotonic() + 90
-            while mon._router is not None and mon._router.alerts_fired == 0 and time.monotonic() < deadline:
+            router = mon.session._router
+            while router is not None and router.alerts_fired == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
             open(flag, "w").close()  # the worker dies on its next snapshot, and on every one after it
 
@@ -190,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             div = mon.interventions.diversity
-            rows = mon._passive._rows if mon._passive is not None and mon._passive.armed is False else None
+            strategy = mon.session._strategy
+            passive = getattr(strategy, "passive", None)
+            rows = passive._rows if passive is not None and passive.armed is False else None
             self.steps.append(
                 {
                     "step": int(state.global_step),
@@ -211,8 +214,8 @@ def main(argv: list[str] | None = None) -> None:
             marker = {
                 "rank": rank,
                 "world": world,
-                "main": mon._main,
-                "writer": mon._router is not None or mon.run is not None,
+                "main": mon.session.is_main,
+                "writer": mon.session._router is not None or mon.run is not None,
                 "global_step": int(state.global_step),
                 "steps": self.steps,
                 "saves": self.saves,

@@ -28,13 +28,13 @@ class SlowSteps(TrainerCallback):
 
 @pytest.fixture
 def slow_capture(monkeypatch):
-    real = ProbeCapture.capture
+    real = ProbeCapture.capture_batches
 
-    def capture(self, *a, **kw):
+    def capture_batches(self, *a, **kw):
         time.sleep(0.5)
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(ProbeCapture, "capture", capture)
+    monkeypatch.setattr(ProbeCapture, "capture_batches", capture_batches)
 
 
 def _monitor(**kw):
@@ -99,9 +99,9 @@ def test_on_a_cpu_model_the_workers_cpu_counts_against_the_budget(
     assert cpu.captures_deferred >= 10 and h["dropped"] == 0
 
     # the same run as if the model were on an accelerator: the worker's CPU is free, the stall counts
-    import topomon.integrations.hf as hf
+    import topomon.session as session
 
-    monkeypatch.setattr(hf, "_on_cpu", lambda m: False)
+    monkeypatch.setattr(session, "on_cpu", lambda m: False)
     gpu = _monitor(**kw)
     run_sft(model, tok, sft_data, tmp_path / "b", gpu, extra_callbacks=[SlowSteps(0.1)], max_steps=40)
     g = gpu.health()

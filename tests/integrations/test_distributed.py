@@ -29,8 +29,6 @@ from topomon.capture.probe import ProbeCapture, plan_tokens
 from topomon.distributed import (
     TIMEOUT_ENV,
     Comm,
-    action_to_dict,
-    apply_actions,
     merge_passive,
     merge_shards,
     shard_slots,
@@ -117,17 +115,6 @@ def test_merge_passive_concatenates_in_rank_order_and_caps_points():
         merge_passive([s0, _snap(5, 2)], max_points=6, seed=1)
 
 
-class _Target:
-    def __init__(self):
-        self.value = None
-
-    def set_weight(self, w):
-        self.value = ("weight", w)
-
-    def set_ratio(self, r):
-        self.value = ("ratio", r)
-
-
 def test_actions_travel_as_plain_dicts_and_apply_on_another_rank():
     decided = [
         Action(step=3, kind="diversity", params={"weight": 0.1}, cause={"rule": "r"}, spec="diversity:r"),
@@ -135,16 +122,8 @@ def test_actions_travel_as_plain_dicts_and_apply_on_another_rank():
         Action(step=3, kind="checkpoint", params={}, cause={"rule": "r"}),
         Action(step=3, kind="stop", params={}, cause={"rule": "r"}),
     ]
-    wire = json.loads(json.dumps([action_to_dict(a) for a in decided]))  # JSON-able
-    control, div, rep = TrainerControl(), _Target(), _Target()
-    applied = apply_actions(wire, control=control, diversity=div, replay=rep)
-    assert applied == decided
-    assert div.value == ("weight", 0.1) and rep.value == ("ratio", 0.25)
-    assert control.should_save and control.should_training_stop
-    with pytest.raises(ValueError, match=r"needs diversity="):
-        apply_actions(wire[:1], control=TrainerControl())
-    with pytest.raises(TypeError, match=r"mapping of the Action fields"):
-        apply_actions([{"kind": "stop"}], control=TrainerControl())
+    wire = json.loads(json.dumps([a.to_dict() for a in decided]))  # JSON-able
+    assert [Action.from_dict(d) for d in wire] == decided
 
 
 # ---------------------------------------------------------------- sharded probe capture, in process
@@ -220,12 +199,10 @@ class FakeComm:
 
 @pytest.fixture
 def two_ranks(monkeypatch):
-    import topomon.integrations.hf as hf
-
-    monkeypatch.setattr(hf, "_world_size", lambda: 2)
+    import topomon.session as session
 
     def use(comm):
-        monkeypatch.setattr(hf, "Comm", lambda: comm)
+        monkeypatch.setattr(session, "Comm", lambda: comm)
         return comm
 
     return use
@@ -253,12 +230,12 @@ def test_a_set_up_error_on_the_main_process_is_raised_on_every_rank(two_ranks, t
 
     # rank 0: its own error is raised after the same two collectives
     comm = two_ranks(FakeComm(0, {"all_gather": lambda mine: [mine, None]}))
-    with pytest.raises(ConfigError, match=r"TopoMonitor needs the model"):
+    with pytest.raises(ConfigError, match=r"topomon needs the model"):
         _begin(TopoMonitor(worker="sync"), tmp_path, model=None)
     assert comm.calls == ["broadcast", "all_gather"]
 
 
-def test_a_rank_whose_capture_fails_still_gathers_its_error(two_ranks, tmp_path, tok):
+def test_a_rank_whose_capture_fails_still_gathers_its_error(two_ranks, tmp_path, tok, monkeypatch):
     from topomon import TopoMonitor
 
     opts = dict(max_length=16, batch_size=2, pooling="last", max_points=8, exclude_first=True, seed=0)
@@ -268,14 +245,15 @@ def test_a_rank_whose_capture_fails_still_gathers_its_error(two_ranks, tmp_path,
         def capture_batches(self, model, indices, *, lockstep=False):
             raise RuntimeError("out of memory")
 
-    shared = {"error": None, "probe": Broken(plan, [0]), "step_offset": 0, "done": [], "resumed": {}}
+    shared = {"error": None, "plan": plan, "needs": (), "step_offset": 0, "done": [], "resumed": {}}
     shared["run_path"] = str(tmp_path)
     comm = two_ranks(FakeComm(1, {"broadcast": lambda _: shared, "all_gather": lambda mine: [None, mine]}))
-    mon = TopoMonitor(worker="sync")
+    monkeypatch.setattr(ProbeCapture, "capture_batches", Broken.capture_batches)
+    mon = TopoMonitor(worker="sync", layers=[0])
     _begin(mon, tmp_path, model=tiny_causal_lm("llama"))
     assert comm.calls == ["broadcast", "all_gather", "gather"]
     assert comm.sent == {"error": "rank 1: RuntimeError: out of memory"}  # reported by the main process
-    assert mon._started and mon._done_steps == {0} and mon.run is None  # rank 1 writes nothing
+    assert mon.session.started and mon.captures == [] and mon.run is None  # rank 1 writes nothing
     assert mon.errors == 0  # nothing raised on this rank
 
 
@@ -307,17 +285,17 @@ def test_actions_decided_on_the_main_process_are_applied_on_another_rank(two_ran
 
     mon = TopoMonitor(worker="sync", actions=[{"kind": "checkpoint"}, {"kind": "stop"}])
     stop = Action(step=3, kind="stop", params={}, cause={"rule": "always"}, spec="stop:*")
-    payload = {"actions": [action_to_dict(stop)], "policy": mon.interventions.policy.state_dict()}
-    mon._comm = FakeComm(1, {"broadcast_int": lambda _: 1, "broadcast": lambda _: payload})
-    mon._started = True
+    payload = {"actions": [stop.to_dict()], "policy": mon.interventions.policy.state_dict()}
+    session = mon.session
+    session.comm = FakeComm(1, {"broadcast_int": lambda _: 1, "broadcast": lambda _: payload})
     control = TrainerControl()
-    mon._act_distributed(control, 3)
+    assert session._act(control, 3) == [stop]
     assert control.should_training_stop and not control.should_save
-    assert mon.actions == [stop] and mon._comm.calls == ["broadcast_int", "broadcast"]
+    assert mon.actions == [stop] and session.comm.calls == ["broadcast_int", "broadcast"]
     # no new action on the main process: one integer crosses, nothing else
-    mon._comm = FakeComm(1, {"broadcast_int": lambda _: 0})
-    mon._act_distributed(TrainerControl(), 4)
-    assert mon._comm.calls == ["broadcast_int"]
+    session.comm = FakeComm(1, {"broadcast_int": lambda _: 0})
+    session._act(TrainerControl(), 4)
+    assert session.comm.calls == ["broadcast_int"]
 
 
 # ---------------------------------------------------------------- two real processes (slow)

@@ -48,6 +48,7 @@ def test_probe_over_checkpoints_reproduces_the_live_numbers(tok, sft_data, tmp_p
     }
     for r in records:
         want = live[(r.step, r.layer)]
+        assert set(r.metrics) == set(want), (r.step, r.layer)  # the same families, logits included
         for name, value in r.metrics.items():
             if name.startswith("topo_activity") or name == "topo_drift":
                 continue  # relative to the previous capture, which differs (step 0 is not probed offline)
@@ -62,6 +63,65 @@ def test_probe_over_checkpoints_reproduces_the_live_numbers(tok, sft_data, tmp_p
     ]
     assert len(written) == 12
     assert (run_dir / "tensorboard" / "replay").is_dir()
+
+
+def test_probe_of_lora_checkpoints_gives_every_live_key_and_value(tok, sft_data, tmp_path):
+    """Offline and live run one session: logit and LoRA metrics too, and with the base model as the
+    first checkpoint the same sequence of captures, so even topological activity is equal."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    def base():
+        return tiny_causal_lm("llama", num_layers=3, hidden_size=32, seed=0)
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(base(), lora)
+    model.save_pretrained(tmp_path / "out" / "checkpoint-0")  # the adapter as training starts
+    run_dir = tmp_path / "run"
+    mon = TopoMonitor(
+        run_dir=str(run_dir),
+        stage="sft",
+        schedule="every",
+        every_n_steps=2,
+        worker="sync",
+        topology_points=64,
+    )
+    run_sft(
+        model,
+        tok,
+        sft_data,
+        tmp_path / "out",
+        mon,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=2,
+        learning_rate=1e-2,
+    )
+
+    def load(path):
+        return PeftModel.from_pretrained(base(), path).eval(), tok
+
+    ckpts = [str(tmp_path / "out" / f"checkpoint-{s}") for s in (0, 2, 4, 6)]
+    records = probe_checkpoints(ckpts, str(run_dir), stage="offline", like="sft", loader=load, progress=False)
+    live = {
+        (r["step"], r["layer"]): r["metrics"]
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+        if r["kind"] == "metrics" and r["stage"] == "sft"
+    }
+    assert sorted({(r.step, r.layer) for r in records}) == sorted(live)
+    model_keys = set(live[(2, "model")])
+    assert {"logit_entropy", "logit_ece", "lora_effective_rank_mean", "lora_norm_total"} <= model_keys
+    assert live[(6, "model")]["lora_norm_total"] > 0  # the update grew: a real LoRA metric, not a NaN
+    differ = []
+    for r in records:
+        want = live[(r.step, r.layer)]
+        assert set(r.metrics) == set(want), (r.step, r.layer)
+        for name, value in r.metrics.items():
+            w = math.nan if want[name] is None else want[name]
+            if not (math.isnan(w) and math.isnan(value)) and value != pytest.approx(w, rel=1e-5, abs=1e-6):
+                differ.append((r.step, r.layer, name, value, w))
+    assert differ == []
 
 
 def test_probe_errors(tmp_path):

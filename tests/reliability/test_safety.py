@@ -215,3 +215,49 @@ def test_no_secret_reaches_logs_run_files_or_checkpoints(tmp_path, caplog, capfd
     # where the alerts were sent is still recorded, without its secret parts
     run_json = (tmp_path / "topomon" / "run.json").read_text()
     assert "http://127.0.0.1/***" in run_json
+
+
+def test_the_offline_path_keeps_webhook_secrets_out_and_never_sends_to_a_redacted_url(tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from topomon.offline import probe_checkpoints, stage_config
+    from topomon.run import RunDir
+
+    url = f"http://alice:{SECRETS[0]}@127.0.0.1:{closed_port()}/services/{SECRETS[1]}?token={SECRETS[2]}"
+    mon = TopoMonitor(
+        schedule="every", every_n_steps=2, worker="sync", layers=[-1], topology=False, webhook_url=url
+    )
+    run_sft(
+        tiny_causal_lm("llama", seed=0),
+        tiny_tokenizer(),
+        sft_data(),
+        tmp_path,
+        mon,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    run = RunDir(tmp_path / "topomon")
+    # the stored config holds only where the alerts went: never rebuilt into a live webhook
+    assert "/***" in run.stages()[0]["config"]["webhook_url"]
+    assert stage_config(run, "train").webhook_url is None
+    with pytest.raises(ConfigError, match="redacted"):
+        MonitorConfig(webhook_url=run.stages()[0]["config"]["webhook_url"])
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path), tiny_tokenizer()
+
+    rules = [{"type": "threshold", "metric": "rankme", "layer": "final_norm", "above": 0.0, "name": "always"}]
+    ckpt = str(tmp_path / "checkpoint-2")
+    with caplog.at_level(logging.DEBUG):
+        # like= the live stage: no webhook at all; an explicit config with the secret URL: it sends
+        # (and fails on the closed port) but writes no secret into the run directory
+        probe_checkpoints([ckpt], str(run.path), stage="offline", like="train", loader=load, progress=False)
+        assert not any("delivery failed" in r.getMessage() for r in caplog.records)
+        config = mon.config.replace(alerts=rules)
+        probe_checkpoints([ckpt], str(run.path), stage="offline2", config=config, loader=load, progress=False)
+    assert any("delivery failed" in r.getMessage() for r in caplog.records)
+    assert "offline2" in {s["name"] for s in run.stages()}
+    files = [p for p in (tmp_path / "topomon").rglob("*") if p.is_file()]
+    leaked = {str(p.relative_to(tmp_path)): _leaks(p.read_bytes()) for p in files}
+    assert {k: v for k, v in leaked.items() if v} == {}
+    assert _leaks(caplog.text) == []

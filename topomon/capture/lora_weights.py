@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["lora_factors"]
+__all__ = ["lora_factors", "lora_extras"]
 
 
 def _to_numpy(t: Any) -> np.ndarray:
@@ -123,3 +123,17 @@ def lora_factors(
         if factors is not None:
             out[name] = factors
     return out
+
+
+def lora_extras(model: Any) -> dict[str, np.ndarray]:
+    """The LoRA factors of ``model`` as snapshot extras: ``lora/<module>/A``, ``.../B``, ``.../scaling``.
+
+    Returns:
+        An empty mapping for a model without LoRA adapters.
+    """
+    extras: dict[str, np.ndarray] = {}
+    for name, (a, b, scaling) in lora_factors(model).items():
+        extras[f"lora/{name}/A"] = a
+        extras[f"lora/{name}/B"] = b
+        extras[f"lora/{name}/scaling"] = np.asarray(scaling, dtype=np.float64)
+    return extras

@@ -19,6 +19,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from topomon.metrics.families import family
+
 __all__ = ["DemoSettings", "run_demo", "add_arguments"]
 
 
@@ -202,6 +204,10 @@ def _final_value(
     return None if v is None else float(v)
 
 
+SUMMARY_KEYS = family("spectral").headline[:3]
+"""The final-norm metrics the demo's summary prints (RankMe, its PCA form, alpha-ReQ)."""
+
+
 def _summary(
     run_dir: str, monitors: list[Any], timings: dict[str, float], total: float, report: str
 ) -> dict[str, Any]:
@@ -209,15 +215,12 @@ def _summary(
 
     run = RunDir(run_dir)
     lines, _ = run.records()
-    base = {
-        m: _final_value(lines, "base", "final_norm", m, last=False)
-        for m in ("rankme", "rankme_pca", "alpha_req")
-    }
+    base = {m: _final_value(lines, "base", "final_norm", m, last=False) for m in SUMMARY_KEYS}
     stages = []
     for mon in monitors:
         name = mon.config.stage
         row: dict[str, Any] = {"stage": name, "seconds": round(timings.get(name, 0.0), 1)}
-        for m in ("rankme", "rankme_pca", "alpha_req"):
+        for m in SUMMARY_KEYS:
             start = _final_value(lines, name, "final_norm", m, last=False)
             end = _final_value(lines, name, "final_norm", m, last=True)
             row[m] = end

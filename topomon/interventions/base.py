@@ -40,6 +40,7 @@ __all__ = [
     "BuildContext",
     "Intervention",
     "InterventionError",
+    "TargetIntervention",
     "INTERVENTIONS",
     "Signals",
     "intervention_kinds",
@@ -240,3 +241,28 @@ def intervention_kinds() -> tuple[str, ...]:
     The built-in kinds are replay, diversity, lora_decorrelation, checkpoint and stop.
     """
     return tuple(INTERVENTIONS)
+
+
+class TargetIntervention(Intervention):
+    """An intervention that drives a target object built on the model (a mixer, a regulariser).
+
+    ``target`` is None until built; :meth:`set_value` pushes the value through the target's method
+    named :attr:`setter`.
+    """
+
+    setter: ClassVar[str] = "set_weight"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target: Any = None
+
+    @property
+    def built(self) -> bool:
+        """Whether the target exists."""
+        return self.target is not None
+
+    def set_value(self, value: float) -> None:
+        """Set the value; a built target takes it at once (at its next use)."""
+        super().set_value(value)
+        if self.target is not None:
+            getattr(self.target, self.setter)(self._value)

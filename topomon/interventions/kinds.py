@@ -11,13 +11,13 @@ when this module is imported.
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from topomon.interventions.base import BuildContext, Intervention, register_intervention
+from topomon.interventions.base import BuildContext, Intervention, TargetIntervention, register_intervention
+from topomon.run import RunDir
 
 __all__ = [
     "ReplayIntervention",
@@ -32,15 +32,12 @@ __all__ = [
 
 def lora_subspace_path(run_path: str, stage: str) -> str:
     """Where a stage's LoRA update subspace is saved in a run directory (``<run_path>/lora/<stage>.npz``)."""
-    return os.path.join(run_path, "lora", f"{stage}.npz")
+    return RunDir(run_path).lora_path(stage)
 
 
 def earlier_lora_subspaces(run_path: str, stage: str) -> list[str]:
-    """The saved LoRA subspace files of the run's other stages (``<run_path>/lora/*.npz``), sorted."""
-    own = os.path.basename(lora_subspace_path(run_path, stage))
-    return [
-        p for p in sorted(glob.glob(os.path.join(run_path, "lora", "*.npz"))) if os.path.basename(p) != own
-    ]
+    """The saved LoRA subspace files of the stages before ``stage`` (:meth:`RunDir.earlier_lora`)."""
+    return RunDir(run_path).earlier_lora(stage)
 
 
 def _check_options(kind: str, options: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -51,7 +48,7 @@ def _check_options(kind: str, options: Mapping[str, Any], allowed: tuple[str, ..
 
 
 @register_intervention
-class ReplayIntervention(Intervention):
+class ReplayIntervention(TargetIntervention):
     """Mix replay examples into the training stream at a ratio (value: the ratio, in ``[0, 1]``).
 
     Args:
@@ -63,13 +60,13 @@ class ReplayIntervention(Intervention):
 
     kind = "replay"
     param = "ratio"
+    setter = "set_ratio"  # target: the ReplayMixer (every DataLoader worker reads it at its next draw)
 
     def __init__(self, dataset: Any = None, seed: int | None = None, prepare: Any = "auto") -> None:
         super().__init__()
         self.dataset = dataset
         self.seed = seed
         self.prepare = prepare
-        self.target: Any = None  # the ReplayMixer
 
     @classmethod
     def check_value(cls, value: Any, field_name: str = "value") -> float:
@@ -85,17 +82,6 @@ class ReplayIntervention(Intervention):
                 f"{field_name} of a 'replay' action is a ratio and must be in [0, 1], got {value!r}"
             )
         return v
-
-    @property
-    def built(self) -> bool:
-        """Whether the mixer is installed."""
-        return self.target is not None
-
-    def set_value(self, value: float) -> None:
-        """Set the replay ratio (every DataLoader worker reads it at its next draw)."""
-        super().set_value(value)
-        if self.target is not None:
-            self.target.set_ratio(self._value)
 
     def attach_trainer(self, trainer: Any) -> None:
         """Wrap the trainer's training set so that replay examples can be mixed in.
@@ -150,7 +136,7 @@ class ReplayIntervention(Intervention):
 
 
 @register_intervention
-class DiversityIntervention(Intervention):
+class DiversityIntervention(TargetIntervention):
     """Diversity regularisation of hidden states (value: the penalty weight).
 
     Args:
@@ -177,19 +163,7 @@ class DiversityIntervention(Intervention):
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.options = _check_options(self.kind, options, self.OPTIONS)
-        self.target: Any = None  # the DiversityRegularizer
         self._model: Any = None
-
-    @property
-    def built(self) -> bool:
-        """Whether the hooks are installed."""
-        return self.target is not None
-
-    def set_value(self, value: float) -> None:
-        """Set the penalty weight (takes effect at the next forward)."""
-        super().set_value(value)
-        if self.target is not None:
-            self.target.set_weight(self._value)
 
     def build(self, ctx: BuildContext) -> None:
         """Install the regulariser's hooks on the model's decoder blocks.
@@ -220,7 +194,7 @@ class DiversityIntervention(Intervention):
 
 
 @register_intervention
-class LoRADecorrelationIntervention(Intervention):
+class LoRADecorrelationIntervention(TargetIntervention):
     """Push this stage's LoRA update out of earlier stages' update subspaces (value: the penalty weight).
 
     The earlier subspaces are read from ``<run_path>/lora/*.npz``, saved at the end of every LoRA
@@ -240,18 +214,6 @@ class LoRADecorrelationIntervention(Intervention):
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.options = _check_options(self.kind, options, self.OPTIONS)
-        self.target: Any = None  # the LoRADecorrelation
-
-    @property
-    def built(self) -> bool:
-        """Whether the earlier subspaces are loaded onto the model's adapters."""
-        return self.target is not None
-
-    def set_value(self, value: float) -> None:
-        """Set the penalty weight (used at the next optimizer step)."""
-        super().set_value(value)
-        if self.target is not None:
-            self.target.set_weight(self._value)
 
     def build(self, ctx: BuildContext) -> None:
         """Load the earlier stages' subspaces for the model's LoRA adapters.

@@ -1,0 +1,678 @@
+"""The monitor, free of any training framework: :class:`MonitorSession`.
+
+A session owns everything between a training loop and the run directory: the set-up (layers, probe
+plan, run directory, result router, worker, alert engine, interventions), the capture at a step and
+its hand-over to the worker, turning the alerts that came back into actions, its checkpoint state,
+and the close. Framework adapters (``topomon.integrations``) translate their loop's events into
+the calls below; ``topomon probe`` (offline) drives the same session, so live and offline share one
+set-up.
+
+One code path for one or many processes: a session always talks through a
+:class:`~topomon.distributed.Comm` (its collectives return at once in one process). Every rank
+calls every event at the same step; the main process (rank 0) computes, writes and decides (the
+overhead budget and the actions), and the other ranks follow its broadcast decisions.
+
+Nothing here may crash or stall training: after :meth:`MonitorSession.begin`, errors are logged,
+counted (``errors``) and survived; configuration errors are raised by the constructor or by
+``begin``, before the first step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from topomon import __version__
+from topomon.budget import OverheadBudget
+from topomon.capture.layers import decoder_layers
+from topomon.capture.probes import load_probes
+from topomon.capture.strategy import CaptureStrategy, ProbeStrategy
+from topomon.config import ConfigError, MonitorConfig
+from topomon.distributed import Comm
+from topomon.interventions.controller import Interventions
+from topomon.pipeline import ResultRouter, compute_options, make_router
+from topomon.run import BASE_STAGE, RunDir
+from topomon.stage import (
+    cap_snapshot,
+    capture_modules,
+    check_custom_metrics,
+    earlier_records,
+    make_strategy,
+    on_cpu,
+    plain_config,
+    stage_step_offset,
+    tensorboard_dir,
+    versions,
+    write_state,
+)
+from topomon.types import Alert, Snapshot
+from topomon.worker.executor import Executor, make_executor
+
+__all__ = ["MonitorSession"]
+
+logger = logging.getLogger("topomon")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(fn: F) -> F:
+    """Run a session event; any exception is logged and counted, never raised into training.
+
+    The time spent inside (outermost call only) is the monitor's stall of the training loop.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: MonitorSession, *args: Any, **kwargs: Any) -> Any:
+        self._depth += 1
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the monitor must never crash training
+            self._report(fn.__name__, e)
+            return None
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.budget.stall_seconds += time.perf_counter() - t0
+
+    return wrapper  # type: ignore[return-value]
+
+
+def as_config(
+    config: MonitorConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> MonitorConfig:
+    """A config from a :class:`MonitorConfig`, a mapping of its fields or None, with field overrides.
+
+    Raises:
+        ConfigError: a wrong value, an unknown key, or ``config`` of another type.
+    """
+    if config is None:
+        return MonitorConfig.from_dict(overrides)
+    if isinstance(config, Mapping):
+        return MonitorConfig.from_dict({**config, **overrides})
+    if isinstance(config, MonitorConfig):
+        return config.replace(**overrides) if overrides else config
+    raise ConfigError(f"config must be a MonitorConfig or a mapping, got {type(config).__name__}")
+
+
+class MonitorSession:
+    """One monitored training (a stage of a run directory), whatever loop drives it.
+
+    Args:
+        config: a :class:`~topomon.config.MonitorConfig` or a mapping of its fields; keyword
+            arguments override single fields.
+        tokenizer: the tokenizer for the probe set (else the one given to :meth:`begin`).
+        on_alert: called with every :class:`~topomon.types.Alert` (on the collector thread; its
+            exceptions are caught and counted).
+        replay_dataset: examples that a ``replay`` action mixes into the training stream.
+
+    Raises:
+        ConfigError: a configuration value is wrong (the message names the field).
+        ProbeError: the probe set cannot be loaded (the message names the file and line).
+
+    Example:
+        >>> session = MonitorSession(stage="sft", worker="sync")  # doctest: +SKIP
+        >>> session.begin(model, tokenizer=tok, output_dir="out")  # doctest: +SKIP
+        >>> for step in range(1, 101):  # doctest: +SKIP
+        ...     train_step(); session.step_end(step, model, control)
+        >>> session.end(100, model)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig | Mapping[str, Any] | None = None,
+        *,
+        tokenizer: Any = None,
+        on_alert: Callable[[Alert], Any] | None = None,
+        replay_dataset: Any = None,
+        **overrides: Any,
+    ):
+        c = as_config(config, overrides)
+        if on_alert is not None and not callable(on_alert):
+            raise ConfigError(f"on_alert must be callable, got {type(on_alert).__name__}")
+        self.config = c
+        self.tokenizer = tokenizer
+        self.on_alert = on_alert
+        self.probes: list[str] | None = (
+            load_probes(c.probes, field=c.probe_field, max_probes=c.max_probes)
+            if c.mode == "probe" and c.probes is not None
+            else None
+        )
+        self.schedule = c.make_schedule()
+        try:
+            self.interventions = Interventions(
+                list(c.actions), diversity=c.diversity, replay_dataset=replay_dataset, replay_seed=c.seed
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"`actions`: {e}") from None
+        if "replay" in self.interventions.needs and replay_dataset is None:
+            raise ConfigError("a 'replay' action needs replay_dataset=...: the examples to mix in")
+        self.budget = OverheadBudget(c.budget())
+        self.actions: list[Any] = []
+        self.alerts: list[Alert] = []
+        self.errors = 0
+        self.last_error: str | None = None
+        self.captures: list[int] = []
+        self.capture_seconds: list[float] = []
+        self.captures_deferred = 0  # scheduled steps moved later by ``overhead_budget``
+        self.setup_seconds = 0.0  # begin() before the baseline: probe plan, worker start, sinks
+        self.run: RunDir | None = None
+        self.logging_dir: str | None = None
+        self.step_offset = 0
+        self.comm: Comm | None = None
+        self._depth = 0
+        self._started = False
+        self._deferred: int | None = None  # the first scheduled step waiting for the budget
+        self._budget_warned = False
+        self._size_warned = False
+        self._done_steps: set[int] = set()
+        self._executor: Executor | None = None
+        self._router: ResultRouter | None = None
+        self._strategy: CaptureStrategy | None = None
+        self._needs: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def started(self) -> bool:
+        """True between :meth:`begin` and :meth:`close`."""
+        return self._started
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that computes, writes and decides (rank 0; the only one alone)."""
+        return self.comm is None or self.comm.is_main
+
+    @property
+    def stall_seconds(self) -> float:
+        """All the time training waited inside the session's events."""
+        return self.budget.stall_seconds
+
+    @property
+    def capture_stalls(self) -> list[float]:
+        """Per capture: the probe forward and the hand-over to the worker, in seconds."""
+        return self.budget.capture_stalls
+
+    # ------------------------------------------------------------------ set-up
+    def _report(self, where: str, e: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{where}: {type(e).__name__}: {e}"
+        logger.warning("topomon: %s (training continues)", self.last_error, exc_info=True)
+
+    def _setup_main(
+        self,
+        model: Any,
+        tokenizer: Any,
+        output_dir: str | None,
+        global_step: int,
+        resume: Mapping[str, Any] | None,
+        baseline: bool,
+        info: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Everything the main process sets up; returns what the other ranks need."""
+        from topomon.capture.lora_weights import lora_factors
+
+        c = self.config
+        _, modules = capture_modules(c, model)
+        check_custom_metrics(c)
+        run = RunDir(c.run_dir if c.run_dir else os.path.join(output_dir or ".", "topomon"))
+        run.ensure()
+        self.run = run
+        earlier_lora = run.earlier_lora(c.stage, like=info.get("like"))
+        options = compute_options(
+            c,
+            list(modules),
+            len(decoder_layers(model)),
+            earlier_lora,
+            logits=c.mode == "probe" and c.logits,
+            lora=c.lora_metrics and bool(lora_factors(model)),
+        )
+        self._needs = options.needs()
+        self._strategy = make_strategy(
+            c,
+            model,
+            needs=self._needs,
+            tokenizer=self.tokenizer if self.tokenizer is not None else tokenizer,
+            probes=self.probes,
+            run=run,
+        )
+
+        # Where this stage sits on the run's step axis, and what was already captured (resume).
+        self.step_offset = stage_step_offset(c, run)
+        earlier = earlier_records(run)
+        self._done_steps = {r.step for r in earlier if r.stage == c.stage}
+        first_of_run = not any(r.stage == BASE_STAGE for r in earlier)
+        self.logging_dir = tensorboard_dir(c, run)
+        self._router = make_router(
+            c,
+            run,
+            logging_dir=self.logging_dir,
+            options=options,
+            on_alert=self.on_alert,
+            base_alias_step=(
+                self.step_offset if first_of_run and baseline and self._strategy.takes_baseline else None
+            ),
+        )
+        self._router.prime(r for r in earlier if r.stage in (BASE_STAGE, c.stage))
+        self._setup_interventions(model, run.path)
+        if resume:
+            self._router.load_state_dict(resume.get("router", {}))
+            self.captures = [int(s) for s in resume.get("captures", [])]
+            # captures written after the checkpoint (before a crash) are not taken again: the alert
+            # rules must still have seen them, after the checkpoint's state replaced the primed one
+            since = self.step_offset + int(global_step)
+            self._router.prime(r for r in earlier if r.stage == c.stage and r.step > since)
+        self._executor = make_executor(
+            c.worker,
+            options,
+            self._router,
+            queue_size=c.queue_size,
+            task_timeout=c.task_timeout,
+            state=resume.get("engine") if resume else None,
+        )
+        # on the CPU the worker takes the cores training uses: its CPU time is a cost too
+        self.budget.worker = self._executor if on_cpu(model) else None
+        run.begin_stage(
+            c.stage,
+            self.step_offset,
+            {
+                "topomon_version": __version__,
+                "layers": list(modules),
+                "probe_plan": self._strategy.describe(),
+                "config": plain_config(c),
+                "versions": versions(),
+                "tensorboard_dir": self.logging_dir,
+                **info,
+            },
+        )
+        probe = self._strategy.probe.plan if isinstance(self._strategy, ProbeStrategy) else None
+        return {
+            "plan": probe,
+            "needs": self._needs,
+            "step_offset": self.step_offset,
+            "done": sorted(self._done_steps),
+            "run_path": run.path,
+            "resumed": dict(resume.get("interventions") or {}) if resume else {},
+        }
+
+    def _setup_interventions(self, model: Any, run_path: str) -> None:
+        try:
+            self.interventions.setup(model, run_path, self.config.stage)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"`actions`: {e}") from None
+
+    def _setup_rank(self, model: Any, shared: Mapping[str, Any]) -> None:
+        """A rank other than the main one: the same capture and interventions, from the main's set-up."""
+        self.step_offset = int(shared["step_offset"])
+        self._done_steps = set(shared["done"])
+        self._needs = frozenset(shared["needs"])
+        self._strategy = make_strategy(self.config, model, needs=self._needs, plan=shared["plan"])
+        self._setup_interventions(model, shared["run_path"])
+
+    def begin(
+        self,
+        model: Any,
+        *,
+        tokenizer: Any = None,
+        output_dir: str | os.PathLike[str] | None = None,
+        global_step: int = 0,
+        resume: Mapping[str, Any] | None = None,
+        control: Any = None,
+        baseline: bool = True,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Set up on every rank and capture the stage's baseline (collective).
+
+        Args:
+            model: the model being trained (PEFT / DDP / FSDP wrapped or not).
+            tokenizer: the tokenizer for the probe set, unless given to the constructor.
+            output_dir: the training's output folder (the run directory defaults to
+                ``<output_dir>/topomon``).
+            global_step: the loop's step at this point (> 0 when resuming).
+            resume: the :meth:`state_dict` saved with the checkpoint being resumed, or None.
+            control: where ``checkpoint`` / ``stop`` actions set their flags (a ``TrainerControl``
+                or :class:`~topomon.interventions.Signals`), for the values restored on resume.
+            baseline: capture the model now and use it as the run's base when the run is new
+                (False: offline analysis, which captures explicitly with :meth:`capture`).
+            info: more fields for this stage's entry in ``run.json``; ``like``: the live stage an
+                offline analysis replays (its LoRA references are that stage's earlier stages).
+
+        Raises:
+            ConfigError: the configuration cannot work with this model, tokenizer or run directory; a
+                set-up error on any rank is raised on every rank, so none waits in the first step.
+        """
+        if self._started:
+            return
+        t0 = time.perf_counter()
+        comm = self.comm = Comm()
+        failure: Exception | None = None
+        shared: dict[str, Any] = {"error": None}
+        if comm.is_main:
+            try:
+                shared.update(
+                    self._setup_main(
+                        model, tokenizer, _fspath(output_dir), int(global_step), resume, baseline, info or {}
+                    )
+                )
+            except Exception as e:  # noqa: BLE001 - raised below, on every rank
+                failure, shared["error"] = e, f"{type(e).__name__}: {e}"
+        shared = comm.broadcast(shared)
+        if not comm.is_main and shared["error"] is None:
+            try:
+                self._setup_rank(model, shared)
+            except Exception as e:  # noqa: BLE001 - raised below, on every rank
+                failure = e
+        errors = comm.all_gather(None if failure is None else f"{type(failure).__name__}: {failure}")
+        bad = [(r, msg) for r, msg in enumerate(errors) if msg is not None]
+        if bad:
+            self._teardown()
+            if failure is not None:
+                raise failure
+            raise ConfigError(f"topomon could not start on rank {bad[0][0]}: {bad[0][1]}")
+        self._started = True
+        self.budget.start()  # the budget counts from here: the baseline is a stall
+        self.setup_seconds = time.perf_counter() - t0
+        step = self.step_offset + int(global_step)
+        if shared.get("resumed"):  # the main process read the checkpoint: every rank restores its values
+            self.interventions.load_state_dict(shared["resumed"], control, step)
+        if baseline:
+            self._baseline(model, step)
+
+    @guarded
+    def _baseline(self, model: Any, step: int) -> None:
+        assert self._strategy is not None
+        if self._strategy.takes_baseline and step not in self._done_steps:
+            self._capture(model, step)
+
+    # ------------------------------------------------------------------ events
+    @guarded
+    def step_begin(self, local_step: int) -> None:
+        """Before training step ``local_step + 1``: arm a passive capture when it is a capture step."""
+        if self._started and self.schedule(int(local_step) + 1):
+            assert self._strategy is not None
+            self._strategy.arm(self.step_offset + int(local_step) + 1)
+
+    @guarded
+    def step_end(self, local_step: int, model: Any, control: Any) -> list[Any]:
+        """After training step ``local_step``: capture when due, then act on the alerts that came back.
+
+        Args:
+            local_step: the loop's step count (1 after the first optimiser step).
+            model: the model.
+            control: where ``checkpoint`` / ``stop`` actions set ``should_save`` /
+                ``should_training_stop`` (a ``TrainerControl`` or a
+                :class:`~topomon.interventions.Signals`).
+
+        Returns:
+            The actions taken at this step (empty when none).
+        """
+        if not self._started:
+            return []
+        local = int(local_step)
+        step = self.step_offset + local
+        if self._due(local, step):
+            self._capture(model, step)
+        taken = self._act(control, step)
+        values = self.interventions.values()
+        if values and self._router is not None:
+            self._router.write_scalars(values, step, prefix="topomon/interventions")
+        return taken
+
+    def _due(self, local: int, step: int) -> bool:
+        """Whether to capture at this step: the schedule, and the main process's budget (broadcast)."""
+        assert self.comm is not None and self._strategy is not None
+        scheduled = self.schedule(local)
+        if not self._strategy.takes_baseline:  # passive: the training step's own points, on schedule
+            return scheduled and step not in self._done_steps
+        if scheduled and self._deferred is None and step not in self._done_steps:
+            self._deferred = step
+        if self._deferred is None or step in self._done_steps:
+            return False
+        # no budget: every rank knows it; else the main process decides for all
+        fits = self.budget.fraction is None or self.comm.broadcast_int(
+            int(self.budget.allows()) if self.comm.is_main else 0
+        )
+        if not fits:
+            if scheduled:
+                self.captures_deferred += 1
+            if not self._budget_warned and self.comm.is_main:
+                self._budget_warned = True
+                logger.warning(
+                    "topomon: capture of step %d deferred: the monitor has cost training %.1f s of %.1f s, "
+                    "over overhead_budget=%g; captures resume as soon as they fit (set overhead_budget=None "
+                    "to capture exactly on schedule)",
+                    self._deferred,
+                    self.cost_seconds(),
+                    self.budget.elapsed(),
+                    self.config.budget(),
+                )
+            return False
+        self._deferred = None
+        return True
+
+    def cost_seconds(self) -> float:
+        """What the monitor has taken from training so far (what ``overhead_budget`` bounds), in seconds."""
+        return self.budget.cost()
+
+    @guarded
+    def capture(self, model: Any, step: int) -> None:
+        """Capture ``model`` now, labelled with the global ``step`` (collective; offline analysis)."""
+        if self._started:
+            self._capture(model, step)
+
+    def _capture(self, model: Any, step: int) -> None:
+        """Capture and hand over; a failure is counted here, so the step's next collective still runs."""
+        assert self.comm is not None and self._strategy is not None
+        t0 = time.perf_counter()
+        self._done_steps.add(step)  # every rank: the schedule's state stays the same everywhere
+        try:
+            snap = self._strategy.collect(self.comm, model, step, self.config.stage)
+            if snap is not None:
+                self._submit(snap, model)
+                self.budget.capture_stalls.append(time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - the monitor must never crash training
+            self._report("capture", e)
+
+    def _submit(self, snap: Snapshot, model: Any) -> None:
+        assert self._executor is not None and self._router is not None
+        c = self.config
+        snap, size = cap_snapshot(snap, int(c.max_snapshot_mb * 2**20), c.seed)
+        if size is not None and not self._size_warned:
+            self._size_warned = True
+            logger.warning(
+                "topomon: a capture holds %.1f MiB (%d layer(s), up to %d dims), over max_snapshot_mb=%g: "
+                "every capture is cut to the same %d points per layer; lower `max_points` or `layers`, "
+                "or raise `max_snapshot_mb`",
+                size / 2**20,
+                len(snap.layers),
+                max((a.shape[1] for a in snap.layers.values() if a.ndim == 2), default=0),
+                c.max_snapshot_mb,
+                snap.meta["n_points"],
+            )
+        if "lora_factors" in self._needs:
+            self._add_model_extras(snap, model)
+        if c.figures_every and len(self.captures) % c.figures_every == 0:
+            snap.meta["figures"] = True
+            self._router.mark_figures(snap.step)
+        self.captures.append(snap.step)
+        self.capture_seconds.append(float(snap.meta.get("capture_seconds", 0.0)))
+        self._router.set_health(self.health())
+        self._router.submitted(snap.step)
+        if not self._executor.submit(snap):  # dropped: no result will come for it
+            self._router.dropped(snap.step)
+
+    def _add_model_extras(self, snap: Snapshot, model: Any) -> None:
+        """What the enabled model-level families need beyond the layers' points (LoRA factors)."""
+        from topomon.capture.lora_weights import lora_extras
+
+        try:
+            snap.extras.update(lora_extras(model))
+        except Exception as e:  # noqa: BLE001 - the capture still lands, without the update's metrics
+            self._report("LoRA factors", e)
+
+    def _act(self, control: Any, step: int, collective: bool = True) -> list[Any]:
+        """The main process turns the alerts that came back into actions; every rank applies them.
+
+        When actions are configured, one integer (the number of new actions) is broadcast at every
+        step end, and the actions themselves only when there are some.
+        """
+        comm = self.comm
+        taken: list[Any] = []
+        if self._router is not None:  # the main process
+            alerts = self._router.drain_alerts()
+            self.alerts.extend(alerts)
+            if alerts and control is not None:
+                n = len(self.interventions.taken)
+                try:
+                    self.interventions.act(alerts, control, step)
+                except Exception as e:  # noqa: BLE001 - the actions that could be applied were
+                    self._report("actions", e)
+                taken = list(self.interventions.taken[n:])
+                self._record_actions(taken, step)
+        if not collective or comm is None or comm.broken is not None or not self.interventions.policy.specs:
+            return taken
+        if comm.broadcast_int(len(taken)) == 0:
+            return taken
+        payload: dict[str, Any] | None = comm.broadcast(
+            {"actions": [a.to_dict() for a in taken], "policy": self.interventions.policy.state_dict()}
+            if comm.is_main
+            else None
+        )
+        if comm.is_main or payload is None:
+            return taken
+        n = len(self.interventions.taken)
+        try:
+            self.interventions.apply(payload["actions"], control)
+        except Exception as e:  # noqa: BLE001 - the actions that could be applied were
+            self._report("actions", e)
+        self.interventions.policy.load_state_dict(payload["policy"])
+        taken = list(self.interventions.taken[n:])
+        self.actions.extend(taken)
+        return taken
+
+    def _record_actions(self, actions: list[Any], step: int) -> None:
+        assert self._router is not None
+        for action in actions:
+            self.actions.append(action)
+            line = action.to_json()
+            line.update({"stage": self.config.stage, "time": round(time.time(), 3)})
+            self._router.write_alert_line(line)
+            logger.warning(
+                "topomon: step %d: action %s %s (cause: %s)", step, action.kind, action.params, action.cause
+            )
+
+    @guarded
+    def pre_optimizer_step(self) -> None:
+        """After gradient clipping, before the optimiser step: LoRA decorrelation adds its gradient."""
+        if self._started:
+            self.interventions.pre_optimizer_step()
+
+    @guarded
+    def save_state(self, folder: str | os.PathLike[str]) -> None:
+        """Write the session's state into a training checkpoint folder (main process).
+
+        Pending results are awaited first (at most ``flush_timeout`` seconds), so the saved state
+        (references, alert rules, diagrams) covers every capture up to this step: a crash after the
+        checkpoint then loses no capture a resume cannot redo.
+        """
+        if not self._started or not self.is_main or not os.path.isdir(folder):
+            return
+        if self._executor is not None:
+            deadline = time.monotonic() + self.config.flush_timeout
+            while self._executor.pending and time.monotonic() < deadline:
+                time.sleep(0.02)
+        write_state(folder, self.state_dict())
+
+    @guarded
+    def end(self, local_step: int, model: Any) -> None:
+        """At the end of training: save this stage's LoRA update subspace, then :meth:`close`."""
+        if self._started and self.run is not None and model is not None:
+            self._save_lora_subspace(model)
+        self.close(last_step=self.step_offset + int(local_step))
+
+    @guarded
+    def _save_lora_subspace(self, model: Any) -> None:
+        from topomon.capture.lora_weights import lora_factors
+        from topomon.interventions.lora_decorrelation import save_lora_subspaces
+
+        assert self.run is not None
+        if lora_factors(model):
+            path = self.run.lora_path(self.config.stage)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_lora_subspaces(model, path)
+
+    def _teardown(self) -> None:
+        if self._executor is not None:
+            self._executor.close(0.0)
+        if self._strategy is not None:
+            self._strategy.close()
+        self.interventions.finish()
+
+    def close(self, last_step: int | None = None) -> None:
+        """Flush and stop the worker, write the final counters, close files (idempotent)."""
+        if not self._started:
+            return
+        self._started = False
+        if self._strategy is not None:
+            self._strategy.close()
+        flushed = True
+        if self._executor is not None:
+            flushed = self._executor.close(self.config.flush_timeout)
+        self._act(None, last_step or 0, collective=False)
+        self.interventions.finish()
+        if self._router is not None and self.run is not None:
+            health = self.health()
+            health["flushed"] = float(flushed)
+            self._router.write_health(self.config.stage, health, self.captures[-1] if self.captures else 0)
+            self._router.close()
+            end = last_step if last_step is not None else max(self.captures, default=self.step_offset)
+            self.run.end_stage(self.config.stage, end, health)
+        if not flushed:
+            logger.warning("topomon: some metrics were still being computed at train end and were abandoned")
+
+    # ------------------------------------------------------------------ state and health
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: captures so far, references, alert and worker state (JSON-able)."""
+        return {
+            "version": 1,
+            "stage": self.config.stage,
+            "step_offset": self.step_offset,
+            "captures": list(self.captures),
+            "router": self._router.state_dict() if self._router is not None else {},
+            "engine": self._executor.shadow.state_dict() if self._executor is not None else {},
+            "interventions": self.interventions.state_dict(),
+        }
+
+    def health(self) -> dict[str, float]:
+        """The monitor's own counters: captures, errors, worker drops/losses, last capture stall.
+
+        ``records_written`` counts the metric lines this process has made durable (fsynced) in
+        ``metrics.jsonl``; ``alerts`` the alerts fired (each written to ``alerts.jsonl`` first).
+        """
+        h: dict[str, float] = {
+            "captures": float(len(self.captures)),
+            "monitor_errors": float(self.errors),
+            "capture_seconds": self.capture_seconds[-1] if self.capture_seconds else 0.0,
+            "stall_seconds": self.budget.stall_seconds,
+            "setup_seconds": self.setup_seconds,
+            "captures_deferred": float(self.captures_deferred),
+        }
+        cost = self.budget.cost()  # once: the worker may report between two reads
+        if self.budget.t_begin is not None:
+            elapsed = self.budget.elapsed()
+            h["stall_fraction"] = self.budget.stall_seconds / elapsed if elapsed > 0 else 0.0
+            h["cost_fraction"] = cost / elapsed if elapsed > 0 else 0.0
+        if self._executor is not None:
+            h["worker_cpu_seconds"] = self._executor.cpu_seconds
+            h["cost_seconds"] = cost
+            h.update({k: float(v) for k, v in self._executor.stats.as_dict().items()})
+        if self._router is not None:
+            h.update(self._router.counters())
+        return h
+
+
+def _fspath(p: str | os.PathLike[str] | None) -> str | None:
+    return None if p is None else os.fspath(p)
