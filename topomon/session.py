@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ from topomon.stage import (
     capture_modules,
     check_custom_metrics,
     earlier_records,
+    fresh_stage_name,
     make_strategy,
     on_cpu,
     plain_config,
@@ -151,7 +153,15 @@ class MonitorSession:
             raise ConfigError(f"`actions`: {e}") from None
         if "replay" in self.interventions.needs and replay_dataset is None:
             raise ConfigError("a 'replay' action needs replay_dataset=...: the examples to mix in")
-        self.budget = OverheadBudget(c.budget())
+        self._stage = c.stage  # the configured stage name (a re-run into it gets a new one)
+        self._started = False
+        self._depth = 0
+        self._finalizer: weakref.finalize | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh per-training state: a session drives one training at a time (see :meth:`begin`)."""
+        self.budget = OverheadBudget(self.config.budget())
         self.actions: list[Any] = []
         self.alerts: list[Alert] = []
         self.errors = 0
@@ -163,17 +173,19 @@ class MonitorSession:
         self.run: RunDir | None = None
         self.logging_dir: str | None = None
         self.step_offset = 0
+        self.total_steps: int | None = None
         self.comm: Comm | None = None
-        self._depth = 0
-        self._started = False
         self._deferred: int | None = None  # the first scheduled step waiting for the budget
         self._budget_warned = False
         self._size_warned = False
         self._done_steps: set[int] = set()
+        self._accepted: set[int] = set()  # main process: captures the worker took (not dropped)
         self._executor: Executor | None = None
         self._router: ResultRouter | None = None
         self._strategy: CaptureStrategy | None = None
         self._needs: frozenset[str] = frozenset()
+        self.interventions.taken.clear()
+        self.interventions.policy.load_state_dict({})
 
     # ------------------------------------------------------------------ properties
     @property
@@ -221,6 +233,18 @@ class MonitorSession:
         run = RunDir(c.run_dir if c.run_dir else os.path.join(output_dir or ".", "topomon"))
         run.ensure()
         self.run = run
+        earlier = earlier_records(run)
+        if not global_step and not resume:
+            stage = fresh_stage_name(c.stage, {r.stage for r in earlier})
+            if stage != c.stage:
+                logger.warning(
+                    "topomon: %s already holds stage %r; this training (from step 0) is recorded as "
+                    "stage %r (to continue the stage instead, resume the trainer from its checkpoint)",
+                    run.path,
+                    c.stage,
+                    stage,
+                )
+                self.config = c = c.replace(stage=stage)
         earlier_lora = run.earlier_lora(c.stage, like=info.get("like"))
         options = compute_options(
             c,
@@ -242,8 +266,8 @@ class MonitorSession:
 
         # Where this stage sits on the run's step axis, and what was already captured (resume).
         self.step_offset = stage_step_offset(c, run)
-        earlier = earlier_records(run)
         self._done_steps = {r.step for r in earlier if r.stage == c.stage}
+        self._accepted = set(self._done_steps)  # already recorded: never captured again
         first_of_run = not any(r.stage == BASE_STAGE for r in earlier)
         self.logging_dir = tensorboard_dir(c, run)
         self._router = make_router(
@@ -296,6 +320,7 @@ class MonitorSession:
             "done": sorted(self._done_steps),
             "run_path": run.path,
             "resumed": dict(resume.get("interventions") or {}) if resume else {},
+            "stage": c.stage,
         }
 
     def _setup_interventions(self, model: Any, run_path: str) -> None:
@@ -306,6 +331,8 @@ class MonitorSession:
 
     def _setup_rank(self, model: Any, shared: Mapping[str, Any]) -> None:
         """A rank other than the main one: the same capture and interventions, from the main's set-up."""
+        if shared["stage"] != self.config.stage:
+            self.config = self.config.replace(stage=shared["stage"])
         self.step_offset = int(shared["step_offset"])
         self._done_steps = set(shared["done"])
         self._needs = frozenset(shared["needs"])
@@ -323,8 +350,15 @@ class MonitorSession:
         control: Any = None,
         baseline: bool = True,
         info: Mapping[str, Any] | None = None,
+        total_steps: int | None = None,
     ) -> None:
         """Set up on every rank and capture the stage's baseline (collective).
+
+        A session drives one training at a time. Called again while a training is still open (it was
+        interrupted: a notebook's stop button, an exception), it closes that one first, with a warning;
+        every training starts with fresh counters. A training from step 0 into a stage that already
+        has records in the run directory (a re-run) becomes a new stage ``<stage>-2``, ``-3`` ...,
+        with a warning; a training resumed from a checkpoint continues its stage.
 
         Args:
             model: the model being trained (PEFT / DDP / FSDP wrapped or not).
@@ -339,13 +373,24 @@ class MonitorSession:
                 (False: offline analysis, which captures explicitly with :meth:`capture`).
             info: more fields for this stage's entry in ``run.json``; ``like``: the live stage an
                 offline analysis replays (its LoRA references are that stage's earlier stages).
+            total_steps: the training's length in steps, if known: a run the overhead budget would
+                leave without a capture between its start and end gets one at its middle.
 
         Raises:
             ConfigError: the configuration cannot work with this model, tokenizer or run directory; a
                 set-up error on any rank is raised on every rank, so none waits in the first step.
         """
         if self._started:
-            return
+            logger.warning(
+                "topomon: the previous training of this monitor (stage %r) did not end (interrupted?): "
+                "it is closed now, and this training starts anew",
+                self.config.stage,
+            )
+            self.close()
+        if self.config.stage != self._stage:
+            self.config = self.config.replace(stage=self._stage)
+        self._reset()
+        self.total_steps = total_steps
         t0 = time.perf_counter()
         comm = self.comm = Comm()
         failure: Exception | None = None
@@ -373,6 +418,8 @@ class MonitorSession:
                 raise failure
             raise ConfigError(f"topomon could not start on rank {bad[0][0]}: {bad[0][1]}")
         self._started = True
+        # no worker or hook outlives the session: garbage collection and interpreter exit close them
+        self._finalizer = weakref.finalize(self, _release, self._executor, self._strategy, self.interventions)
         self.budget.start()  # the budget counts from here: the baseline is a stall
         self.setup_seconds = time.perf_counter() - t0
         step = self.step_offset + int(global_step)
@@ -433,7 +480,7 @@ class MonitorSession:
             return False
         # no budget: every rank knows it; else the main process decides for all
         fits = self.budget.fraction is None or self.comm.broadcast_int(
-            int(self.budget.allows()) if self.comm.is_main else 0
+            int(self.budget.allows() or self._short_run_due(local)) if self.comm.is_main else 0
         )
         if not fits:
             if scheduled:
@@ -453,6 +500,11 @@ class MonitorSession:
         self._deferred = None
         return True
 
+    def _short_run_due(self, local: int) -> bool:
+        """A run the budget left without a capture since its start gets one at its middle."""
+        total = self.total_steps
+        return bool(total) and len(self.captures) <= 1 and 2 * local >= int(total or 0)
+
     def cost_seconds(self) -> float:
         """What the monitor has taken from training so far (what ``overhead_budget`` bounds), in seconds."""
         return self.budget.cost()
@@ -463,7 +515,7 @@ class MonitorSession:
         if self._started:
             self._capture(model, step)
 
-    def _capture(self, model: Any, step: int) -> None:
+    def _capture(self, model: Any, step: int, final: bool = False) -> None:
         """Capture and hand over; a failure is counted here, so the step's next collective still runs."""
         assert self.comm is not None and self._strategy is not None
         t0 = time.perf_counter()
@@ -471,12 +523,12 @@ class MonitorSession:
         try:
             snap = self._strategy.collect(self.comm, model, step, self.config.stage)
             if snap is not None:
-                self._submit(snap, model)
+                self._submit(snap, model, final)
                 self.budget.capture_stalls.append(time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - the monitor must never crash training
             self._report("capture", e)
 
-    def _submit(self, snap: Snapshot, model: Any) -> None:
+    def _submit(self, snap: Snapshot, model: Any, final: bool = False) -> None:
         assert self._executor is not None and self._router is not None
         c = self.config
         snap, size = cap_snapshot(snap, int(c.max_snapshot_mb * 2**20), c.seed)
@@ -501,7 +553,13 @@ class MonitorSession:
         self.capture_seconds.append(float(snap.meta.get("capture_seconds", 0.0)))
         self._router.set_health(self.health())
         self._router.submitted(snap.step)
-        if not self._executor.submit(snap):  # dropped: no result will come for it
+        if final:  # the stage's last capture waits for room rather than being dropped (bounded)
+            deadline = time.monotonic() + c.flush_timeout
+            while self._executor.pending >= c.queue_size and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if self._executor.submit(snap):
+            self._accepted.add(snap.step)
+        else:  # dropped: no result will come for it
             self._router.dropped(snap.step)
 
     def _add_model_extras(self, snap: Snapshot, model: Any) -> None:
@@ -588,10 +646,25 @@ class MonitorSession:
 
     @guarded
     def end(self, local_step: int, model: Any) -> None:
-        """At the end of training: save this stage's LoRA update subspace, then :meth:`close`."""
-        if self._started and self.run is not None and model is not None:
+        """At the end of training (collective): the final capture, the LoRA subspace, :meth:`close`.
+
+        It captures the final model, saves this stage's LoRA update subspace, then closes, waiting
+        for the results (at most ``flush_timeout``).
+
+        The final capture is taken whatever the schedule and budget say, and waits for room in the
+        worker's queue rather than being dropped: every stage ends with its final model's metrics.
+        """
+        if not self._started:
+            return
+        step = self.step_offset + int(local_step)
+        assert self._strategy is not None and self.comm is not None
+        if self._strategy.takes_baseline:  # the main process knows whether the last one was dropped
+            missing = self.comm.broadcast_int(int(step not in self._accepted) if self.comm.is_main else 0)
+            if missing and model is not None:
+                self._capture(model, step, final=True)
+        if self.run is not None and model is not None:
             self._save_lora_subspace(model)
-        self.close(last_step=self.step_offset + int(local_step))
+        self.close(last_step=step)
 
     @guarded
     def _save_lora_subspace(self, model: Any) -> None:
@@ -616,6 +689,8 @@ class MonitorSession:
         if not self._started:
             return
         self._started = False
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if self._strategy is not None:
             self._strategy.close()
         flushed = True
@@ -676,3 +751,14 @@ class MonitorSession:
 
 def _fspath(p: str | os.PathLike[str] | None) -> str | None:
     return None if p is None else os.fspath(p)
+
+
+def _release(
+    executor: Executor | None, strategy: CaptureStrategy | None, interventions: Interventions
+) -> None:
+    """Stop the worker and remove the hooks of a session that was never closed (its finaliser)."""
+    if executor is not None:
+        executor.close(0.0)
+    if strategy is not None:
+        strategy.close()
+    interventions.finish()

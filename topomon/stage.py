@@ -34,6 +34,7 @@ __all__ = [
     "read_state",
     "check_custom_metrics",
     "stage_step_offset",
+    "fresh_stage_name",
     "earlier_records",
     "tensorboard_dir",
     "capture_modules",
@@ -154,6 +155,21 @@ def check_custom_metrics(c: MonitorConfig) -> None:
             resolve_function(spec)
         except ValueError as e:
             raise ConfigError(f"`custom_metrics` {name!r}: {e}") from None
+
+
+def fresh_stage_name(stage: str, recorded: set[str]) -> str:
+    """``stage``, or ``<stage>-2``, ``-3`` ... when ``recorded`` (the stages with records) holds it.
+
+    Example:
+        >>> fresh_stage_name("sft", {"base", "sft", "sft-2"})
+        'sft-3'
+    """
+    if stage not in recorded:
+        return stage
+    k = 2
+    while f"{stage}-{k}" in recorded:
+        k += 1
+    return f"{stage}-{k}"
 
 
 def stage_step_offset(c: MonitorConfig, run: RunDir) -> int:

@@ -246,6 +246,7 @@ def test_a_rank_whose_capture_fails_still_gathers_its_error(two_ranks, tmp_path,
             raise RuntimeError("out of memory")
 
     shared = {"error": None, "plan": plan, "needs": (), "step_offset": 0, "done": [], "resumed": {}}
+    shared["stage"] = "train"
     shared["run_path"] = str(tmp_path)
     comm = two_ranks(FakeComm(1, {"broadcast": lambda _: shared, "all_gather": lambda mine: [None, mine]}))
     monkeypatch.setattr(ProbeCapture, "capture_batches", Broken.capture_batches)

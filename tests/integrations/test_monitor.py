@@ -271,8 +271,8 @@ def test_a_slow_worker_never_blocks_training(model, tok, sft_data, tmp_path, mon
     )
     run_sft(model, tok, sft_data, tmp_path, mon, max_steps=6)
     h = mon.health()
-    assert h["captures"] == 7
-    assert h["submitted"] + h["dropped"] == 7 and h["dropped"] >= 4
+    # 7 scheduled (0-6); when the last of them was dropped too, the stage end is captured again, waiting
+    assert h["captures"] in (7, 8) and h["submitted"] + h["dropped"] == h["captures"] and h["dropped"] >= 4
     # latency bookkeeping keeps nothing for the dropped captures, one latency per completed one
     router = mon.session._router
     assert router.in_flight() == [] and len(router._latencies) == h["completed"]
@@ -280,6 +280,7 @@ def test_a_slow_worker_never_blocks_training(model, tok, sft_data, tmp_path, mon
     recs = [r for r in read_jsonl(tmp_path / "topomon" / "metrics.jsonl") if r["kind"] == "metrics"]
     assert {r["stage"] for r in recs if r["step"] == 0} == {"base", "train"} and recs[0]["step"] == 0
     assert len([r for r in recs if r["stage"] == "train" and r["layer"] == "layer_0"]) == h["completed"] >= 1
+    assert max(r["step"] for r in recs) == 6  # never the stage end
 
 
 def test_a_failing_metric_is_reported_and_training_goes_on(model, tok, sft_data, tmp_path):

@@ -104,7 +104,8 @@ def test_worker_sigkilled_mid_computation_is_restarted_and_the_loss_reported(
     h = mon.health()
     assert h["restarts"] == 1 and h["lost"] == 1
     assert h["submitted"] == h["completed"] + h["lost"]  # every accepted snapshot is accounted for
-    assert h["captures"] == 5 == h["submitted"] + h["dropped"]
+    # 5 scheduled (0-4), plus the stage end again when its scheduled capture was dropped (queue full)
+    assert h["captures"] == 5 + (h["dropped"] > 0) == h["submitted"] + h["dropped"]
     assert killer.killed is not None and killer.killed not in [p.pid for p in _workers()]
     assert any(
         "worker process died" in r.getMessage() and "1 snapshot(s) lost" in r.getMessage()
@@ -116,6 +117,7 @@ def test_worker_sigkilled_mid_computation_is_restarted_and_the_loss_reported(
     assert health["lost"] == 1 and health["restarts"] == 1 and health["flushed"] == 1
     steps = sorted({r["step"] for r in metric_lines(run_dir, "train")})
     assert steps and steps[0] >= 1 and len(steps) == h["completed"]  # all computed after the kill
+    assert steps[-1] == 4  # the stage's final model is never dropped
     assert all(r["metrics"]["slow"] == 1.0 for r in metric_lines(run_dir, "train"))
     assert _workers() == []  # nothing left running after train end
 

@@ -129,6 +129,7 @@ class TopoMonitor(TrainerCallback):
             global_step=step,
             resume=resume,
             control=control,
+            total_steps=int(getattr(state, "max_steps", 0) or 0) or None,
         )
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
