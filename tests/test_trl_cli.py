@@ -260,7 +260,11 @@ def test_sft_end_to_end_writes_the_monitor_output(sft_run):
     assert os.listdir(out / "topomon" / "tensorboard" / "sft")
     assert (out / "checkpoint-3" / "topomon_state.json").is_file()  # the monitor's state in TRL's checkpoint
     assert (out / "model.safetensors").is_file()  # TRL's script saved the model
-    assert f"topomon: metrics in {out / 'topomon' / 'metrics.jsonl'}" in proc.stdout
+    # the one-screen summary at the end: captures, alerts, cost, where to look
+    assert "topomon: stage 'sft': 4 captures (steps 0-3), 0 dropped, 0 lost, 0 errors" in proc.stdout
+    assert f"topomon: metrics: {out / 'topomon'}/metrics.jsonl" in proc.stdout
+    assert f"topomon: report: topomon report {out / 'topomon'}" in proc.stdout
+    assert "% of the training time" in proc.stdout
 
 
 @pytest.mark.slow

@@ -708,6 +708,20 @@ class MonitorSession:
         if not flushed:
             logger.warning("topomon: some metrics were still being computed at train end and were abandoned")
 
+    def summary(self) -> str:
+        """A one-screen summary of the last training: captures, alerts, actions, cost, where to look."""
+        from topomon.summary import format_summary
+
+        return format_summary(
+            stage=self.config.stage,
+            captures=self.captures,
+            health=self.health(),
+            alerts=self.alerts,
+            actions=self.actions,
+            run_path=self.run.path if self.run is not None else None,
+            logging_dir=self.logging_dir,
+        )
+
     # ------------------------------------------------------------------ state and health
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: captures so far, references, alert and worker state (JSON-able)."""

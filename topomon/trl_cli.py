@@ -470,9 +470,7 @@ def run(command: str, argv: Sequence[str]) -> int:
         )
         return 1
     if monitor.run is not None and os.environ.get("RANK", "0") == "0":
-        print(f"topomon: metrics in {monitor.run.metrics_path}", flush=True)
-        if monitor.logging_dir:
-            print(f"topomon: tensorboard --logdir {monitor.logging_dir}", flush=True)
+        print(monitor.session.summary(), flush=True)
     return 0
 
 

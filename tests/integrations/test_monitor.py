@@ -257,6 +257,44 @@ def test_passive_mode_captures_the_training_forward_once(tok, sft_data, tmp_path
         assert math.isclose(results[True][k], results[False][k], rel_tol=1e-4), k
 
 
+def test_passive_mode_takes_its_points_from_every_micro_batch_of_the_step(tok, sft_data, tmp_path):
+    """Under gradient accumulation a step runs several forwards: the capture pools them all."""
+    from topomon.testing import tiny_causal_lm
+
+    points = {}
+    for accumulation in (1, 4):
+        mon = TopoMonitor(
+            mode="passive", schedule="every", every_n_steps=2, worker="sync", max_points=4096, topology=False
+        )
+        out = tmp_path / str(accumulation)
+        run_sft(
+            tiny_causal_lm("llama", seed=0),
+            tok,
+            sft_data,
+            out,
+            mon,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=accumulation,
+        )
+        recs = [r for r in read_jsonl(out / "topomon" / "metrics.jsonl") if r["kind"] == "metrics"]
+        points[accumulation] = [r["metrics"]["n_points"] for r in recs if r["layer"] == "final_norm"]
+    # 4 micro-batches of 2 texts: about 4x the tokens of one (exactly, were the texts the same length)
+    assert all(3 * one < four for one, four in zip(points[1], points[4], strict=True)), points
+    # with a cap, the pooled points are subsampled to max_points
+    mon = TopoMonitor(mode="passive", schedule="every", every_n_steps=2, worker="sync", max_points=64)
+    run_sft(
+        tiny_causal_lm("llama", seed=0),
+        tok,
+        sft_data,
+        tmp_path / "cap",
+        mon,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+    )
+    recs = [r for r in read_jsonl(tmp_path / "cap" / "topomon" / "metrics.jsonl") if r["kind"] == "metrics"]
+    assert {r["metrics"]["n_points"] for r in recs if r["layer"] != "model"} == {64}
+
+
 def test_a_slow_worker_never_blocks_training(model, tok, sft_data, tmp_path, monkeypatch):
     monkeypatch.setenv("TOPOMON_TEST_SLOW", "3")
     mon = TopoMonitor(

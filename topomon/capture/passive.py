@@ -16,6 +16,7 @@ import torch
 
 from topomon.capture.layers import unwrap_model
 from topomon.capture.probe import _hidden
+from topomon.metrics.preprocess import subsample_indices
 from topomon.types import Snapshot
 
 __all__ = ["PassiveCapture"]
@@ -43,7 +44,9 @@ class PassiveCapture:
         self._mask: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._cols: torch.Tensor | None = None
-        self._points: dict[str, np.ndarray] = {}
+        self._forwards = 0  # training forwards seen in the armed step (micro-batches)
+        self._taken: set[str] = set()  # layers taken in the current forward
+        self._parts: dict[str, list[np.ndarray]] = {}
         self._t0 = 0.0
         self._seconds = 0.0
 
@@ -66,7 +69,9 @@ class PassiveCapture:
         self._armed_step = step
         self._mask = None
         self._rows = self._cols = None
-        self._points = {}
+        self._forwards = 0
+        self._taken = set()
+        self._parts = {}
         self._seconds = 0.0
 
     @property
@@ -75,7 +80,7 @@ class PassiveCapture:
         return self._armed_step is not None
 
     def _pre(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._armed_step is None or self._rows is not None or not torch.is_grad_enabled():
+        if self._armed_step is None or not torch.is_grad_enabled():
             return
         t0 = time.perf_counter()
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -89,7 +94,11 @@ class PassiveCapture:
             first = m.float().argmax(dim=1)  # first non-pad position (left or right padding)
             m[torch.arange(m.shape[0]), first] = False
         rows, cols = m.nonzero(as_tuple=True)
-        g = torch.Generator().manual_seed(self.seed + self._armed_step)
+        # every micro-batch of the step (gradient accumulation) gets its own seeded draw; the
+        # first one's is that of a step without accumulation
+        g = torch.Generator().manual_seed(self.seed + self._armed_step + (self._forwards << 32))
+        self._forwards += 1
+        self._taken = set()
         if len(rows) > self.max_points:
             keep = torch.randperm(len(rows), generator=g)[: self.max_points].sort().values
             rows, cols = rows[keep], cols[keep]
@@ -100,7 +109,7 @@ class PassiveCapture:
         if (
             self._armed_step is None
             or self._rows is None
-            or name in self._points
+            or name in self._taken
             or not torch.is_grad_enabled()
         ):
             return
@@ -109,17 +118,30 @@ class PassiveCapture:
         if h.dim() != 3:
             return
         rows, cols = self._rows.to(h.device), self._cols.to(h.device)  # type: ignore[union-attr]
-        self._points[name] = h.detach()[rows, cols].to("cpu", torch.float32).numpy()
+        self._parts.setdefault(name, []).append(h.detach()[rows, cols].to("cpu", torch.float32).numpy())
+        self._taken.add(name)
         self._seconds += time.perf_counter() - t0
 
     def collect(self, stage: str) -> Snapshot | None:
-        """Disarm and return the snapshot of the armed step (None if no training forward ran)."""
+        """Disarm and return the snapshot of the armed step (None if no training forward ran).
+
+        The points of every micro-batch of the step are pooled, then a fixed seeded subset of
+        ``max_points`` is kept (:func:`~topomon.metrics.preprocess.subsample_indices`).
+        """
         step, self._armed_step = self._armed_step, None
-        if step is None or not self._points:
+        parts, self._parts = self._parts, {}
+        if step is None or not parts:
             return None
-        snap = Snapshot(step=step, stage=stage, layers=dict(self._points))
+        layers = {}
+        for name, chunks in parts.items():
+            points = np.concatenate(chunks, axis=0)
+            layers[name] = points[subsample_indices(len(points), self.max_points, self.seed + step)]
+        snap = Snapshot(step=step, stage=stage, layers=layers)
         snap.meta.update(
-            {"capture_seconds": self._seconds, "n_points": len(next(iter(self._points.values())))}
+            {
+                "capture_seconds": self._seconds,
+                "n_points": len(next(iter(layers.values()))),
+                "micro_batches": self._forwards,
+            }
         )
-        self._points = {}
         return snap

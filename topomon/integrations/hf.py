@@ -46,6 +46,7 @@ _SESSION_VIEWS = frozenset(
         "health",
         "state_dict",
         "cost_seconds",
+        "summary",
         "close",
     }
 )
