@@ -153,6 +153,7 @@ class ResultRouter:
         self._lock = threading.Lock()
         self._figure_steps: set[int] = set()
         self._pending_alerts: collections.deque[Alert] = collections.deque()
+        self._replayed: list[Alert] = []
         self._health: dict[str, float] = {}
         self._submit_times: dict[int, float] = {}  # step -> time.monotonic() at hand-over to the worker
         # seconds from hand-over to the records being durable: the most recent ones, and the largest
@@ -303,6 +304,26 @@ class ResultRouter:
         with self._lock:
             out = list(self._pending_alerts)
             self._pending_alerts.clear()
+        return out
+
+    def replay(self, records: Sequence[MetricRecord]) -> None:
+        """Judge again, at its step, a capture whose records were written before a crash (resume).
+
+        The alert rules see it in step order, as the uninterrupted run did; the alerts it gives go to
+        :meth:`drain_replayed` (for the actions in effect), and nothing is written a second time.
+        """
+        for r in records:
+            self._remember(r)
+        if self.alert_engine is not None and records:
+            alerts = self.alert_engine.update(list(records))
+            with self._lock:
+                self._replayed.extend(alerts)
+
+    def drain_replayed(self) -> list[Alert]:
+        """Alerts of replayed captures since the last call (already in ``alerts.jsonl``)."""
+        with self._lock:
+            out = list(self._replayed)
+            self._replayed.clear()
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -180,6 +180,7 @@ class MonitorSession:
         self._size_warned = False
         self._done_steps: set[int] = set()
         self._accepted: set[int] = set()  # main process: captures the worker took (not dropped)
+        self._replay: dict[int, list[Any]] = {}  # resume: step -> records written before the crash
         self._executor: Executor | None = None
         self._router: ResultRouter | None = None
         self._strategy: CaptureStrategy | None = None
@@ -286,9 +287,11 @@ class MonitorSession:
             self._router.load_state_dict(resume.get("router", {}))
             self.captures = [int(s) for s in resume.get("captures", [])]
             # captures written after the checkpoint (before a crash) are not taken again: the alert
-            # rules must still have seen them, after the checkpoint's state replaced the primed one
+            # rules judge them again when training passes their step, as the uninterrupted run did
             since = self.step_offset + int(global_step)
-            self._router.prime(r for r in earlier if r.stage == c.stage and r.step > since)
+            for r in earlier:
+                if r.stage == c.stage and r.step > since:
+                    self._replay.setdefault(r.step, []).append(r)
         self._executor = make_executor(
             c.worker,
             options,
@@ -462,6 +465,8 @@ class MonitorSession:
         step = self.step_offset + local
         if self._due(local, step):
             self._capture(model, step)
+        if step in self._replay and self._router is not None:
+            self._router.replay(self._replay.pop(step))
         taken = self._act(control, step)
         values = self.interventions.values()
         if values and self._router is not None:
@@ -580,16 +585,22 @@ class MonitorSession:
         comm = self.comm
         taken: list[Any] = []
         if self._router is not None:  # the main process
-            alerts = self._router.drain_alerts()
-            self.alerts.extend(alerts)
-            if alerts and control is not None:
-                n = len(self.interventions.taken)
-                try:
-                    self.interventions.act(alerts, control, step)
-                except Exception as e:  # noqa: BLE001 - the actions that could be applied were
-                    self._report("actions", e)
-                taken = list(self.interventions.taken[n:])
-                self._record_actions(taken, step)
+            # replayed alerts (resume) were recorded with their actions before the crash: applied
+            # again, not written again
+            for alerts, record in (
+                (self._router.drain_replayed(), False),
+                (self._router.drain_alerts(), True),
+            ):
+                self.alerts.extend(alerts)
+                if alerts and control is not None:
+                    n = len(self.interventions.taken)
+                    try:
+                        self.interventions.act(alerts, control, step)
+                    except Exception as e:  # noqa: BLE001 - the actions that could be applied were
+                        self._report("actions", e)
+                    done = list(self.interventions.taken[n:])
+                    self._record_actions(done, step, write=record)
+                    taken += done
         if not collective or comm is None or comm.broken is not None or not self.interventions.policy.specs:
             return taken
         if comm.broadcast_int(len(taken)) == 0:
@@ -611,10 +622,12 @@ class MonitorSession:
         self.actions.extend(taken)
         return taken
 
-    def _record_actions(self, actions: list[Any], step: int) -> None:
+    def _record_actions(self, actions: list[Any], step: int, write: bool = True) -> None:
         assert self._router is not None
         for action in actions:
             self.actions.append(action)
+            if not write:
+                continue
             line = action.to_json()
             line.update({"stage": self.config.stage, "time": round(time.time(), 3)})
             self._router.write_alert_line(line)
