@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup setup-demo test check lint unit demo bench bench-floor bench-overhead bench-memory bench-zigzag clean
+.PHONY: setup setup-demo test check lint unit demo bench bench-floor bench-overhead bench-memory bench-zigzag bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench-memory: setup-demo
 
 bench-zigzag: setup-demo
 	$(PY) bench/zigzag.py --smollm2
+
+# On a lent GPU: one prepared script, about 5 minutes (bench/gpu.py; --dry-run checks it on the CPU)
+bench-gpu: setup-demo
+	$(PY) bench/gpu.py --out bench/results/gpu_cuda.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ A real ``transformers.Trainer`` trains a tiny Llama built in memory (``topomon.t
 (spectral, topology, logits, trajectory; figures every ``figures_every`` captures, TensorBoard and
 the default alerts on), so every training step is a capture. A small ``TrainerCallback`` added after
 the monitor samples, at every capture, the RSS of the training process and of the worker process
-(``monitor._executor.pid``; a restarted worker is followed), the executor's counters, and the
+(``monitor.session._executor.pid``; a restarted worker is followed), the executor's counters, and the
 lengths of the Python containers that grow by design (one entry per capture: ``monitor.captures``,
 ``capture_seconds``, ``_done_steps``, the router's ``figure_steps``; fixed-size ones: the router's
 reference values, the shadow engine's diagrams).
@@ -114,7 +114,7 @@ def _sampler(
     procs: dict[int, Any] = {}
 
     def worker_rss() -> tuple[int | None, float]:
-        ex = monitor._executor
+        ex = monitor.session._executor
         pid = getattr(ex, "pid", None)
         if pid is None:
             return None, float("nan")
@@ -136,7 +136,7 @@ def _sampler(
             if n == self.seen:
                 return
             self.seen = n
-            ex, router = monitor._executor, monitor._router
+            ex, router = monitor.session._executor, monitor.session._router
             pid, w_rss = worker_rss()
             row: dict[str, Any] = {
                 "capture": n,
@@ -149,16 +149,16 @@ def _sampler(
                 "pending": ex.pending,
                 "len_captures": len(monitor.captures),
                 "len_capture_seconds": len(monitor.capture_seconds),
-                "len_done_steps": len(monitor._done_steps),
+                "len_done_steps": len(monitor.session._done_steps),
                 "len_alerts": len(monitor.alerts),
-                "len_figure_steps": len(router.figure_steps),
+                "len_figure_steps": len(router._figure_steps),
                 "len_base_values": len(router.base_values),
                 "len_stage_values": len(router.stage_values),
                 "len_pending_alerts": len(router._pending_alerts),
                 # present in newer versions of the monitor (per-capture bookkeeping)
                 "len_capture_stalls": len(getattr(monitor, "capture_stalls", ())),
-                "len_router_latencies": len(getattr(router, "latencies", ())),
-                "len_router_submit_times": len(getattr(router, "submit_times", ())),
+                "len_router_latencies": len(router._latencies),
+                "len_router_submit_times": len(router.in_flight()),
                 "len_shadow_prev": len(ex.shadow._prev),
                 "len_shadow_first": len(ex.shadow._first),
                 "alert_state_chars": (
@@ -450,7 +450,7 @@ def section(results: list[dict[str, Any]], summaries: list[dict[str, Any]], meta
         f"`figures_every={c['figures_every']}`, `queue_size={c['queue_size']}`, "
         f"`max_points={c['max_points']}`. "
         "RSS sampled by a `TrainerCallback` after the monitor's at every capture; the worker is "
-        "`monitor._executor.pid`. Slope = least-squares line over the second half of the captures; "
+        "`monitor.session._executor.pid`. Slope = least-squares line over the second half of the captures; "
         "high-water growth = max over the last quarter minus max over the second quarter.",
         "- Runs (each in a fresh process): "
         + "; ".join(

