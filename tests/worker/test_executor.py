@@ -132,6 +132,38 @@ def test_a_worker_killed_with_sigkill_is_replaced():
     assert {r.step for r in sink.records} == {2}
 
 
+def test_closing_while_a_dead_worker_is_being_replaced_leaves_no_worker_and_raises_nothing(monkeypatch):
+    """A race seen in a 2-process run: close() joined the replacement worker before it had started."""
+    import contextlib
+
+    import topomon.worker.executor as executor
+
+    real = executor._main_module_hidden
+    starts = []
+    replacing = threading.Event()
+
+    @contextlib.contextmanager
+    def slow_start():  # wraps Process.start(): the replacement is created, not started yet
+        starts.append(1)
+        if len(starts) > 1:
+            replacing.set()
+            time.sleep(1.0)
+        with real():
+            yield
+
+    monkeypatch.setattr(executor, "_main_module_hidden", slow_start)
+    opts = ComputeOptions(topology=False, trajectory=False, custom_metrics={"slow": "tests.faults:slow"})
+    ex = make_executor("process", opts, Sink(), queue_size=2)
+    first = ex.pid
+    assert ex.submit(snapshot(1))
+    time.sleep(0.3)
+    os.kill(first, signal.SIGKILL)
+    assert replacing.wait(30)  # the collector is between creating and starting the replacement
+    ex.close(timeout=5)  # must neither raise nor leave the replacement running
+    assert ex.stats.lost == 1
+    assert not ex._proc.is_alive()
+
+
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_the_workers_cpu_time_is_counted_per_snapshot_and_in_total(kind):
     # "busy" burns 0.3 s of CPU per layer: 0.6 s per snapshot of two layers

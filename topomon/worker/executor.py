@@ -362,6 +362,9 @@ class ProcessExecutor(Executor):
         self._closing = False
         self._disabled = False
         self._restarting = False
+        self._life = (
+            threading.Lock()
+        )  # a restart (collector thread) and close (training thread) one at a time
         self._start_worker()
         self._stop = threading.Event()
         self._collector = threading.Thread(target=self._collect, name="topomon-collector", daemon=True)
@@ -401,20 +404,27 @@ class ProcessExecutor(Executor):
             self._pending_tasks.clear()
             self._restarting = True  # submit drops while the queues are swapped
         try:
-            self._kill_worker()
-            if self.stats.restarts >= self.max_restarts:
-                self._disabled = True
-                self._report(
-                    f"{why}; {lost} snapshot(s) lost; restarted {self.stats.restarts} times already, "
-                    "so metrics are now disabled for this run (snapshots are dropped and counted)"
-                )
-                return
-            self._report(f"{why}; {lost} snapshot(s) lost; restarting the worker")
-            self._start_worker()
-            self.stats.restarts += 1
+            with self._life:
+                self._replace_worker(why, lost)
         finally:
             with self._lock:
                 self._restarting = False
+
+    def _replace_worker(self, why: str, lost: int) -> None:
+        self._kill_worker()
+        if self._closing:  # the monitor is closing: no new worker
+            self._report(f"{why}; {lost} snapshot(s) lost")
+            return
+        if self.stats.restarts >= self.max_restarts:
+            self._disabled = True
+            self._report(
+                f"{why}; {lost} snapshot(s) lost; restarted {self.stats.restarts} times already, "
+                "so metrics are now disabled for this run (snapshots are dropped and counted)"
+            )
+            return
+        self._report(f"{why}; {lost} snapshot(s) lost; restarting the worker")
+        self._start_worker()
+        self.stats.restarts += 1
 
     @property
     def pid(self) -> int | None:
@@ -522,15 +532,17 @@ class ProcessExecutor(Executor):
         if left:
             self._report(f"{left} snapshot(s) still pending after flush_timeout={timeout}s were abandoned")
         self._stop.set()  # the collector and the worker stop side by side
-        if not self._disabled:
-            try:
-                self._tasks.put(None)  # the worker answers "bye" (it wakes the collector) and exits
-                self._proc.join(timeout=5)
-            except (OSError, ValueError):
-                pass
+        with self._life:  # never while the collector replaces a dead worker
+            if not self._disabled:
+                try:
+                    self._tasks.put(None)  # the worker answers "bye" (it wakes the collector) and exits
+                    self._proc.join(timeout=5)
+                except (OSError, ValueError):
+                    pass
         self._collector.join(timeout=COLLECT_POLL + 5)
-        if not self._disabled:
-            self._kill_worker()  # after the collector: the worker's last CPU report is in
+        with self._life:
+            if not self._disabled:
+                self._kill_worker()  # after the collector: the worker's last CPU report is in
         return left == 0
 
 
