@@ -9,12 +9,18 @@ at the same steps.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from topomon.distributed import Comm
 
 __all__ = ["OverheadBudget", "WorkerCost", "fits"]
+
+logger = logging.getLogger("topomon")
 
 
 class WorkerCost(Protocol):
@@ -63,6 +69,9 @@ class OverheadBudget:
     stall_seconds: float = 0.0
     capture_stalls: list[float] = field(default_factory=list)
     worker: WorkerCost | None = None
+    deferred: int | None = None  # the first scheduled step waiting for the budget
+    captures_deferred: int = 0  # scheduled steps not captured on time
+    warned: bool = False
 
     def start(self) -> None:
         """Start counting the training's wall time (after set-up; the baseline capture is a stall)."""
@@ -93,3 +102,43 @@ class OverheadBudget:
             recent = list(self.worker.task_cpu)[-3:]
             estimate += min(recent) if recent else 0.0
         return fits(self.cost(), estimate, self.elapsed(), self.fraction)
+
+    def due(self, step: int, scheduled: bool, done: bool, comm: Comm, middle: bool = False) -> bool:
+        """Whether to capture at ``step`` (collective when a capture waits and there is a budget).
+
+        A scheduled step waits (one at most) while the capture would take the monitor's cost over
+        the budget, and is taken at the first step where it fits, or where ``middle`` says the run
+        would otherwise have no capture between its start and end. The main process decides and
+        broadcasts, so every rank captures at the same steps.
+
+        Args:
+            step: the global step.
+            scheduled: the schedule names this step.
+            done: this step was already captured (or recorded before a resume).
+            comm: the collectives of the session (a no-op in one process).
+            middle: the run's middle was reached without a capture since its start.
+        """
+        if scheduled and self.deferred is None and not done:
+            self.deferred = step
+        if self.deferred is None or done:
+            return False
+        fits = self.fraction is None or comm.broadcast_int(
+            int(self.allows() or middle) if comm.is_main else 0
+        )  # no budget: every rank knows it without a collective
+        if fits:
+            self.deferred = None
+            return True
+        if scheduled:
+            self.captures_deferred += 1
+        if not self.warned and comm.is_main:
+            self.warned = True
+            logger.warning(
+                "topomon: capture of step %d deferred: the monitor has cost training %.1f s of %.1f s, "
+                "over overhead_budget=%g; captures resume as soon as they fit (set overhead_budget=None "
+                "to capture exactly on schedule)",
+                self.deferred,
+                self.cost(),
+                self.elapsed(),
+                self.fraction,
+            )
+        return False

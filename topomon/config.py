@@ -18,7 +18,7 @@ from typing import Any
 from topomon import schedules
 from topomon._validate import check_int, check_number, check_str
 
-__all__ = ["MonitorConfig", "ConfigError"]
+__all__ = ["MonitorConfig", "ConfigError", "as_config"]
 
 
 AUTO_BUDGET = 0.01
@@ -454,3 +454,20 @@ def _check_webhook_url(url: Any) -> None:
             "`webhook_url` is a redacted URL as run.json stores it (only its host is kept); "
             "give the real URL to send alerts"
         )
+
+
+def as_config(
+    config: MonitorConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> MonitorConfig:
+    """A config from a :class:`MonitorConfig`, a mapping of its fields or None, with field overrides.
+
+    Raises:
+        ConfigError: a wrong value, an unknown key, or ``config`` of another type.
+    """
+    if config is None:
+        return MonitorConfig.from_dict(overrides)
+    if isinstance(config, Mapping):
+        return MonitorConfig.from_dict({**config, **overrides})
+    if isinstance(config, MonitorConfig):
+        return config.replace(**overrides) if overrides else config
+    raise ConfigError(f"config must be a MonitorConfig or a mapping, got {type(config).__name__}")

@@ -27,32 +27,25 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from topomon import __version__
 from topomon.budget import OverheadBudget
-from topomon.capture.layers import decoder_layers
+from topomon.capture.lora_weights import lora_extras
 from topomon.capture.probes import load_probes
 from topomon.capture.strategy import CaptureStrategy, ProbeStrategy
-from topomon.config import ConfigError, MonitorConfig
+from topomon.config import ConfigError, MonitorConfig, as_config
 from topomon.distributed import Comm
 from topomon.interventions.controller import Interventions
-from topomon.pipeline import ResultRouter, compute_options, make_router
-from topomon.run import BASE_STAGE, RunDir
+from topomon.pipeline import ResultRouter
+from topomon.run import RunDir
 from topomon.stage import (
     cap_snapshot,
-    capture_modules,
-    check_custom_metrics,
-    earlier_records,
-    fresh_stage_name,
     make_strategy,
     on_cpu,
-    plain_config,
-    stage_step_offset,
-    tensorboard_dir,
-    versions,
+    release,
+    setup_stage,
     write_state,
 )
 from topomon.types import Alert, Snapshot
-from topomon.worker.executor import Executor, make_executor
+from topomon.worker.executor import Executor
 
 __all__ = ["MonitorSession"]
 
@@ -82,23 +75,6 @@ def guarded(fn: F) -> F:
                 self.budget.stall_seconds += time.perf_counter() - t0
 
     return wrapper  # type: ignore[return-value]
-
-
-def as_config(
-    config: MonitorConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]
-) -> MonitorConfig:
-    """A config from a :class:`MonitorConfig`, a mapping of its fields or None, with field overrides.
-
-    Raises:
-        ConfigError: a wrong value, an unknown key, or ``config`` of another type.
-    """
-    if config is None:
-        return MonitorConfig.from_dict(overrides)
-    if isinstance(config, Mapping):
-        return MonitorConfig.from_dict({**config, **overrides})
-    if isinstance(config, MonitorConfig):
-        return config.replace(**overrides) if overrides else config
-    raise ConfigError(f"config must be a MonitorConfig or a mapping, got {type(config).__name__}")
 
 
 class MonitorSession:
@@ -168,15 +144,12 @@ class MonitorSession:
         self.last_error: str | None = None
         self.captures: list[int] = []
         self.capture_seconds: list[float] = []
-        self.captures_deferred = 0  # scheduled steps moved later by ``overhead_budget``
         self.setup_seconds = 0.0  # begin() before the baseline: probe plan, worker start, sinks
         self.run: RunDir | None = None
         self.logging_dir: str | None = None
         self.step_offset = 0
         self.total_steps: int | None = None
         self.comm: Comm | None = None
-        self._deferred: int | None = None  # the first scheduled step waiting for the budget
-        self._budget_warned = False
         self._size_warned = False
         self._done_steps: set[int] = set()
         self._accepted: set[int] = set()  # main process: captures the worker took (not dropped)
@@ -225,105 +198,49 @@ class MonitorSession:
         baseline: bool,
         info: Mapping[str, Any],
     ) -> dict[str, Any]:
-        """Everything the main process sets up; returns what the other ranks need."""
-        from topomon.capture.lora_weights import lora_factors
+        """Everything the main process sets up (:func:`~topomon.stage.setup_stage`).
 
-        c = self.config
-        _, modules = capture_modules(c, model)
-        check_custom_metrics(c)
-        run = RunDir(c.run_dir if c.run_dir else os.path.join(output_dir or ".", "topomon"))
-        run.ensure()
-        self.run = run
-        earlier = earlier_records(run)
-        if not global_step and not resume:
-            stage = fresh_stage_name(c.stage, {r.stage for r in earlier})
-            if stage != c.stage:
-                logger.warning(
-                    "topomon: %s already holds stage %r; this training (from step 0) is recorded as "
-                    "stage %r (to continue the stage instead, resume the trainer from its checkpoint)",
-                    run.path,
-                    c.stage,
-                    stage,
-                )
-                self.config = c = c.replace(stage=stage)
-        earlier_lora = run.earlier_lora(c.stage, like=info.get("like"))
-        options = compute_options(
-            c,
-            list(modules),
-            len(decoder_layers(model)),
-            earlier_lora,
-            logits=c.mode == "probe" and c.logits,
-            lora=c.lora_metrics and bool(lora_factors(model)),
-        )
-        self._needs = options.needs()
-        self._strategy = make_strategy(
-            c,
+        Returns:
+            What the other ranks need to set up the same capture and interventions.
+        """
+        st = setup_stage(
+            self.config,
             model,
-            needs=self._needs,
             tokenizer=self.tokenizer if self.tokenizer is not None else tokenizer,
             probes=self.probes,
-            run=run,
-        )
-
-        # Where this stage sits on the run's step axis, and what was already captured (resume).
-        self.step_offset = stage_step_offset(c, run)
-        self._done_steps = {r.step for r in earlier if r.stage == c.stage}
-        self._accepted = set(self._done_steps)  # already recorded: never captured again
-        first_of_run = not any(r.stage == BASE_STAGE for r in earlier)
-        self.logging_dir = tensorboard_dir(c, run)
-        self._router = make_router(
-            c,
-            run,
-            logging_dir=self.logging_dir,
-            options=options,
+            output_dir=output_dir,
+            global_step=global_step,
+            resume=resume,
+            baseline=baseline,
+            info=info,
             on_alert=self.on_alert,
-            base_alias_step=(
-                self.step_offset if first_of_run and baseline and self._strategy.takes_baseline else None
-            ),
         )
-        self._router.prime(r for r in earlier if r.stage in (BASE_STAGE, c.stage))
-        self._setup_interventions(model, run.path)
-        if resume:
-            self._router.load_state_dict(resume.get("router", {}))
-            self.captures = [int(s) for s in resume.get("captures", [])]
-            # captures written after the checkpoint (before a crash) are not taken again: the alert
-            # rules judge them again when training passes their step, as the uninterrupted run did
-            since = self.step_offset + int(global_step)
-            for r in earlier:
-                if r.stage == c.stage and r.step > since:
-                    self._replay.setdefault(r.step, []).append(r)
-        self._executor = make_executor(
-            c.worker,
-            options,
-            self._router,
-            queue_size=c.queue_size,
-            task_timeout=c.task_timeout,
-            state=resume.get("engine") if resume else None,
+        self.config, self.run, self.step_offset, self.logging_dir = (
+            st.config,
+            st.run,
+            st.step_offset,
+            st.logging_dir,
         )
+        self._strategy, self._router, self._executor, self._needs = (
+            st.strategy,
+            st.router,
+            st.executor,
+            st.needs,
+        )
+        self._done_steps, self._accepted, self._replay = set(st.done), set(st.done), st.replay
+        self.captures = list(st.captures)
+        self._setup_interventions(model, st.run.path)
         # on the CPU the worker takes the cores training uses: its CPU time is a cost too
-        self.budget.worker = self._executor if on_cpu(model) else None
-        run.begin_stage(
-            c.stage,
-            self.step_offset,
-            {
-                "topomon_version": __version__,
-                "layers": list(modules),
-                "probe_plan": self._strategy.describe(),
-                "config": plain_config(c),
-                "versions": versions(),
-                "tensorboard_dir": self.logging_dir,
-                **info,
-            },
-        )
-        probe = self._strategy.probe.plan if isinstance(self._strategy, ProbeStrategy) else None
+        self.budget.worker = st.executor if on_cpu(model) else None
+        probe = st.strategy.probe.plan if isinstance(st.strategy, ProbeStrategy) else None
         return {
             "plan": probe,
-            "needs": self._needs,
-            "step_offset": self.step_offset,
-            "done": sorted(self._done_steps),
-            "run_path": run.path,
+            "needs": st.needs,
+            "step_offset": st.step_offset,
+            "done": sorted(st.done),
+            "run_path": st.run.path,
             "resumed": dict(resume.get("interventions") or {}) if resume else {},
-            "stage": c.stage,
+            "stage": st.config.stage,
         }
 
     def _setup_interventions(self, model: Any, run_path: str) -> None:
@@ -422,7 +339,7 @@ class MonitorSession:
             raise ConfigError(f"topomon could not start on rank {bad[0][0]}: {bad[0][1]}")
         self._started = True
         # no worker or hook outlives the session: garbage collection and interpreter exit close them
-        self._finalizer = weakref.finalize(self, _release, self._executor, self._strategy, self.interventions)
+        self._finalizer = weakref.finalize(self, release, self._executor, self._strategy, self.interventions)
         self.budget.start()  # the budget counts from here: the baseline is a stall
         self.setup_seconds = time.perf_counter() - t0
         step = self.step_offset + int(global_step)
@@ -479,36 +396,14 @@ class MonitorSession:
         scheduled = self.schedule(local)
         if not self._strategy.takes_baseline:  # passive: the training step's own points, on schedule
             return scheduled and step not in self._done_steps
-        if scheduled and self._deferred is None and step not in self._done_steps:
-            self._deferred = step
-        if self._deferred is None or step in self._done_steps:
-            return False
-        # no budget: every rank knows it; else the main process decides for all
-        fits = self.budget.fraction is None or self.comm.broadcast_int(
-            int(self.budget.allows() or self._short_run_due(local)) if self.comm.is_main else 0
-        )
-        if not fits:
-            if scheduled:
-                self.captures_deferred += 1
-            if not self._budget_warned and self.comm.is_main:
-                self._budget_warned = True
-                logger.warning(
-                    "topomon: capture of step %d deferred: the monitor has cost training %.1f s of %.1f s, "
-                    "over overhead_budget=%g; captures resume as soon as they fit (set overhead_budget=None "
-                    "to capture exactly on schedule)",
-                    self._deferred,
-                    self.cost_seconds(),
-                    self.budget.elapsed(),
-                    self.config.budget(),
-                )
-            return False
-        self._deferred = None
-        return True
+        total = self.total_steps  # a run the budget left with its baseline only: one at its middle
+        middle = bool(total) and len(self.captures) <= 1 and 2 * local >= int(total or 0)
+        return self.budget.due(step, scheduled, step in self._done_steps, self.comm, middle)
 
-    def _short_run_due(self, local: int) -> bool:
-        """A run the budget left without a capture since its start gets one at its middle."""
-        total = self.total_steps
-        return bool(total) and len(self.captures) <= 1 and 2 * local >= int(total or 0)
+    @property
+    def captures_deferred(self) -> int:
+        """Scheduled steps moved later by ``overhead_budget``."""
+        return self.budget.captures_deferred
 
     def cost_seconds(self) -> float:
         """What the monitor has taken from training so far (what ``overhead_budget`` bounds), in seconds."""
@@ -536,21 +431,13 @@ class MonitorSession:
     def _submit(self, snap: Snapshot, model: Any, final: bool = False) -> None:
         assert self._executor is not None and self._router is not None
         c = self.config
-        snap, size = cap_snapshot(snap, int(c.max_snapshot_mb * 2**20), c.seed)
-        if size is not None and not self._size_warned:
-            self._size_warned = True
-            logger.warning(
-                "topomon: a capture holds %.1f MiB (%d layer(s), up to %d dims), over max_snapshot_mb=%g: "
-                "every capture is cut to the same %d points per layer; lower `max_points` or `layers`, "
-                "or raise `max_snapshot_mb`",
-                size / 2**20,
-                len(snap.layers),
-                max((a.shape[1] for a in snap.layers.values() if a.ndim == 2), default=0),
-                c.max_snapshot_mb,
-                snap.meta["n_points"],
-            )
-        if "lora_factors" in self._needs:
-            self._add_model_extras(snap, model)
+        snap, cut = cap_snapshot(snap, c.max_snapshot_mb, c.seed, warn=not self._size_warned)
+        self._size_warned |= cut
+        if "lora_factors" in self._needs:  # what the model-level families need beyond the points
+            try:
+                snap.extras.update(lora_extras(model))
+            except Exception as e:  # noqa: BLE001 - the capture lands without the update's metrics
+                self._report("LoRA factors", e)
         if c.figures_every and len(self.captures) % c.figures_every == 0:
             snap.meta["figures"] = True
             self._router.mark_figures(snap.step)
@@ -566,15 +453,6 @@ class MonitorSession:
             self._accepted.add(snap.step)
         else:  # dropped: no result will come for it
             self._router.dropped(snap.step)
-
-    def _add_model_extras(self, snap: Snapshot, model: Any) -> None:
-        """What the enabled model-level families need beyond the layers' points (LoRA factors)."""
-        from topomon.capture.lora_weights import lora_extras
-
-        try:
-            snap.extras.update(lora_extras(model))
-        except Exception as e:  # noqa: BLE001 - the capture still lands, without the update's metrics
-            self._report("LoRA factors", e)
 
     def _act(self, control: Any, step: int, collective: bool = True) -> list[Any]:
         """The main process turns the alerts that came back into actions; every rank applies them.
@@ -708,7 +586,11 @@ class MonitorSession:
             self._strategy.close()
         flushed = True
         if self._executor is not None:
-            flushed = self._executor.close(self.config.flush_timeout)
+            try:
+                flushed = self._executor.close(self.config.flush_timeout)
+            except Exception as e:  # noqa: BLE001 - the final counters and files are still written
+                flushed = False
+                self._report("closing the worker", e)
         self._act(None, last_step or 0, collective=False)
         self.interventions.finish()
         if self._router is not None and self.run is not None:
@@ -778,14 +660,3 @@ class MonitorSession:
 
 def _fspath(p: str | os.PathLike[str] | None) -> str | None:
     return None if p is None else os.fspath(p)
-
-
-def _release(
-    executor: Executor | None, strategy: CaptureStrategy | None, interventions: Interventions
-) -> None:
-    """Stop the worker and remove the hooks of a session that was never closed (its finaliser)."""
-    if executor is not None:
-        executor.close(0.0)
-    if strategy is not None:
-        strategy.close()
-    interventions.finish()

@@ -12,23 +12,30 @@ import logging
 import os
 import platform
 import urllib.parse
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from topomon import __version__
 from topomon.capture.layers import decoder_layers, final_norm, layer_name, resolve_layer_indices
 from topomon.capture.passive import PassiveCapture
 from topomon.capture.probe import TokenPlan, plan_tokens
 from topomon.capture.probes import load_probes
 from topomon.capture.strategy import CaptureStrategy, PassiveStrategy, ProbeStrategy
 from topomon.config import ConfigError, MonitorConfig
+from topomon.interventions.controller import Interventions
 from topomon.metrics.families import resolve_function
 from topomon.metrics.preprocess import subsample_indices
-from topomon.pipeline import record_from_json
-from topomon.run import RunDir
-from topomon.types import MetricRecord, Snapshot
+from topomon.pipeline import ResultRouter, record_from_json
+from topomon.run import BASE_STAGE, RunDir
+from topomon.types import Alert, MetricRecord, Snapshot
+from topomon.worker.executor import Executor
 
 logger = logging.getLogger("topomon")
 
 __all__ = [
+    "release",
+    "StageSetup",
+    "setup_stage",
     "STATE_FILE",
     "write_state",
     "read_state",
@@ -233,24 +240,36 @@ def plain_config(c: MonitorConfig) -> dict[str, Any]:
     return config
 
 
-def cap_snapshot(snap: Snapshot, max_bytes: int, seed: int) -> tuple[Snapshot, int | None]:
-    """Cut a snapshot whose arrays exceed ``max_bytes`` to a fixed, seeded subset of rows per layer.
+def cap_snapshot(snap: Snapshot, max_mb: float, seed: int, *, warn: bool = True) -> tuple[Snapshot, bool]:
+    """Cut a snapshot whose arrays exceed ``max_mb`` MiB to a fixed, seeded subset of rows per layer.
 
     The rows kept depend only on ``(rows, kept, seed)`` (``subsample_indices``), so the captures of
-    one run keep the same points. At least 3 rows per layer are kept.
+    one run keep the same points. At least 3 rows per layer are kept. With ``warn``, a cut is logged
+    with what to change.
 
     Returns:
-        ``(snapshot, None)`` when it fits, else ``(cut snapshot, original size in bytes)``.
+        ``(snapshot, cut)``: the snapshot as it may go to the worker, and whether it was cut.
     """
-    size = snap.nbytes()
+    size, max_bytes = snap.nbytes(), int(max_mb * 2**20)
     if size <= max_bytes:
-        return snap, None
+        return snap, False
     per_row = sum(a.nbytes // len(a) for a in snap.layers.values() if len(a))
     budget = max_bytes - sum(a.nbytes for a in snap.extras.values())
     keep = max(3, budget // max(per_row, 1))
     layers = {k: a[subsample_indices(len(a), keep, seed)] for k, a in snap.layers.items()}
     meta = {**snap.meta, "n_points": min(keep, max((len(a) for a in snap.layers.values()), default=0))}
-    return dataclasses.replace(snap, layers=layers, meta=meta), size
+    if warn:
+        logger.warning(
+            "topomon: a capture holds %.1f MiB (%d layer(s), up to %d dims), over max_snapshot_mb=%g: "
+            "every capture is cut to the same %d points per layer; lower `max_points` or `layers`, "
+            "or raise `max_snapshot_mb`",
+            size / 2**20,
+            len(snap.layers),
+            max((a.shape[1] for a in snap.layers.values() if a.ndim == 2), default=0),
+            max_mb,
+            meta["n_points"],
+        )
+    return dataclasses.replace(snap, layers=layers, meta=meta), True
 
 
 def versions() -> dict[str, str]:
@@ -265,3 +284,130 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "numpy": numpy.__version__,
     }
+
+
+@dataclasses.dataclass
+class StageSetup:
+    """What :func:`setup_stage` built for the main process."""
+
+    config: MonitorConfig  # with the stage's final name (a re-run gets ``<stage>-2``)
+    run: RunDir
+    strategy: CaptureStrategy
+    router: ResultRouter
+    executor: Executor
+    needs: frozenset[str]
+    step_offset: int
+    logging_dir: str
+    done: set[int]  # steps of this stage already recorded: never captured again
+    captures: list[int]  # from the checkpoint, on resume
+    replay: dict[int, list[MetricRecord]]  # on resume: records written after the checkpoint, by step
+
+
+def setup_stage(
+    c: MonitorConfig,
+    model: Any,
+    *,
+    tokenizer: Any,
+    probes: list[str] | None,
+    output_dir: str | None,
+    global_step: int,
+    resume: Mapping[str, Any] | None,
+    baseline: bool,
+    info: Mapping[str, Any],
+    on_alert: Callable[[Alert], Any] | None,
+) -> StageSetup:
+    """The main process's set-up of a stage: run directory, capture, metric families, router, worker.
+
+    Raises:
+        ConfigError: the configuration cannot work with this model, tokenizer or run directory.
+    """
+    from topomon.capture.lora_weights import lora_factors
+    from topomon.pipeline import compute_options, make_router
+    from topomon.worker.executor import make_executor
+
+    _, modules = capture_modules(c, model)
+    check_custom_metrics(c)
+    run = RunDir(c.run_dir if c.run_dir else os.path.join(output_dir or ".", "topomon"))
+    run.ensure()
+    earlier = earlier_records(run)
+    if not global_step and not resume:
+        stage = fresh_stage_name(c.stage, {r.stage for r in earlier})
+        if stage != c.stage:
+            logger.warning(
+                "topomon: %s already holds stage %r; this training (from step 0) is recorded as "
+                "stage %r (to continue the stage instead, resume the trainer from its checkpoint)",
+                run.path,
+                c.stage,
+                stage,
+            )
+            c = c.replace(stage=stage)
+    options = compute_options(
+        c,
+        list(modules),
+        len(decoder_layers(model)),
+        run.earlier_lora(c.stage, like=info.get("like")),
+        logits=c.mode == "probe" and c.logits,
+        lora=c.lora_metrics and bool(lora_factors(model)),
+    )
+    needs = options.needs()
+    strategy = make_strategy(c, model, needs=needs, tokenizer=tokenizer, probes=probes, run=run)
+    # where this stage sits on the run's step axis, and what was already captured (resume)
+    step_offset = stage_step_offset(c, run)
+    done = {r.step for r in earlier if r.stage == c.stage}
+    first_of_run = not any(r.stage == BASE_STAGE for r in earlier)
+    logging_dir = tensorboard_dir(c, run)
+    router = make_router(
+        c,
+        run,
+        logging_dir=logging_dir,
+        options=options,
+        on_alert=on_alert,
+        base_alias_step=step_offset if first_of_run and baseline and strategy.takes_baseline else None,
+    )
+    router.prime(r for r in earlier if r.stage in (BASE_STAGE, c.stage))
+    captures: list[int] = []
+    replay: dict[int, list[MetricRecord]] = {}
+    if resume:
+        router.load_state_dict(resume.get("router", {}))
+        captures = [int(s) for s in resume.get("captures", [])]
+        # captures written after the checkpoint (before a crash) are not taken again: the alert
+        # rules judge them again when training passes their step, as the uninterrupted run did
+        since = step_offset + int(global_step)
+        for r in earlier:
+            if r.stage == c.stage and r.step > since:
+                replay.setdefault(r.step, []).append(r)
+    executor = make_executor(
+        c.worker,
+        options,
+        router,
+        queue_size=c.queue_size,
+        task_timeout=c.task_timeout,
+        state=resume.get("engine") if resume else None,
+    )
+    run.begin_stage(
+        c.stage,
+        step_offset,
+        {
+            "topomon_version": __version__,
+            "layers": list(modules),
+            "probe_plan": strategy.describe(),
+            "config": plain_config(c),
+            "versions": versions(),
+            "tensorboard_dir": logging_dir,
+            **info,
+        },
+    )
+    return StageSetup(
+        c, run, strategy, router, executor, needs, step_offset, logging_dir, done, captures, replay
+    )
+
+
+def release(
+    executor: Executor | None, strategy: CaptureStrategy | None, interventions: Interventions
+) -> None:
+    """Stop the worker and remove the hooks of a session that was never closed (its finaliser)."""
+    if executor is not None:
+        executor.close(0.0)
+    if strategy is not None:
+        strategy.close()
+    interventions.finish()

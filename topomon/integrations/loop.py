@@ -25,9 +25,9 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from topomon.config import ConfigError, MonitorConfig
+from topomon.config import ConfigError, MonitorConfig, as_config
 from topomon.interventions import Signals
-from topomon.session import MonitorSession, as_config
+from topomon.session import MonitorSession
 from topomon.types import Alert
 
 __all__ = ["Watch", "watch"]
