@@ -218,6 +218,20 @@ class Comm:
 
         return self._run("gather", go)
 
+    def close(self) -> None:
+        """Release topomon's own process group; no collective follows.
+
+        No gloo thread of it is left to the interpreter's exit, where destroying it can abort the
+        process ("terminate called without an active exception").
+        """
+        group, self._group = self._group, None
+        self.broken = self.broken or "closed"
+        if group is not None:
+            try:
+                _dist().destroy_process_group(group)
+            except Exception as e:  # noqa: BLE001 - at worst the group lives until exit, as before
+                logger.debug("topomon: could not destroy its process group: %s", e)
+
     def all_gather(self, obj: T) -> list[T]:
         """Every rank's ``obj``, in rank order, on every rank.
 

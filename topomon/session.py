@@ -600,6 +600,8 @@ class MonitorSession:
             self._router.close()
             end = last_step if last_step is not None else max(self.captures, default=self.step_offset)
             self.run.end_stage(self.config.stage, end, health)
+        if self.comm is not None:
+            self.comm.close()
         if not flushed:
             logger.warning("topomon: some metrics were still being computed at train end and were abandoned")
 

@@ -196,6 +196,9 @@ class FakeComm:
     def all_gather(self, obj):
         return self._answer("all_gather", obj)
 
+    def close(self):
+        self.closed = True
+
 
 @pytest.fixture
 def two_ranks(monkeypatch):
