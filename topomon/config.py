@@ -258,15 +258,9 @@ class MonitorConfig:
                 raise ConfigError(f"`actions[{i}]`: {e}") from None
         if not isinstance(self.diversity, Mapping):
             raise ConfigError(f"`diversity` must be a mapping of regulariser options, got {self.diversity!r}")
-        allowed = {
-            "layers",
-            "kind",
-            "max_tokens",
-            "eps",
-            "temperature",
-            "skip_first_token",
-            "normalize_tokens",
-        }
+        from topomon.interventions.kinds import DiversityIntervention  # the regulariser's own list
+
+        allowed = set(DiversityIntervention.OPTIONS)
         unknown = sorted(set(self.diversity) - allowed, key=repr)
         if unknown:
             raise ConfigError(f"`diversity` has unknown option(s) {unknown}; allowed: {sorted(allowed)}")
