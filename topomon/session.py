@@ -333,7 +333,7 @@ class MonitorSession:
         errors = comm.all_gather(None if failure is None else f"{type(failure).__name__}: {failure}")
         bad = [(r, msg) for r, msg in enumerate(errors) if msg is not None]
         if bad:
-            self._teardown()
+            release(self._executor, self._strategy, self.interventions)
             if failure is not None:
                 raise failure
             raise ConfigError(f"topomon could not start on rank {bad[0][0]}: {bad[0][1]}")
@@ -567,13 +567,6 @@ class MonitorSession:
             path = self.run.lora_path(self.config.stage)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_lora_subspaces(model, path)
-
-    def _teardown(self) -> None:
-        if self._executor is not None:
-            self._executor.close(0.0)
-        if self._strategy is not None:
-            self._strategy.close()
-        self.interventions.finish()
 
     def close(self, last_step: int | None = None) -> None:
         """Flush and stop the worker, write the final counters, close files (idempotent)."""
