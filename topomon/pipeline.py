@@ -1,10 +1,11 @@
-"""What happens to metric records once computed: the durable log, TensorBoard, diagrams, alerts.
+"""What happens to metric records once computed: the durable log, the record sinks, diagrams, alerts.
 
 :class:`ResultRouter` is the executor's handler: it runs on the collector thread (inline in sync
 mode), never on the training loop's critical path. It writes every record to ``metrics.jsonl``
-first (durable before anything else can fail), then TensorBoard scalars (raw, relative to the base
-model, relative to the stage start), figure data, and feeds the alert engine; alerts go to the alert
-sinks and wait in a queue for the training thread to act on them.
+first (durable before anything else can fail), then to every record sink (TensorBoard and the
+trackers, :mod:`topomon.sinks.base`: raw scalars, relative to the base model and to the stage start,
+figures), saves figure data, and feeds the alert engine; alerts go to the record sinks and the alert
+sinks, and wait in a queue for the training thread to act on them.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any
 import numpy as np
 
 from topomon.alerts import AlertEngine, default_rules, rules_from_config
-from topomon.alerts.sinks import CallableSink, LogSink, MultiSink, TensorBoardAlertSink, WebhookSink
+from topomon.alerts.sinks import CallableSink, LogSink, MultiSink, WebhookSink
 from topomon.capture.layers import layer_name
 from topomon.config import ConfigError, MonitorConfig
 from topomon.metrics.families import array_names, explain_unknown, relative_keys
 from topomon.run import BASE_STAGE, RunDir
+from topomon.sinks.base import RecordSink, SinkFan
 from topomon.sinks.jsonl import JsonlWriter
 from topomon.sinks.tensorboard import TensorBoardSink
 from topomon.types import Alert, MetricRecord
@@ -106,6 +108,9 @@ def _relative(value: float, reference: float | None) -> float:
     return 100.0 * (value / reference - 1.0)
 
 
+HEALTH_PREFIX = "topomon/health"
+"""Where the monitor's health counters go in every sink."""
+
 LATENCY_WINDOW = 256
 """How many recent worker latencies the router keeps (for the health median)."""
 
@@ -116,9 +121,10 @@ class ResultRouter:
     Args:
         run: the run directory.
         stage: this stage's name.
-        tensorboard: the TensorBoard sink, or None.
+        sinks: where records, scalars and alerts are shown (TensorBoard, trackers); each one's
+            failures are counted in :meth:`counters`, never raised.
         alert_engine: the alert engine, or None.
-        alert_sinks: where alerts go besides ``alerts.jsonl`` (log, TensorBoard, webhook, callable).
+        alert_sinks: where alerts go besides ``alerts.jsonl`` and ``sinks`` (log, webhook, callable).
         base_alias_step: the global step whose records are also the base model's baseline (the first
             capture of a new run), or None.
         relative_metrics: metrics that get ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves.
@@ -129,7 +135,7 @@ class ResultRouter:
         run: RunDir,
         stage: str,
         *,
-        tensorboard: TensorBoardSink | None,
+        sinks: Sequence[RecordSink] = (),
         alert_engine: AlertEngine | None,
         alert_sinks: MultiSink | None,
         base_alias_step: int | None,
@@ -137,7 +143,7 @@ class ResultRouter:
     ):
         self.run = run
         self.stage = stage
-        self.tb = tensorboard
+        self.sinks = SinkFan(sinks)
         self.alert_engine = alert_engine
         self.alert_sinks = alert_sinks
         self.base_alias_step = base_alias_step
@@ -186,6 +192,7 @@ class ResultRouter:
         with self._lock:
             lat = sorted(self._latencies)  # the last LATENCY_WINDOW captures
             out = {"alerts": float(self.alerts_fired), "records_written": float(self.records_written)}
+            out.update(self.sinks.counters())
             if lat:
                 out["worker_latency_median_s"] = lat[len(lat) // 2]
                 out["worker_latency_max_s"] = self._latency_max
@@ -197,15 +204,13 @@ class ResultRouter:
             return sorted(self._submit_times)
 
     def write_scalars(self, values: dict[str, float], step: int, prefix: str = "topomon") -> None:
-        """Scalars of the training thread (intervention values) to TensorBoard, if it is on."""
-        if self.tb is not None:
-            self.tb.write_scalars(values, step, prefix=prefix)
+        """Scalars of the training thread (intervention values) to every sink."""
+        self.sinks.write_scalars(values, step, prefix)
 
     def write_health(self, stage: str, health: dict[str, float], step: int) -> None:
-        """The final health line of a stage: ``metrics.jsonl`` (durable) and TensorBoard."""
+        """The final health line of a stage: ``metrics.jsonl`` (durable) and every sink."""
         self.metrics_log.write([{"kind": "health", "stage": stage, "time": round(time.time(), 3), **health}])
-        if self.tb is not None:
-            self.tb.write_scalars(health, step)
+        self.sinks.write_scalars(health, step, HEALTH_PREFIX)
 
     # -- references
     def prime(self, records: Iterable[MetricRecord]) -> None:
@@ -259,17 +264,17 @@ class ResultRouter:
             self._remember(r)
         if figures:
             self._save_arrays(records)
-        if self.tb is not None:
-            self.tb.write_records(records, figures=figures)
-            self.tb.write_scalars(self._relative(records, self.base_values), step, prefix="topomon_vs_base")
-            self.tb.write_scalars(self._relative(records, self.stage_values), step, prefix="topomon_vs_stage")
-            if health:
-                self.tb.write_scalars(health, step)
+        self.sinks.write_records(records, figures=figures)
+        self.sinks.write_scalars(self._relative(records, self.base_values), step, "topomon_vs_base")
+        self.sinks.write_scalars(self._relative(records, self.stage_values), step, "topomon_vs_stage")
+        if health:
+            self.sinks.write_scalars(health, step, HEALTH_PREFIX)
         if self.alert_engine is not None:
             # the base copies are a reference, not a stage: alerts are about this stage's records
             alerts = self.alert_engine.update(records)
             for a in alerts:
                 self.alerts_log.write([a.to_json()])  # durable first
+                self.sinks.write_alert(a)
                 if self.alert_sinks is not None:
                     self.alert_sinks(a)
                 with self._lock:
@@ -350,11 +355,10 @@ class ResultRouter:
         self.alerts_log.write([obj])
 
     def close(self) -> None:
-        """Close the logs, the TensorBoard writer and the alert sinks."""
+        """Close the logs, the record sinks and the alert sinks."""
         self.metrics_log.close()
         self.alerts_log.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.sinks.close()
         if self.alert_sinks is not None:
             self.alert_sinks.close()
 
@@ -383,9 +387,9 @@ def make_router(
         ConfigError: an alert rule names a metric these options do not produce (naming the family
             and the config field that turns it on when the metric's family is off).
     """
-    tb = None
+    sinks: list[RecordSink] = []
     if c.tensorboard and logging_dir is not None:
-        tb = TensorBoardSink(logging_dir, figures=c.figures_every > 0)
+        sinks.append(TensorBoardSink(logging_dir, figures=c.figures_every > 0))
     engine = None
     if c.alerts is not None:
         rules = default_rules() if c.alerts == "default" else rules_from_config(list(c.alerts))
@@ -398,19 +402,17 @@ def make_router(
             engine = AlertEngine(rules, options.metric_names())
         except ValueError as e:
             raise ConfigError(f"`alerts`: {e}") from None
-    sinks: list[Any] = [LogSink()]
-    if tb is not None:
-        sinks.append(TensorBoardAlertSink(tb.writer))
+    alert_sinks: list[Any] = [LogSink()]
     if c.webhook_url:
-        sinks.append(WebhookSink(c.webhook_url))
+        alert_sinks.append(WebhookSink(c.webhook_url))
     if on_alert is not None:
-        sinks.append(CallableSink(on_alert))
+        alert_sinks.append(CallableSink(on_alert))
     return ResultRouter(
         run,
         c.stage,
-        tensorboard=tb,
+        sinks=sinks,
         alert_engine=engine,
-        alert_sinks=MultiSink(sinks),
+        alert_sinks=MultiSink(alert_sinks),
         base_alias_step=base_alias_step,
         relative_metrics=relative_keys(options),
     )

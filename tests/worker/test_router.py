@@ -23,7 +23,7 @@ def test_submissions_and_results_on_two_threads_lose_no_alert_check(tmp_path):
     run.ensure()
     engine = CountingEngine()
     router = ResultRouter(
-        run, "sft", tensorboard=None, alert_engine=engine, alert_sinks=None, base_alias_step=None
+        run, "sft", alert_engine=engine, alert_sinks=None, base_alias_step=None
     )
     n = 400
     errors = []

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from topomon.types import MetricRecord
+from topomon.types import Alert, MetricRecord
 
 __all__ = ["TensorBoardSink", "metric_tag"]
 
@@ -31,10 +31,15 @@ def metric_tag(metric: str, layer: str) -> str:
 class TensorBoardSink:
     """Writes records to TensorBoard event files in ``logdir`` (the writer is created lazily).
 
+    A :class:`topomon.sinks.base.RecordSink`; alerts go through
+    :class:`topomon.alerts.sinks.TensorBoardAlertSink` on the same writer.
+
     Args:
         logdir: the event-file folder.
         figures: write the figures the worker drew (``figure_*`` arrays of the records).
     """
+
+    name = "tensorboard"
 
     def __init__(
         self,
@@ -42,6 +47,7 @@ class TensorBoardSink:
         *,
         figures: bool = True,
     ):
+        self._alerts: Any = None
         self.logdir = os.fspath(logdir)
         self.figures = figures
         self._writer: Any = None
@@ -81,6 +87,15 @@ class TensorBoardSink:
                     self.writer.add_scalar(f"{prefix}/{k}", v, global_step=step)
             self.writer.flush()
 
+    def write_alert(self, alert: Alert) -> None:
+        """The alert as a text entry and the alert-count scalar at its step."""
+        with self._lock:
+            if self._alerts is None:
+                from topomon.alerts.sinks import TensorBoardAlertSink
+
+                self._alerts = TensorBoardAlertSink(self.writer)
+            self._alerts(alert)
+
     def _write_layout(self, metrics: list[str]) -> None:
         layout = {
             "topomon": {m: ["Multiline", [f"topomon/{m}/.*"]] for m in metrics},
@@ -104,3 +119,4 @@ class TensorBoardSink:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+                self._alerts = None

@@ -1,0 +1,106 @@
+"""The interface every place that shows topomon's curves implements, and the fan-out the router uses.
+
+A :class:`RecordSink` receives, on the collector thread, the records of each capture (at their
+capture step), plain scalars (relative curves, the monitor's health counters, intervention values)
+and the alerts. TensorBoard is one; the trackers (W&B, MLflow, trackio) and a Lightning logger are
+others. :class:`SinkFan` calls them all; a sink that raises is counted and logged once, never raised
+into training, and the others still receive everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from topomon.types import Alert, MetricRecord
+
+__all__ = ["RecordSink", "SinkFan"]
+
+logger = logging.getLogger("topomon")
+
+
+@runtime_checkable
+class RecordSink(Protocol):
+    """Where records, scalars and alerts are shown. Every method is called on the collector thread.
+
+    Attributes:
+        name: a short name for health counters and messages (``"tensorboard"``, ``"wandb"``, ...).
+    """
+
+    name: str
+
+    def write_records(self, records: list[MetricRecord], *, figures: bool) -> None:
+        """The records of one capture (one step); ``figures``: the worker drew figures for it."""
+
+    def write_scalars(self, values: Mapping[str, float], step: int, prefix: str) -> None:
+        """Plain scalars at ``step``, each under ``f"{prefix}/{key}"`` (non-finite values are skipped)."""
+
+    def write_alert(self, alert: Alert) -> None:
+        """One alert (or recovery) at its step."""
+
+    def close(self) -> None:
+        """Flush and release (idempotent)."""
+
+
+class SinkFan:
+    """Calls every sink; a failing sink is counted (``errors[name]``) and logged once, never raised.
+
+    Args:
+        sinks: the sinks, in order.
+    """
+
+    def __init__(self, sinks: Sequence[RecordSink] = ()):
+        for s in sinks:
+            for m in ("write_records", "write_scalars", "write_alert", "close"):
+                if not callable(getattr(s, m, None)):
+                    raise TypeError(f"a record sink needs `{m}`; {type(s).__name__} lacks it")
+        self.sinks = list(sinks)
+        self.errors: dict[str, int] = {s.name: 0 for s in self.sinks}
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> RecordSink | None:
+        """The sink called ``name``, or None."""
+        return next((s for s in self.sinks if s.name == name), None)
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        for s in self.sinks:
+            try:
+                getattr(s, method)(*args, **kwargs)
+            except Exception as exc:
+                with self._lock:
+                    first = self.errors.get(s.name, 0) == 0
+                    self.errors[s.name] = self.errors.get(s.name, 0) + 1
+                    self.last_error = f"{s.name}.{method}: {exc!r}"
+                if first:
+                    logger.warning(
+                        "topomon: the %s sink failed in %s (%r); counted in health, training goes on",
+                        s.name,
+                        method,
+                        exc,
+                    )
+
+    def write_records(self, records: list[MetricRecord], *, figures: bool) -> None:
+        """:meth:`RecordSink.write_records` on every sink."""
+        if records:
+            self._call("write_records", records, figures=figures)
+
+    def write_scalars(self, values: Mapping[str, float], step: int, prefix: str) -> None:
+        """:meth:`RecordSink.write_scalars` on every sink."""
+        if values:
+            self._call("write_scalars", values, step, prefix)
+
+    def write_alert(self, alert: Alert) -> None:
+        """:meth:`RecordSink.write_alert` on every sink."""
+        self._call("write_alert", alert)
+
+    def close(self) -> None:
+        """Close every sink (failures counted)."""
+        self._call("close")
+
+    def counters(self) -> dict[str, float]:
+        """``sink_errors_<name>`` for every sink that failed at least once."""
+        with self._lock:
+            return {f"sink_errors_{k}": float(v) for k, v in self.errors.items() if v}
