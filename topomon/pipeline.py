@@ -370,6 +370,7 @@ def make_router(
     logging_dir: str | None,
     options: ComputeOptions,
     on_alert: Callable[[Alert], Any] | None = None,
+    sinks: Sequence[RecordSink] = (),
     base_alias_step: int | None = None,
 ) -> ResultRouter:
     """The router of one stage, with its TensorBoard sink, alert engine and alert sinks from ``c``.
@@ -381,15 +382,17 @@ def make_router(
         options: the worker's options: alert rules are checked against the metrics they produce,
             and the enabled families' relative keys get relative curves.
         on_alert: called with each alert (on the collector thread), or None.
+        sinks: record sinks besides TensorBoard (trackers, a Lightning logger).
         base_alias_step: see :class:`ResultRouter`.
 
     Raises:
         ConfigError: an alert rule names a metric these options do not produce (naming the family
             and the config field that turns it on when the metric's family is off).
     """
-    sinks: list[RecordSink] = []
+    record_sinks: list[RecordSink] = []
     if c.tensorboard and logging_dir is not None:
-        sinks.append(TensorBoardSink(logging_dir, figures=c.figures_every > 0))
+        record_sinks.append(TensorBoardSink(logging_dir, figures=c.figures_every > 0))
+    record_sinks.extend(sinks)
     engine = None
     if c.alerts is not None:
         rules = default_rules() if c.alerts == "default" else rules_from_config(list(c.alerts))
@@ -410,7 +413,7 @@ def make_router(
     return ResultRouter(
         run,
         c.stage,
-        sinks=sinks,
+        sinks=record_sinks,
         alert_engine=engine,
         alert_sinks=MultiSink(alert_sinks),
         base_alias_step=base_alias_step,

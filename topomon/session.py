@@ -24,7 +24,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from topomon.budget import OverheadBudget
@@ -36,6 +36,7 @@ from topomon.distributed import Comm
 from topomon.interventions.controller import Interventions
 from topomon.pipeline import ResultRouter
 from topomon.run import RunDir
+from topomon.sinks.base import RecordSink
 from topomon.stage import (
     cap_snapshot,
     make_strategy,
@@ -197,6 +198,7 @@ class MonitorSession:
         resume: Mapping[str, Any] | None,
         baseline: bool,
         info: Mapping[str, Any],
+        sinks: list[RecordSink],
     ) -> dict[str, Any]:
         """Everything the main process sets up (:func:`~topomon.stage.setup_stage`).
 
@@ -214,6 +216,7 @@ class MonitorSession:
             baseline=baseline,
             info=info,
             on_alert=self.on_alert,
+            sinks=sinks,
         )
         self.config, self.run, self.step_offset, self.logging_dir = (
             st.config,
@@ -271,6 +274,7 @@ class MonitorSession:
         baseline: bool = True,
         info: Mapping[str, Any] | None = None,
         total_steps: int | None = None,
+        sinks: Callable[[], Sequence[RecordSink]] | None = None,
     ) -> None:
         """Set up on every rank and capture the stage's baseline (collective).
 
@@ -295,6 +299,8 @@ class MonitorSession:
                 offline analysis replays (its LoRA references are that stage's earlier stages).
             total_steps: the training's length in steps, if known: a run the overhead budget would
                 leave without a capture between its start and end gets one at its middle.
+            sinks: makes the record sinks besides TensorBoard (the trackers of ``report_to``, a
+                Lightning logger); called on the main process only, during set-up.
 
         Raises:
             ConfigError: the configuration cannot work with this model, tokenizer or run directory; a
@@ -319,7 +325,14 @@ class MonitorSession:
             try:
                 shared.update(
                     self._setup_main(
-                        model, tokenizer, _fspath(output_dir), int(global_step), resume, baseline, info or {}
+                        model,
+                        tokenizer,
+                        _fspath(output_dir),
+                        int(global_step),
+                        resume,
+                        baseline,
+                        info or {},
+                        list(sinks()) if sinks is not None else [],
                     )
                 )
             except Exception as e:  # noqa: BLE001 - raised below, on every rank

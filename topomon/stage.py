@@ -12,7 +12,7 @@ import logging
 import os
 import platform
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from topomon import __version__
@@ -27,6 +27,7 @@ from topomon.metrics.families import resolve_function
 from topomon.metrics.preprocess import subsample_indices
 from topomon.pipeline import ResultRouter, record_from_json
 from topomon.run import BASE_STAGE, RunDir
+from topomon.sinks.base import RecordSink
 from topomon.types import Alert, MetricRecord, Snapshot
 from topomon.worker.executor import Executor
 
@@ -315,6 +316,7 @@ def setup_stage(
     baseline: bool,
     info: Mapping[str, Any],
     on_alert: Callable[[Alert], Any] | None,
+    sinks: Sequence[RecordSink] = (),
 ) -> StageSetup:
     """The main process's set-up of a stage: run directory, capture, metric families, router, worker.
 
@@ -362,6 +364,7 @@ def setup_stage(
         logging_dir=logging_dir,
         options=options,
         on_alert=on_alert,
+        sinks=sinks,
         base_alias_step=step_offset if first_of_run and baseline and strategy.takes_baseline else None,
     )
     router.prime(r for r in earlier if r.stage in (BASE_STAGE, c.stage))
