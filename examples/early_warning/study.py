@@ -1,0 +1,608 @@
+"""The early-warning study (docs/EARLY_WARNING.md): does topomon's alert come before the harm?
+
+    python examples/early_warning/study.py --out runs/early_warning             # the 24 stages (hours on CPU)
+    python examples/early_warning/study.py --out runs/early_warning --no-train  # tables and figures, seconds
+    python examples/early_warning/study.py --tiny --out /tmp/ew                 # a tiny model (the test)
+
+Each stage trains SmolLM2-135M-Instruct with ``TopoMonitor`` attached, logs the loss and gradient
+norm at every step, and measures the harm (out-of-domain perplexity, calibration, plasticity,
+in-domain loss) at the pre-registered checkpoints; it saves one JSON per stage in ``<out>/stages``
+(a stage already saved is skipped: the study resumes). ``--no-train`` reads them back and runs
+every detector offline on the same logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from data import render, splits  # noqa: E402
+
+CONFIGS = [(d, m, r) for d in ("narrow", "broad") for m in ("full", "lora") for r in ("low", "high")]
+LR = {("full", "low"): 5e-5, ("full", "high"): 1e-3, ("lora", "low"): 2e-4, ("lora", "high"): 3e-3}
+SEEDS = (0, 1, 2)
+HARM = {"ood_ratio": 1.25, "plasticity_ratio": 1.10, "ece_delta": 0.05}
+
+
+class Sizes:
+    """The study's sizes (pre-registered) and the tiny run's (the test)."""
+
+    def __init__(self, tiny: bool):
+        self.tiny = tiny
+        self.steps = 8 if tiny else 48
+        self.checkpoints = (4, 8) if tiny else (8, 16, 24, 32, 40, 48)
+        self.capture_every = 2 if tiny else 4
+        self.early = 2 if tiny else 8  # the capture whose change predicts the harm (AUC)
+        self.n_eval = 8 if tiny else 64
+        self.plastic_steps = 2 if tiny else 8
+        self.max_probes = 16 if tiny else 64
+
+
+def stage_name(cfg: tuple[str, str, str], seed: int) -> str:
+    """``narrow-full-high-s0``."""
+    return f"{'-'.join(cfg)}-s{seed}"
+
+
+# ---------------------------------------------------------------- harm measures
+def _encode(tok: Any, prompt: str, completion: str, max_len: int) -> tuple[list[int], int]:
+    head = tok(prompt, add_special_tokens=False)["input_ids"]
+    tail = tok(completion, add_special_tokens=False)["input_ids"]
+    return (head + tail)[:max_len], min(len(head), max_len)
+
+
+def _token_stats(model: Any, tok: Any, rows: list[tuple[str, str]], max_len: int = 128) -> dict[str, float]:
+    """Mean NLL of the completion tokens, and their top-1 confidence / correctness (for ECE)."""
+    import torch
+
+    nll, conf, hit = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for prompt, completion in rows:
+            ids, start = _encode(tok, prompt, completion, max_len)
+            if len(ids) - start < 1 or len(ids) < 2:
+                continue
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+            target = x[0, 1:]
+            sl = slice(max(start - 1, 0), None)
+            lp = logp[sl]
+            t = target[sl]
+            nll.extend((-lp.gather(1, t[:, None])[:, 0]).tolist())
+            p, arg = lp.exp().max(-1)
+            conf.extend(p.tolist())
+            hit.extend((arg == t).float().tolist())
+    return {"nll": sum(nll) / len(nll), "conf": conf, "hit": hit}  # type: ignore[dict-item]
+
+
+def ece(conf: list[float], hit: list[float], bins: int = 15) -> float:
+    """Expected calibration error, equal-width confidence bins."""
+    total, err = len(conf), 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, c in enumerate(conf) if (lo < c <= hi) or (b == 0 and c == 0)]
+        if idx:
+            err += (
+                len(idx)
+                / total
+                * abs(sum(hit[i] for i in idx) / len(idx) - sum(conf[i] for i in idx) / len(idx))
+            )
+    return err
+
+
+def _plain_copy(model: Any) -> Any:
+    """A trainable copy without topomon's hooks, LoRA merged."""
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        mod._forward_hooks.clear()
+        mod._forward_pre_hooks.clear()
+    if hasattr(m, "merge_and_unload"):
+        m = m.merge_and_unload()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def plasticity(model: Any, tok: Any, task: dict[str, Any], steps: int, seed: int) -> float:
+    """Loss on the held-out fresh task after ``steps`` steps of fine-tuning a copy on it."""
+    import torch
+
+    torch.manual_seed(seed)
+    m = _plain_copy(model)
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    train = task["task_train"]
+    for i in range(steps):
+        batch = [train[(4 * i + j) % len(train)] for j in range(4)]
+        loss = 0.0
+        for prompt, completion in batch:
+            ids, start = _encode(tok, *render(tok, prompt, completion), 96)
+            x = torch.tensor([ids])
+            labels = x.clone()
+            labels[0, :start] = -100
+            loss = loss + m(input_ids=x, labels=labels).loss / len(batch)
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+        opt.zero_grad()
+    held = [render(tok, p, c) for p, c in task["task_held"]]
+    out = _token_stats(m, tok, held)["nll"]
+    del m, opt
+    return float(out)
+
+
+def measure(model: Any, tok: Any, sets: dict[str, Any], sz: Sizes, seed: int) -> dict[str, float]:
+    """The four harm measures of one checkpoint."""
+    was_training = model.training
+    ood = _token_stats(model, tok, [("", t) for t in sets["prose"][: sz.n_eval]])
+    chat = _token_stats(model, tok, [render(tok, p, r) for p, r in sets["chat"][: sz.n_eval]])
+    held = _token_stats(model, tok, [render(tok, p, r) for p, r in sets["held"]])
+    out = {
+        "ood_ppl": math.exp(ood["nll"]),
+        "ece": ece(chat["conf"], chat["hit"]),  # type: ignore[arg-type]
+        "plasticity": plasticity(model, tok, sets, sz.plastic_steps, seed),
+        "indomain_loss": held["nll"],
+    }
+    model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------- one stage
+def _load(tiny: bool) -> tuple[Any, Any]:
+    if tiny:
+        from topomon.testing import tiny_causal_lm, tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        return tiny_causal_lm(vocab_size=len(tok)), tok
+    from topomon.models import load_smollm2
+
+    return load_smollm2()
+
+
+def run_stage(cfg: tuple[str, str, str], seed: int, out: str, sz: Sizes) -> dict[str, Any]:
+    """Train one stage with the monitor and the harm measures; returns (and saves) its results."""
+    import torch
+    from data import prose
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from topomon import TopoMonitor
+    from topomon.run import RunDir
+
+    data, mode, rate = cfg
+    name = stage_name(cfg, seed)
+    t0 = time.time()
+    torch.manual_seed(seed)
+    model, tok = _load(sz.tiny)
+    sets = splits(seed, narrow=data == "narrow")
+    sets["prose"] = prose()
+    base_path = os.path.join(out, "base", f"{data}-s{seed}.json")
+    if os.path.exists(base_path):
+        with open(base_path) as fh:
+            base = json.load(fh)
+    else:
+        base = measure(model, tok, sets, sz, seed)
+        os.makedirs(os.path.dirname(base_path), exist_ok=True)
+        with open(base_path, "w") as fh:
+            json.dump(base, fh)
+    rows = [dict(zip(("prompt", "completion"), render(tok, p, r), strict=True)) for p, r in sets["train"]]
+    measured: dict[int, dict[str, float]] = {}
+
+    class Harm(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            if state.global_step in sz.checkpoints:
+                measured[state.global_step] = measure(model, tok, sets, sz, seed)
+
+    run_dir = os.path.join(out, "runs", name)
+    mon = TopoMonitor(
+        run_dir=run_dir,
+        stage="stage",
+        schedule="every",
+        every_n_steps=sz.capture_every,
+        max_probes=sz.max_probes,
+        max_length=64,
+        overhead_budget=None,
+        worker_priority="normal",
+        figures_every=0,
+    )
+    args = SFTConfig(
+        output_dir=os.path.join(out, "trainer", name),
+        max_steps=sz.steps,
+        per_device_train_batch_size=4,
+        learning_rate=LR[(mode, rate)],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=seed,
+        max_length=96,
+        disable_tqdm=True,
+    )
+    peft = (
+        LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        )
+        if mode == "lora"
+        else None
+    )
+    tr = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=peft,
+        callbacks=[mon, Harm()],
+    )
+    tr.train()
+    logs = tr.state.log_history
+    run = RunDir(run_dir)
+    lines, _ = run.records()
+    alerts = []
+    if os.path.exists(run.alerts_path):
+        with open(run.alerts_path) as fh:
+            alerts = [json.loads(x) for x in fh if x.strip()]
+    res = {
+        "name": name,
+        "data": data,
+        "mode": mode,
+        "rate": rate,
+        "seed": seed,
+        "lr": LR[(mode, rate)],
+        "tiny": sz.tiny,
+        "base": base,
+        "checkpoints": {str(k): v for k, v in sorted(measured.items())},
+        "loss": [[r["step"], r["loss"]] for r in logs if "loss" in r],
+        "grad_norm": [[r["step"], r["grad_norm"]] for r in logs if "grad_norm" in r],
+        "records": [r for r in lines if r.get("kind") == "metrics" and r.get("stage") == "stage"],
+        "live_alerts": [a for a in alerts if a.get("kind", "alert") == "alert"],
+        "seconds": round(time.time() - t0, 1),
+    }
+    path = os.path.join(out, "stages", f"{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(res, fh)
+    os.replace(path + ".tmp", path)
+    return res
+
+
+# ---------------------------------------------------------------- analysis (offline, from the JSON)
+def harm_step(res: dict[str, Any]) -> int | None:
+    """The first checkpoint past the pre-registered harm threshold, or None (a benign stage)."""
+    b = res["base"]
+    for step, m in sorted(res["checkpoints"].items(), key=lambda kv: int(kv[0])):
+        if (
+            m["ood_ppl"] >= HARM["ood_ratio"] * b["ood_ppl"]
+            or m["plasticity"] >= HARM["plasticity_ratio"] * b["plasticity"]
+            or m["ece"] >= b["ece"] + HARM["ece_delta"]
+        ):
+            return int(step)
+    return None
+
+
+def spike_first(
+    series: list[list[float]], window: int = 10, warmup: int = 1, rtol: float = 2.0
+) -> int | None:
+    """Lightning's ``SpikeDetection`` rule (mode "min", its defaults): the first spiking step, or None."""
+    hist: list[float] = []
+    last = None
+    for i, (step, x) in enumerate(series):
+        if not math.isfinite(x):
+            return int(step)
+        if i >= warmup and hist and last is not None:
+            mean = sum(hist[-window:]) / len(hist[-window:])
+            if x - last > 0 and abs(x - mean) >= abs(rtol * mean):
+                return int(step)
+        hist.append(x)
+        last = x
+    return None
+
+
+def _series(res: dict[str, Any], metric: str, layer: str) -> list[tuple[int, float]]:
+    out = [(r["step"], r["metrics"].get(metric)) for r in res["records"] if r["layer"] == layer]
+    return sorted((s, float(v)) for s, v in out if v is not None and math.isfinite(float(v)))
+
+
+def _layers(res: dict[str, Any]) -> list[str]:
+    return sorted({r["layer"] for r in res["records"]})
+
+
+def topomon_first(res: dict[str, Any], rankme: float = 0.15, rankme_pca: float = 0.25) -> int | None:
+    """The default rules (with these thresholds) replayed on the stage's records: first firing step."""
+    from topomon.alerts import AlertEngine
+    from topomon.alerts.rules import DropRule, NonFiniteRule
+    from topomon.pipeline import record_from_json
+
+    rules = [
+        DropRule("rankme", layer="final_norm", threshold=rankme),
+        DropRule("rankme_pca", layer="final_norm", threshold=rankme_pca),
+        NonFiniteRule(),
+    ]
+    recs = [record_from_json(r) for r in res["records"]]
+    names = {k for r in recs for k in r.metrics}
+    engine = AlertEngine(rules, names)
+    for step in sorted({r.step for r in recs}):
+        fired = [a for a in engine.update([r for r in recs if r.step == step]) if a.reason != "recovered"]
+        if fired:
+            return step
+    return None
+
+
+def _rel_first(res: dict[str, Any], metric: str, layers: list[str], test: Any) -> int | None:
+    steps: list[int] = []
+    for layer in layers:
+        s = _series(res, metric, layer)
+        if not s:
+            continue
+        v0 = s[0][1]
+        for step, v in s[1:]:
+            if test(v0, v):
+                steps.append(step)
+                break
+    return min(steps) if steps else None
+
+
+def candidates(res: dict[str, Any]) -> dict[str, int | None]:
+    """The pre-registered candidate rules' first firing steps."""
+    blocks = [layer for layer in _layers(res) if layer.startswith("layer_")]
+    return {
+        "n_outliers x2": _rel_first(res, "n_outliers", _layers(res), lambda a, b: b >= 2 * a and b >= a + 4),
+        "logit entropy -30%": _rel_first(res, "logit_entropy", _layers(res), lambda a, b: b < 0.7 * a),
+        "blocks PR -40%": _rel_first(res, "participation_ratio", blocks, lambda a, b: b < 0.6 * a),
+        "alpha-ReQ +30%": _rel_first(res, "alpha_req", ["final_norm"], lambda a, b: b > 1.3 * a),
+    }
+
+
+def detectors(res: dict[str, Any]) -> dict[str, int | None]:
+    """Every detector's first alert step on one stage."""
+    live = [a["step"] for a in res["live_alerts"] if a.get("reason") != "recovered"]
+    return {
+        "topomon (live)": min(live) if live else None,
+        "topomon (replayed)": topomon_first(res),
+        "loss spike": spike_first(res["loss"]),
+        "grad-norm spike": spike_first(res["grad_norm"]),
+        **candidates(res),
+    }
+
+
+def score(results: list[dict[str, Any]], name: str, first: Any = None) -> dict[str, Any]:
+    """Precision, recall, F1, false alarms and lead times of one detector over stages."""
+    tp = fp = fn = 0
+    leads: list[int] = []
+    for res in results:
+        h = harm_step(res)
+        a = first(res) if first is not None else detectors(res)[name]
+        if h is not None and a is not None:
+            tp += 1
+            leads.append(h - a)
+        elif h is not None:
+            fn += 1
+        elif a is not None:
+            fp += 1
+    prec = tp / (tp + fp) if tp + fp else math.nan
+    rec = tp / (tp + fn) if tp + fn else math.nan
+    f1 = 2 * prec * rec / (prec + rec) if tp else 0.0
+    leads.sort()
+    return {
+        "precision": prec,
+        "recall": rec,
+        "f1": f1,
+        "false_alarms": fp,
+        "lead_median": leads[len(leads) // 2] if leads else None,
+        "lead_range": (leads[0], leads[-1]) if leads else None,
+    }
+
+
+def auc(scores: list[float], labels: list[bool]) -> float:
+    """Mann-Whitney AUC of ``scores`` for the positive ``labels`` (ties count one half)."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not pos or not neg:
+        return math.nan
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def early_change(res: dict[str, Any], metric: str, layer: str, early: int) -> float | None:
+    """Relative change of a metric from the stage start to the capture at ``early``."""
+    s = dict(_series(res, metric, layer))
+    if 0 not in s or early not in s or s[0] == 0:
+        return None
+    return s[early] / s[0] - 1
+
+
+def tables(results: list[dict[str, Any]], sz: Sizes) -> str:
+    """Every table of docs/EARLY_WARNING.md part 2, as markdown."""
+    out: list[str] = []
+    names = list(detectors(results[0]))
+    out.append("| stage | harm step | " + " | ".join(names) + " |")
+    out.append("|---|---|" + "---|" * len(names))
+    for res in results:
+        d = detectors(res)
+        h = harm_step(res)
+        cells = []
+        for n in names:
+            a = d[n]
+            lead = "" if a is None or h is None else f" ({h - a:+d})"
+            cells.append("-" if a is None else f"{a}{lead}")
+        out.append(f"| {res['name']} | {'-' if h is None else h} | " + " | ".join(cells) + " |")
+    harmful = sum(harm_step(r) is not None for r in results)
+    out.append(
+        f"\n{harmful} harmful, {len(results) - harmful} benign stages. Cells: first alert step (lead time).\n"
+    )
+    out.append("| detector | precision | recall | F1 | false alarms | lead median | lead range |")
+    out.append("|---|---|---|---|---|---|---|")
+    for n in names:
+        s = score(results, n)
+        out.append(
+            f"| {n} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} | {s['false_alarms']} | "
+            f"{s['lead_median']} | {s['lead_range']} |"
+        )
+    # spread over seeds: F1 per seed
+    out.append("\n| detector | " + " | ".join(f"F1 seed {s}" for s in SEEDS) + " |")
+    out.append("|---|" + "---|" * len(SEEDS))
+    for n in names:
+        f1s = [score([r for r in results if r["seed"] == s], n)["f1"] for s in SEEDS]
+        out.append(
+            f"| {n} | "
+            + " | ".join(
+                "-" if not any(r["seed"] == s for r in results) else f"{f:.2f}"
+                for s, f in zip(SEEDS, f1s, strict=True)
+            )
+            + " |"
+        )
+    # AUC of the early change of every metric
+    labels = [harm_step(r) is not None for r in results]
+    keys = sorted({(k, r["layer"]) for res in results for r in res["records"] for k in r["metrics"]})
+    rows = []
+    for metric, layer in keys:
+        ch = [early_change(r, metric, layer, sz.early) for r in results]
+        if any(c is None for c in ch):
+            continue
+        a = auc([-c for c in ch], labels)  # type: ignore[operator]
+        if not math.isnan(a):
+            rows.append((max(a, 1 - a), a, metric, layer))
+    rows.sort(reverse=True)
+    out.append(
+        f"\nAUC of the change from the stage start to step {sz.early} (drop = a fall predicts harm):\n"
+    )
+    out.append("| metric | layer | AUC (drop) | AUC (rise) |")
+    out.append("|---|---|---|---|")
+    for _, a, metric, layer in rows[:20]:
+        out.append(f"| {metric} | {layer} | {a:.2f} | {1 - a:.2f} |")
+    out.append(calibrate(results))
+    return "\n".join(out)
+
+
+def calibrate(results: list[dict[str, Any]]) -> str:
+    """Tune the two drop thresholds on seed 0, report the held-out seeds 1 and 2."""
+    tune = [r for r in results if r["seed"] == 0]
+    held = [r for r in results if r["seed"] != 0]
+    if not tune or not held:
+        return "\n(calibration needs seed 0 and seeds 1-2)"
+    grid = [round(0.05 * i, 2) for i in range(1, 9)]
+    best = None
+    for a in grid:
+        for b in grid:
+            s = score(tune, "", first=lambda r, a=a, b=b: topomon_first(r, a, b))
+            key = (s["f1"], s["lead_median"] if s["lead_median"] is not None else -999)
+            if best is None or key > best[0]:
+                best = (key, a, b)
+    assert best is not None
+    _, a, b = best
+    old = score(held, "", first=lambda r: topomon_first(r))
+    new = score(held, "", first=lambda r: topomon_first(r, a, b))
+    return (
+        f"\nCalibration: tuned on seed 0 -> rankme {a}, rankme_pca {b}. Held out (seeds 1-2): released "
+        f"F1 {old['f1']:.2f}, lead median {old['lead_median']}; tuned F1 {new['f1']:.2f}, lead median "
+        f"{new['lead_median']}."
+    )
+
+
+def figure(results: list[dict[str, Any]], path: str) -> None:
+    """One harmful and one benign stage with every detector marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    harmful = next((r for r in results if harm_step(r) is not None), None)
+    benign = next((r for r in results if harm_step(r) is None), None)
+    picks = [r for r in (harmful, benign) if r is not None]
+    fig, axes = plt.subplots(3, len(picks), figsize=(6 * len(picks), 8), squeeze=False, sharex="col")
+    colors = {"topomon (live)": "tab:blue", "loss spike": "tab:orange", "grad-norm spike": "tab:green"}
+    for j, res in enumerate(picks):
+        h = harm_step(res)
+        ax = axes[0][j]
+        ax.plot(*zip(*res["loss"], strict=True), label="loss", color="k")
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*res["grad_norm"], strict=True), label="grad norm", color="tab:green", alpha=0.5)
+        ax.set_title(f"{res['name']} ({'harmful' if h is not None else 'benign'})")
+        ax.set_ylabel("loss (black), grad norm (green)")
+        ax = axes[1][j]
+        for metric in ("rankme", "rankme_pca"):
+            s = _series(res, metric, "final_norm")
+            if s:
+                ax.plot([x for x, _ in s], [100 * (v / s[0][1] - 1) for _, v in s], marker="o", label=metric)
+        ax.set_ylabel("final norm, % vs stage start")
+        ax.legend(fontsize=8)
+        ax = axes[2][j]
+        b = res["base"]
+        steps = sorted(int(k) for k in res["checkpoints"])
+        for key, label in (("ood_ppl", "OOD ppl"), ("plasticity", "plasticity loss")):
+            ax.plot(steps, [res["checkpoints"][str(s)][key] / b[key] for s in steps], marker="s", label=label)
+        ax.axhline(HARM["ood_ratio"], color="grey", ls=":", lw=1)
+        ax.set_ylabel("x released model")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        d = detectors(res)
+        for row in axes[:, j]:
+            if h is not None:
+                row.axvline(h, color="red", lw=2, alpha=0.6)
+            for n, c in colors.items():
+                if d.get(n) is not None:
+                    row.axvline(d[n], color=c, ls="--", lw=1.5)
+    fig.suptitle(
+        "red: harm step; dashed: first alert (blue topomon, orange loss spike, green grad-norm spike)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/early_warning")
+    p.add_argument("--tiny", action="store_true", help="a tiny model built in memory (seconds per stage)")
+    p.add_argument("--no-train", action="store_true", help="only the tables and figure, from saved JSON")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--configs", default="all", help="comma-separated stage configs, e.g. narrow-full-high")
+    a = p.parse_args(argv)
+    sz = Sizes(a.tiny)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    cfgs = CONFIGS if a.configs == "all" else [tuple(c.split("-")) for c in a.configs.split(",")]
+    for c in cfgs:
+        if c not in CONFIGS:
+            p.error(f"unknown config {'-'.join(c)}; choose from {', '.join('-'.join(x) for x in CONFIGS)}")
+    if not a.no_train:
+        todo = [(c, s) for s in seeds for c in cfgs]
+        for i, (c, s) in enumerate(todo, 1):
+            path = os.path.join(a.out, "stages", f"{stage_name(c, s)}.json")  # type: ignore[arg-type]
+            if os.path.exists(path):
+                print(f"[{i}/{len(todo)}] {stage_name(c, s)}: saved, skipped", flush=True)  # type: ignore[arg-type]
+                continue
+            res = run_stage(c, s, a.out, sz)  # type: ignore[arg-type]
+            print(
+                f"[{i}/{len(todo)}] {res['name']}: harm step {harm_step(res)}, {res['seconds']} s", flush=True
+            )
+    folder = os.path.join(a.out, "stages")
+    results = []
+    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, f)) as fh:
+            r = json.load(fh)
+        if r["tiny"] == sz.tiny:
+            results.append(r)
+    if not results:
+        print(f"no saved stages in {folder}", file=sys.stderr)
+        return 1
+    text = tables(results, sz)
+    with open(os.path.join(a.out, "tables.md"), "w") as fh:
+        fh.write(text + "\n")
+    figure(results, os.path.join(a.out, "stages.png"))
+    print(text)
+    print(f"\ntables: {os.path.join(a.out, 'tables.md')}   figure: {os.path.join(a.out, 'stages.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
