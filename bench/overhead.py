@@ -67,13 +67,13 @@ RANDOM_MODELS: dict[str, dict[str, Any]] = {
 
 
 def _arm_config(arm: str) -> dict[str, Any] | None:
-    from topomon.trl_cli import PRESETS
+    from topomon.config import load_preset
 
     if arm == "off":
         return None
     if arm == "default":
         return {}
-    return dict(PRESETS["full"])
+    return load_preset("full")
 
 
 def _load(spec: dict[str, Any]) -> tuple[Any, Any]:

@@ -1,4 +1,4 @@
-"""The early-warning study's pipeline (examples/early_warning): its detectors against references, and a tiny run."""
+"""The early-warning study (examples/early_warning): its detectors against references, and a tiny run."""
 
 import importlib.util
 import json
@@ -60,7 +60,10 @@ def test_auc_matches_scipys_mann_whitney():
     rng = random.Random(1)
     scores = [rng.random() for _ in range(30)] + [0.5] * 4
     labels = [rng.random() < 0.4 for _ in range(34)]
-    u = mannwhitneyu([s for s, y in zip(scores, labels) if y], [s for s, y in zip(scores, labels) if not y]).statistic
+    u = mannwhitneyu(
+        [s for s, y in zip(scores, labels, strict=True) if y],
+        [s for s, y in zip(scores, labels, strict=True) if not y],
+    ).statistic
     assert st.auc(scores, labels) == pytest.approx(u / (sum(labels) * (len(labels) - sum(labels))))
 
 

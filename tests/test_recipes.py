@@ -1,4 +1,4 @@
-"""Every recipe under recipes/ parses: presets as MonitorConfig, training recipes with TRL's own parser."""
+"""Every recipe under recipes/ parses with TRL's own parser (the monitor presets: tests/test_presets.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from topomon.config import ConfigError, MonitorConfig
-from topomon.trl_cli import PRESETS, load_preset, monitor_spec, read_recipe
+from topomon.config import ConfigError
+from topomon.trl_cli import monitor_spec, read_recipe
 
 ROOT = Path(__file__).resolve().parents[1] / "recipes"
 ALL_YAML = sorted(ROOT.rglob("*.yaml"))
-PRESET_FILES = sorted((ROOT / "monitor").glob("*.yaml"))
-TRAINING = [p for p in ALL_YAML if p.parent.name != "monitor"]
+TRAINING = ALL_YAML  # the monitor presets are package data: topomon/presets/
 
 
 def command_of(path: Path) -> str:
@@ -25,9 +24,6 @@ def command_of(path: Path) -> str:
 def test_the_recipes_asked_for_exist():
     names = {str(p.relative_to(ROOT)) for p in ALL_YAML}
     assert {
-        "monitor/light.yaml",
-        "monitor/standard.yaml",
-        "monitor/full.yaml",
         "demo/sft.yaml",
         "demo/dpo.yaml",
         "demo/narrow.yaml",
@@ -41,25 +37,6 @@ def test_the_recipes_asked_for_exist():
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_yaml_is_a_mapping(path):
     assert isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict)
-
-
-@pytest.mark.parametrize("path", PRESET_FILES, ids=lambda p: p.stem)
-def test_preset_files_validate_and_match_the_named_presets(path):
-    from_file = MonitorConfig.from_yaml(path)
-    assert path.stem in PRESETS
-    assert from_file == MonitorConfig.from_dict(PRESETS[path.stem])
-    # by path and by name, load_preset gives the same config
-    assert MonitorConfig.from_dict(load_preset(str(path))) == MonitorConfig.from_dict(load_preset(path.stem))
-
-
-def test_every_named_preset_has_a_file_and_they_differ():
-    assert {p.stem for p in PRESET_FILES} == set(PRESETS)
-    light, standard, full = (MonitorConfig.from_dict(PRESETS[n]) for n in ("light", "standard", "full"))
-    assert standard == MonitorConfig()
-    assert not light.topology and light.spectral and light.layers == [-4, -1] and light.final_norm
-    assert light.make_schedule()(128) and not light.make_schedule()(150)  # sparse: log-spaced, gap 200
-    assert full.topology_layers == "all" and full.figures_every == 1
-    assert [s for s in range(1, 31) if full.make_schedule()(s)] == [10, 20, 30]
 
 
 def trl_parse(command: str, recipe: dict, tmp_path: Path, extra: list[str]):

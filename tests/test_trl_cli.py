@@ -14,9 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trl.cli.commands.training import _subtract_subsequence as trl_version
 
-from topomon.config import ConfigError, MonitorConfig
+from topomon.config import ConfigError, MonitorConfig, load_preset
 from topomon.trl_cli import (
-    PRESETS,
     _subtract_subsequence,
     help_text,
     monitor_spec,
@@ -77,10 +76,10 @@ def test_monitor_spec_merge_order(tmp_path):
     assert monitor_spec(None, preset=None, command="dpo").config == MonitorConfig(stage="dpo")
     # preset first, then the section's fields
     spec = monitor_spec({"every_n_steps": 7, "stage": "a"}, preset="light", command="sft")
-    assert spec.config == MonitorConfig.from_dict({**PRESETS["light"], "every_n_steps": 7, "stage": "a"})
+    assert spec.config == MonitorConfig.from_dict({**load_preset("light"), "every_n_steps": 7, "stage": "a"})
     # the command-line preset wins over the section's `preset:`
     spec = monitor_spec({"preset": "full"}, preset="light", command="sft")
-    assert spec.config == MonitorConfig.from_dict({**PRESETS["light"], "stage": "sft"})
+    assert spec.config == MonitorConfig.from_dict({**load_preset("light"), "stage": "sft"})
     assert monitor_spec({"preset": "full"}, preset=None, command="sft").config.topology_layers == "all"
     # a preset file (plain or under topomon:) keeps the command as the stage unless it names one
     f = tmp_path / "m.yaml"
@@ -152,7 +151,7 @@ def test_monitored_trainer_attaches_once_to_the_built_trainer(tmp_path):
 
 def test_help_shows_topomon_and_trl_options():
     text = help_text("sft")
-    assert "--topomon PRESET|FILE" in text and "light, standard, full" in text
+    assert "--topomon PRESET|FILE" in text and "full, light, standard" in text
     assert "--gradient_accumulation_steps" in text and "--model_name_or_path" in text  # TRL's own help
 
 
@@ -321,3 +320,14 @@ def test_unknown_key_in_the_topomon_section_fails_before_training(assets, tmp_pa
     assert "topomon:` section of" in proc.stderr
     assert "accelerate" not in proc.stderr  # nothing was launched
     assert not out.exists()
+
+
+def test_without_trl_the_command_line_says_what_to_install(monkeypatch, capsys):
+    # TRL is an optional dependency (topomon[trl]): only the TRL command line needs it
+    import sys
+
+    from topomon.trl_cli import launch
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ModuleNotFoundError
+    assert launch("sft", ["--config", "x.yaml"]) == 2
+    assert "pip install 'topomon[trl]'" in capsys.readouterr().err

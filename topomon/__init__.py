@@ -13,6 +13,7 @@ _LAZY = {
     "TopoMonitor": "topomon.integrations.hf",
     "MonitorSession": "topomon.session",
     "watch": "topomon.integrations.loop",
+    "TopoMonitorCallback": "topomon.integrations.lightning",  # not in __all__: lightning is an extra
     "MonitorConfig": "topomon.config",
     "ConfigError": "topomon.config",
     "Alert": "topomon.types",

@@ -1,4 +1,4 @@
-"""The ``topomon`` command: ``demo``, ``probe``, ``report``, TRL's ``sft``/``dpo``/... (and ``--help``)."""
+"""The ``topomon`` command: ``demo``, ``probe``, ``report``, ``alerts``, ``layers``, TRL's ``sft``, ..."""
 
 from __future__ import annotations
 
@@ -46,8 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN_DIR/report.html (figures embedded; PNGs in RUN_DIR/report/) from the run directory alone.",
     )
     r.add_argument("run_dir", metavar="RUN_DIR")
-    r.add_argument("--out", default=None, help="where to write the HTML (default RUN_DIR/report.html)")
+    r.add_argument(
+        "--out",
+        default=None,
+        help="where to write the HTML (default RUN_DIR/report.html); its PNGs go beside it (r.html -> r/)",
+    )
     r.add_argument("--title", default=None)
+
+    al = sub.add_parser(
+        "alerts",
+        help="the alerts and actions of a run directory (a table, or JSON lines with --json)",
+        description="Print the alerts that fired and the actions they caused, from RUN_DIR/alerts.jsonl "
+        "(metrics.jsonl is not read, so it is cheap to poll during training). Without --json: two "
+        "aligned tables, alerts (stage, step, rule, level/reason, metric@layer, message) and actions "
+        "(stage, step, action, what it did, the rule that caused it). With --json: JSON Lines on "
+        'stdout, one object per alert or action ordered by global step, with the key "kind" '
+        '("alert" or "action"); alerts: stage, step, rule, severity, reason, metric, layer, value, '
+        "reference, message, time; actions: stage, step, action, params, revert, cause (the rule), "
+        "message, spec, time; non-finite numbers are null; nothing is printed when there is none. "
+        "Notes (torn lines skipped) go to stderr with --json. Exit status 0, also without alerts; 2 "
+        "when RUN_DIR is not a run directory.",
+    )
+    al.add_argument("run_dir", metavar="RUN_DIR")
+    al.add_argument("--json", action="store_true", help="JSON Lines for scripts (one object per line)")
 
     pr = sub.add_parser(
         "probe",
@@ -149,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(path)
         return 0
+    if args.command == "alerts":
+        return _alerts(args)
     if args.command == "probe":
         from topomon.config import ConfigError, MonitorConfig
         from topomon.offline import probe_checkpoints
@@ -188,6 +211,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "layers":
         return _layers(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    from topomon.report.alert_log import format_table, json_lines
+    from topomon.report.load import load_alert_log
+
+    try:
+        run = load_alert_log(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"topomon alerts: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(format_table(run))
+        return 0
+    for line in json_lines(run):
+        print(line)
+    for note in run.notes:
+        print(f"topomon alerts: note: {note}", file=sys.stderr)
+    return 0
 
 
 def _layers(args: argparse.Namespace) -> int:

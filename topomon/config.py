@@ -3,6 +3,14 @@
 Every wrong value raises a ``ValueError`` (or ``TypeError``) naming the field, the value and what
 is allowed, before training starts. ``MonitorConfig.from_yaml`` reads YAML with ``safe_load`` and
 rejects unknown keys.
+
+Presets: a ``preset`` key next to the fields (``MonitorConfig.from_dict`` / ``from_yaml``,
+``TopoMonitor(preset=...)``, ``topomon.watch(..., preset=...)``, a recipe's ``topomon:`` section,
+``topomon sft --topomon NAME``) names a starting set of fields: a preset shipped with the package
+(``topomon/presets/<name>.yaml``: ``light``, ``standard``, ``full``; :func:`preset_names`) or the path
+of a MonitorConfig YAML file. The preset's fields come first, the fields given next to it override
+them. ``preset`` is not a field: the built config holds the resolved fields. :func:`load_preset` is
+the one reader of presets (the command lines and the framework plugins use it too).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 from topomon import schedules
 from topomon._validate import check_int, check_number, check_str
 
-__all__ = ["MonitorConfig", "ConfigError", "as_config"]
+__all__ = ["MonitorConfig", "ConfigError", "as_config", "PRESET_KEY", "preset_names", "load_preset"]
 
 
 AUTO_BUDGET = 0.01
@@ -35,6 +43,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("log", "every", "steps"),
     "worker": ("process", "thread", "sync"),
     "topology_engine": ("auto", "ripser", "giotto"),
+    "massive_treatment": ("robust", "cut", "robust_dims", "dims"),
     "worker_priority": ("idle", "low", "normal"),
 }
 
@@ -42,6 +51,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class MonitorConfig:
     """What the monitor captures, when, and what it computes.
+
+    Built from keyword arguments, a mapping (:meth:`from_dict`) or YAML (:meth:`from_yaml`); the mapping,
+    the file and the adapters also take ``preset`` (a packaged preset name or a YAML path, see
+    :func:`load_preset`): its fields first, the given fields over them.
 
     Attributes:
         stage: name of this post-training stage ("sft", "dpo", ...), stored with every record.
@@ -66,6 +79,15 @@ class MonitorConfig:
         exclude_first: drop the first non-pad position of each text (BOS / massive activations).
         outlier_factor: drop tokens whose norm exceeds this multiple of the median (None: keep all).
         normalize: L2-normalise each token before the metrics.
+        massive_treatment: what is removed before every metric (spectral, topology): "robust"
+            (default: the massive tokens, by a robust rule on log norms, median + 5 MADs and at
+            least 3x the median norm, and any token above ``outlier_factor`` x the median norm),
+            "cut" (only tokens above ``outlier_factor`` x the median norm: the earlier
+            default), "robust_dims" / "dims" (as "robust" / "cut", and the massive feature
+            dimensions, peak magnitude > 100x the median magnitude). Chosen by measurement in
+            docs/METRICS.md; the counts and the variance share of the massive part are logged
+            whatever the choice (``massive_tokens``, ``massive_dims``, ``massive_share``).
+            ``outlier_factor=None`` keeps every finite token whatever the treatment.
         schedule: "log" (1, 2, 4, ... then every ``every_n_steps``), "every", or "steps".
         every_n_steps: the interval of "every", and the largest gap of "log".
         steps: the steps of "steps".
@@ -119,6 +141,10 @@ class MonitorConfig:
             non-finite activations), a list of rule mappings (``topomon.alerts.rules_from_config``),
             or None for no alerts.
         webhook_url: POST every alert as JSON to this http(s) URL (never blocks training).
+        trackers: the experiment trackers that also get every curve, figure and alert, into the run
+            the trainer (or you) started: None follows the trainer's ``report_to``, ``[]`` is none,
+            or a list of ``"wandb"``, ``"mlflow"``, ``"trackio"`` (a named tracker that is not
+            installed or has no active run is an error before step 1; ``pip install 'topomon[trackers]'``).
         actions: what alerts trigger: mappings of ``topomon.interventions.ActionSpec`` fields, e.g.
             ``{"kind": "replay", "value": 0.5}``, ``{"kind": "diversity", "value": 0.05}``,
             ``{"kind": "lora_decorrelation", "value": 1.0}``, ``{"kind": "checkpoint"}``,
@@ -145,6 +171,7 @@ class MonitorConfig:
     exclude_first: bool = True
     outlier_factor: float | None = 10.0
     normalize: bool = False
+    massive_treatment: str = "robust"
     schedule: str = "log"
     every_n_steps: int = 50
     steps: tuple[int, ...] = ()
@@ -172,6 +199,7 @@ class MonitorConfig:
     custom_metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
     alerts: Any = "default"
     webhook_url: str | None = dataclasses.field(default=None, repr=False)  # may hold a token
+    trackers: tuple[str, ...] | None = None
     actions: tuple[Any, ...] = ()
     diversity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -266,6 +294,8 @@ class MonitorConfig:
             raise ConfigError(f"`diversity` has unknown option(s) {unknown}; allowed: {sorted(allowed)}")
         if self.webhook_url is not None:
             _check_webhook_url(self.webhook_url)
+        if self.trackers is not None:
+            object.__setattr__(self, "trackers", _check_trackers(self.trackers))
         for name in ("pca_dim", "n_landmarks"):
             v = getattr(self, name)
             if v is not None:
@@ -347,7 +377,7 @@ class MonitorConfig:
         return None if self.overhead_budget is None else float(self.overhead_budget)
 
     def replace(self, **changes: Any) -> MonitorConfig:
-        """A copy with some fields changed (validated again; unknown names are an error)."""
+        """A copy with some fields changed (validated again; unknown names, ``preset`` too, are an error)."""
         _check_keys(changes)
         return dataclasses.replace(self, **changes)
 
@@ -369,9 +399,26 @@ class MonitorConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MonitorConfig:
-        """Build from a mapping; unknown keys are an error that suggests the closest field."""
+        """Build from a mapping; unknown keys are an error that suggests the closest field.
+
+        Args:
+            data: MonitorConfig fields, and optionally ``preset``: a packaged preset name
+                (:func:`preset_names`) or the path of a MonitorConfig YAML file whose fields come first;
+                the other keys of ``data`` override them.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConfigError: an unknown key, a bad value, or an unknown preset (the message lists them).
+
+        Example:
+            >>> MonitorConfig.from_dict({"preset": "light", "every_n_steps": 20}).every_n_steps
+            20
+        """
         if not isinstance(data, Mapping):
             raise ConfigError(f"a monitor config must be a mapping, got {type(data).__name__}")
+        data = _apply_preset(data)
         _check_keys(data)
         try:
             return cls(**dict(data))
@@ -380,42 +427,171 @@ class MonitorConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> MonitorConfig:
-        """Read a YAML file (``yaml.safe_load``); a top-level ``topomon:`` section is accepted."""
-        import yaml
+        """Read a YAML file (``yaml.safe_load``); a top-level ``topomon:`` section is accepted.
 
-        if not isinstance(path, (str, os.PathLike)):
-            raise ConfigError(
-                f"a monitor config path must be a str or os.PathLike, got {type(path).__name__}"
-            )
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"monitor config file not found: {os.fspath(path)}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{os.fspath(path)} is not valid YAML: {e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{os.fspath(path)} is not UTF-8 text: {e}") from None
-        except RecursionError:
-            raise ConfigError(f"{os.fspath(path)} is nested too deeply to be a monitor config") from None
-        except (OSError, ValueError) as e:  # a folder, no permission, a NUL byte or too long a name
-            raise ConfigError(f"cannot read the monitor config file {os.fspath(path)!r}: {e}") from None
-        if data is None:
-            data = {}
-        if isinstance(data, Mapping) and set(data) == {"topomon"}:
-            data = data["topomon"] or {}
-        return cls.from_dict(data)
+        The file may name a ``preset`` (as :meth:`from_dict`); a relative preset path is taken from the
+        file's folder.
+
+        Raises:
+            ConfigError: the file cannot be read or is not YAML, or as :meth:`from_dict`.
+        """
+        data = _read_yaml_config(path)
+        return cls.from_dict(_apply_preset(data, base_dir=os.path.dirname(os.path.abspath(path))))
+
+
+def _read_yaml_config(path: str | os.PathLike[str]) -> Any:
+    """The YAML document of a monitor config file (``topomon:`` section unwrapped; empty -> {})."""
+    import yaml
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"a monitor config path must be a str or os.PathLike, got {type(path).__name__}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"monitor config file not found: {os.fspath(path)}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{os.fspath(path)} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{os.fspath(path)} is not UTF-8 text: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{os.fspath(path)} is nested too deeply to be a monitor config") from None
+    except (OSError, ValueError) as e:  # a folder, no permission, a NUL byte or too long a name
+        raise ConfigError(f"cannot read the monitor config file {os.fspath(path)!r}: {e}") from None
+    if data is None:
+        data = {}
+    if isinstance(data, Mapping) and set(data) == {"topomon"}:
+        data = data["topomon"] or {}
+    return data
 
 
 def _check_keys(data: Mapping[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(MonitorConfig)}
     for key in data:
+        if key == PRESET_KEY:
+            raise ConfigError(
+                "`preset` is not a field: it is read when a config is built (MonitorConfig.from_dict / "
+                "from_yaml, TopoMonitor(preset=...), topomon.watch(..., preset=...)); a built "
+                "MonitorConfig has all its fields already: build it with the preset, or set the fields"
+            )
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
                 f"unknown monitor config key {key!r}{hint}; known keys: {', '.join(sorted(known))}"
             )
+
+
+# ------------------------------------------------------------------------------------------ presets
+PRESET_KEY = "preset"
+"""The key that names a preset next to MonitorConfig fields (in a mapping, a YAML file, a keyword)."""
+
+_PRESET_FOLDER = "presets"  # topomon/presets/<name>.yaml, package data
+
+
+def preset_names() -> tuple[str, ...]:
+    """The names of the presets shipped with the package (``topomon/presets/<name>.yaml``), sorted.
+
+    Returns:
+        E.g. ``("full", "light", "standard")``.
+    """
+    from importlib import resources
+
+    folder = resources.files("topomon").joinpath(_PRESET_FOLDER)
+    return tuple(sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml")))
+
+
+def load_preset(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The MonitorConfig fields of a preset: a packaged name or the path of a MonitorConfig YAML file.
+
+    The one reader of presets: ``preset:`` in :meth:`MonitorConfig.from_dict` / ``from_yaml``, the
+    adapters' ``preset=`` and the command lines' ``--topomon NAME|FILE`` all come here. A file may
+    hold a top-level ``topomon:`` section, and may itself name a ``preset`` (its own fields override
+    that one's; a relative path is taken from the file's folder).
+
+    Args:
+        name_or_path: a name of :func:`preset_names` (``"light"``, ``"standard"``, ``"full"``), or a
+            path to a YAML file. A packaged name wins over a file of the same name in the working
+            folder; give ``./light`` for the file.
+
+    Returns:
+        A new dict of MonitorConfig fields (validated: ``MonitorConfig.from_dict`` accepts it).
+
+    Raises:
+        ConfigError: an unknown name (the message lists the packaged names), a missing or unreadable
+            file, a preset chain that loops, or an invalid field.
+
+    Example:
+        >>> load_preset("light")["every_n_steps"]
+        200
+    """
+    return _load_preset(name_or_path, base_dir=None, chain=())
+
+
+def _load_preset(value: Any, *, base_dir: str | None, chain: tuple[str, ...]) -> dict[str, Any]:
+    names = preset_names()
+    if isinstance(value, str) and value in names:
+        from importlib import resources
+
+        import yaml
+
+        where = f"the packaged preset {value!r}"
+        text = resources.files("topomon").joinpath(f"{_PRESET_FOLDER}/{value}.yaml").read_text("utf-8")
+        data: Any = yaml.safe_load(text) or {}
+        key = f"<package>/{value}"
+        folder = None
+    elif isinstance(value, os.PathLike) or (isinstance(value, str) and _looks_like_path(value, base_dir)):
+        path = os.fspath(value)
+        if base_dir is not None and not os.path.isabs(path):
+            path = os.path.join(base_dir, path)
+        where = f"the preset file {path}"
+        if not os.path.exists(path):
+            raise ConfigError(
+                f"monitor preset file not found: {path} (the packaged presets: {', '.join(names)})"
+            )
+        data = _read_yaml_config(path)
+        key = os.path.realpath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+    else:
+        raise ConfigError(
+            f"unknown monitor preset {value!r}: give one of {', '.join(map(repr, names))} "
+            "(shipped in topomon/presets/) or the path of a MonitorConfig YAML file"
+        )
+    if key in chain:
+        raise ConfigError(f"monitor presets name each other in a loop: {' -> '.join((*chain, key))}")
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{where} must be a YAML mapping of MonitorConfig fields, got {type(data).__name__}"
+        )
+    try:
+        fields = _apply_preset(data, base_dir=folder, chain=(*chain, key))
+        MonitorConfig.from_dict(fields)  # validates; the fields go on as a plain dict
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return fields
+
+
+def _looks_like_path(value: str, base_dir: str | None) -> bool:
+    """A preset value that is meant as a file (an existing file, a separator, a .yaml/.yml suffix)."""
+    if not value:
+        return False
+    if value.endswith((".yaml", ".yml")) or "/" in value or os.sep in value:
+        return True
+    return os.path.isfile(value if base_dir is None else os.path.join(base_dir, value))
+
+
+def _apply_preset(data: Any, *, base_dir: str | None = None, chain: tuple[str, ...] = ()) -> Any:
+    """``data`` with its ``preset`` key replaced by that preset's fields (``data``'s own fields win).
+
+    Anything that is not a mapping, or a mapping without ``preset``, comes back unchanged; a
+    ``preset`` of None means none.
+    """
+    if not isinstance(data, Mapping) or PRESET_KEY not in data:
+        return data
+    own = {k: v for k, v in data.items() if k != PRESET_KEY}
+    if data[PRESET_KEY] is None:
+        return own
+    return {**_load_preset(data[PRESET_KEY], base_dir=base_dir, chain=chain), **own}
 
 
 def _require_str(name: str, value: Any) -> None:
@@ -428,6 +604,28 @@ def _require_int(name: str, value: Any, low: int) -> None:
 
 def _require_number(name: str, value: Any, low: float) -> None:
     check_number(name, value, low, error=ConfigError, plain=True, expected=f"a number >= {low} (finite)")
+
+
+TRACKERS = ("wandb", "mlflow", "trackio")
+"""The experiment trackers ``trackers`` may name (:mod:`topomon.sinks.trackers`)."""
+
+
+def _check_trackers(value: Any) -> tuple[str, ...]:
+    """``trackers`` as a tuple of known names (a list from YAML is fine)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(
+            f"`trackers` must be None (follow the trainer's report_to), [] or a list of "
+            f"{', '.join(map(repr, TRACKERS))}, got {value!r}"
+        )
+    for name in value:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(str(name), TRACKERS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"`trackers` has unknown tracker {name!r}{hint}; allowed: {', '.join(map(repr, TRACKERS))}"
+                + (" (TensorBoard is the `tensorboard` field)" if str(name).lower() == "tensorboard" else "")
+            )
+    return tuple(dict.fromkeys(value))
 
 
 def _check_webhook_url(url: Any) -> None:
@@ -455,13 +653,23 @@ def as_config(
 ) -> MonitorConfig:
     """A config from a :class:`MonitorConfig`, a mapping of its fields or None, with field overrides.
 
+    ``overrides`` (and a mapping ``config``) may hold ``preset``: its fields first, every field given
+    in ``config`` or ``overrides`` over them (an override's ``preset`` replaces the mapping's).
+
     Raises:
-        ConfigError: a wrong value, an unknown key, or ``config`` of another type.
+        ConfigError: a wrong value, an unknown key or preset, ``preset`` over a built
+            :class:`MonitorConfig`, or ``config`` of another type.
     """
     if config is None:
         return MonitorConfig.from_dict(overrides)
     if isinstance(config, Mapping):
         return MonitorConfig.from_dict({**config, **overrides})
     if isinstance(config, MonitorConfig):
+        if PRESET_KEY in overrides:
+            raise ConfigError(
+                f"preset={overrides[PRESET_KEY]!r} cannot apply over a built MonitorConfig (it has every "
+                "field already): pass the preset with the fields as keywords, e.g. "
+                "TopoMonitor(preset='light', every_n_steps=20), or MonitorConfig.from_dict({'preset': ...})"
+            )
         return config.replace(**overrides) if overrides else config
     raise ConfigError(f"config must be a MonitorConfig or a mapping, got {type(config).__name__}")

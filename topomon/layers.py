@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from topomon.metrics.preprocess import DEFAULT_TREATMENT, prepare_aligned
 from topomon.metrics.zigzag import (
     ZigzagResult,
     adjacent_layer_similarity,
@@ -67,7 +68,7 @@ class LayerAnalysis:
         descriptors: per-layer descriptors of :func:`~topomon.metrics.zigzag.zigzag_descriptors`.
         adjacent_similarity: ``(L - 1,)`` kNN-graph Jaccard overlap of consecutive analysed blocks.
         result: the zigzag barcodes.
-        n_texts: number of texts (points per layer).
+        n_texts: number of texts kept by the preprocessing (points per layer).
         timings: seconds spent capturing (``"capture_s"``) and in the zigzag (``"zigzag_s"``).
     """
 
@@ -269,6 +270,7 @@ def analyze_layers(
     max_length: int = 128,
     engine: str = "auto",
     similarity_dim: int | None = None,
+    massive_treatment: str = DEFAULT_TREATMENT,
 ) -> LayerAnalysis:
     """Zigzag persistence across the decoder blocks of ``model`` on a fixed text set.
 
@@ -290,6 +292,10 @@ def analyze_layers(
         engine: zigzag engine (``"auto"``, ``"builtin"``, ``"dionysus"``).
         similarity_dim: homology dimension for the similarity and the pruning score; default
             ``maxdim`` (H1, as in the paper).
+        massive_treatment: the monitor's preprocessing of the states
+            (:func:`topomon.metrics.preprocess.prepare_aligned`, one of
+            :data:`~topomon.metrics.preprocess.TREATMENTS`): a text whose state is a massive token
+            (or non-finite) at some block is left out at every block, so the vertices stay shared.
 
     Returns:
         A :class:`LayerAnalysis`.
@@ -319,6 +325,11 @@ def analyze_layers(
     )
     if len(indices) < 2:
         raise ValueError(f"analyze_layers needs at least two decoder blocks, got {indices}")
+    states, kept = prepare_aligned(states, treatment=massive_treatment)
+    if len(kept) <= k:
+        raise ValueError(
+            f"analyze_layers needs more texts than k={k} after preprocessing, got {len(kept)} of {len(texts)}"
+        )
     t1 = time.perf_counter()
     result = zigzag_barcodes(states, k=k, maxdim=maxdim, engine=engine)
     similarity = persistence_similarity(result, dim=similarity_dim)
@@ -343,6 +354,6 @@ def analyze_layers(
         descriptors=zigzag_descriptors(result),
         adjacent_similarity=adjacent,
         result=result,
-        n_texts=len(texts),
+        n_texts=len(kept),
         timings={"capture_s": t1 - t0, "zigzag_s": t2 - t1},
     )

@@ -19,6 +19,7 @@ from topomon.config import ConfigError, MonitorConfig
 from topomon.pipeline import record_from_json
 from topomon.run import RunDir
 from topomon.session import MonitorSession
+from topomon.sinks.trackers import resolve_trackers, tracker_sinks
 from topomon.types import MetricRecord
 
 __all__ = ["probe_checkpoints", "checkpoint_step", "stage_config"]
@@ -113,8 +114,16 @@ def probe_checkpoints(
         raise ConfigError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
     run = RunDir(run_dir)
     step_of = list(steps) if steps is not None else [checkpoint_step(p, i) for i, p in enumerate(checkpoints)]
+    # trackers: only those named in the config given here (a stored live stage's were bound to its
+    # trainer's runs, which are over); they need an active run, as in a live stage
+    trackers = config.trackers if config is not None else None
     c = config or stage_config(run, like) or MonitorConfig()
-    c = c.replace(stage=stage, worker="sync", run_dir=run_dir, step_offset=min(step_of), actions=())
+    c = c.replace(
+        stage=stage, worker="sync", run_dir=run_dir, step_offset=min(step_of), actions=(), trackers=trackers
+    )
+    names, explicit = resolve_trackers(c.trackers, None)
+    figures = c.figures_every > 0
+    sinks = (lambda: tracker_sinks(names, explicit=explicit, figures=figures)) if names else None
     session = MonitorSession(c)
     load = loader or (lambda p: _load(p, base_model))
 
@@ -128,7 +137,9 @@ def probe_checkpoints(
             bar.set_postfix_str(os.path.basename(os.path.normpath(path)))
             model, tok = load(path)
             if not session.started:
-                session.begin(model, tokenizer=tok, baseline=False, info={"offline": True, "like": like})
+                session.begin(
+                    model, tokenizer=tok, baseline=False, info={"offline": True, "like": like}, sinks=sinks
+                )
             session.capture(model, step)
             if session.errors:
                 raise RuntimeError(f"topomon probe failed on {path}: {session.last_error}")

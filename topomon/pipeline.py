@@ -70,6 +70,7 @@ def compute_options(
     return ComputeOptions(
         outlier_factor=c.outlier_factor,
         normalize=c.normalize,
+        massive_treatment=c.massive_treatment,
         spectral=c.spectral,
         topology=c.topology,
         topology_layers=topo,
@@ -332,14 +333,18 @@ class ResultRouter:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """References and alert-engine state (JSON-able)."""
+        """References, alert-engine state and the alerts not yet acted on (JSON-able)."""
 
         def clean(d: dict[str, float]) -> dict[str, float | None]:
             return {k: (v if math.isfinite(v) else None) for k, v in d.items()}
 
+        with self._lock:
+            # fired, but not yet turned into actions (a checkpoint between the two): acted on after a resume
+            pending = [a.to_json() for a in self._pending_alerts]
         return {
             "stage_values": clean(self.stage_values),
             "alerts": self.alert_engine.state_dict() if self.alert_engine is not None else None,
+            "pending_alerts": pending,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -349,6 +354,9 @@ class ResultRouter:
         )
         if self.alert_engine is not None and state.get("alerts"):
             self.alert_engine.load_state_dict(state["alerts"])
+        pending = [Alert.from_json(d) for d in state.get("pending_alerts") or []]
+        with self._lock:
+            self._pending_alerts.extend(pending)
 
     def write_alert_line(self, obj: dict[str, Any]) -> None:
         """Append one line (an alert or an action) to ``alerts.jsonl``."""
@@ -391,7 +399,9 @@ def make_router(
     """
     record_sinks: list[RecordSink] = []
     if c.tensorboard and logging_dir is not None:
-        record_sinks.append(TensorBoardSink(logging_dir, figures=c.figures_every > 0))
+        record_sinks.append(
+            TensorBoardSink(logging_dir, figures=c.figures_every > 0, relative=relative_keys(options))
+        )
     record_sinks.extend(sinks)
     engine = None
     if c.alerts is not None:

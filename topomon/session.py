@@ -43,6 +43,7 @@ from topomon.stage import (
     on_cpu,
     release,
     setup_stage,
+    shared_logdir,
     write_state,
 )
 from topomon.types import Alert, Snapshot
@@ -141,6 +142,7 @@ class MonitorSession:
         self.budget = OverheadBudget(self.config.budget())
         self.actions: list[Any] = []
         self.alerts: list[Alert] = []
+        self.alerts_after_end = 0  # alerts that came back after training ended: no action could run
         self.errors = 0
         self.last_error: str | None = None
         self.captures: list[int] = []
@@ -148,6 +150,7 @@ class MonitorSession:
         self.setup_seconds = 0.0  # begin() before the baseline: probe plan, worker start, sinks
         self.run: RunDir | None = None
         self.logging_dir: str | None = None
+        self.trainer_logdir: str | None = None  # the trainer's own TensorBoard folder, if any
         self.step_offset = 0
         self.total_steps: int | None = None
         self.comm: Comm | None = None
@@ -275,6 +278,7 @@ class MonitorSession:
         info: Mapping[str, Any] | None = None,
         total_steps: int | None = None,
         sinks: Callable[[], Sequence[RecordSink]] | None = None,
+        trainer_logdir: str | None = None,
     ) -> None:
         """Set up on every rank and capture the stage's baseline (collective).
 
@@ -301,6 +305,8 @@ class MonitorSession:
                 leave without a capture between its start and end gets one at its middle.
             sinks: makes the record sinks besides TensorBoard (the trackers of ``report_to``, a
                 Lightning logger); called on the main process only, during set-up.
+            trainer_logdir: where the training loop writes its own TensorBoard events (the
+                trainer's loss): :attr:`tensorboard_logdir` then holds both.
 
         Raises:
             ConfigError: the configuration cannot work with this model, tokenizer or run directory; a
@@ -317,6 +323,7 @@ class MonitorSession:
             self.config = self.config.replace(stage=self._stage)
         self._reset()
         self.total_steps = total_steps
+        self.trainer_logdir = trainer_logdir
         t0 = time.perf_counter()
         comm = self.comm = Comm()
         failure: Exception | None = None
@@ -483,6 +490,8 @@ class MonitorSession:
                 (self._router.drain_alerts(), True),
             ):
                 self.alerts.extend(alerts)
+                if alerts and control is None and record and self.interventions.policy.specs:
+                    self._late(alerts)
                 if alerts and control is not None:
                     n = len(self.interventions.taken)
                     try:
@@ -513,6 +522,21 @@ class MonitorSession:
         self.actions.extend(taken)
         return taken
 
+    def _late(self, alerts: list[Alert]) -> None:
+        """Alerts whose results came back after the last step: say that their actions did not run."""
+        fired = [a for a in alerts if a.reason != "recovered"]
+        if not fired:
+            return
+        self.alerts_after_end += len(fired)
+        first = fired[0]
+        logger.warning(
+            "topomon: %d alert(s) came back after training ended (first: step %d, %s); the configured "
+            "actions could not act on them (a longer stage, a denser schedule or worker='sync' lets them)",
+            len(fired),
+            first.step,
+            first.rule,
+        )
+
     def _record_actions(self, actions: list[Any], step: int, write: bool = True) -> None:
         assert self._router is not None
         for action in actions:
@@ -542,11 +566,24 @@ class MonitorSession:
         """
         if not self._started or not self.is_main or not os.path.isdir(folder):
             return
-        if self._executor is not None:
+        state = self.checkpoint_state()
+        if state is not None:
+            write_state(folder, state)
+
+    @guarded
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """:meth:`state_dict` for a training checkpoint, once the pending results are in.
+
+        While training runs, the worker's pending results are awaited first (at most ``flush_timeout``
+        seconds), so the state covers every capture up to this step (:meth:`save_state` writes it into a
+        checkpoint folder; the Lightning callback returns it from its own ``state_dict()``). None when
+        it fails (counted in ``errors``, never raised into the checkpoint).
+        """
+        if self._started and self._executor is not None:
             deadline = time.monotonic() + self.config.flush_timeout
             while self._executor.pending and time.monotonic() < deadline:
                 time.sleep(0.02)
-        write_state(folder, self.state_dict())
+        return self.state_dict()
 
     @guarded
     def end(self, local_step: int, model: Any) -> None:
@@ -622,8 +659,13 @@ class MonitorSession:
             alerts=self.alerts,
             actions=self.actions,
             run_path=self.run.path if self.run is not None else None,
-            logging_dir=self.logging_dir,
+            logging_dir=self.tensorboard_logdir,
         )
+
+    @property
+    def tensorboard_logdir(self) -> str | None:
+        """The folder for ``tensorboard --logdir``: topomon's curves beside the trainer's loss."""
+        return shared_logdir(self.logging_dir, self.trainer_logdir)
 
     # ------------------------------------------------------------------ state and health
     def state_dict(self) -> dict[str, Any]:
@@ -651,6 +693,7 @@ class MonitorSession:
             "stall_seconds": self.budget.stall_seconds,
             "setup_seconds": self.setup_seconds,
             "captures_deferred": float(self.captures_deferred),
+            "alerts_after_end": float(self.alerts_after_end),
         }
         cost = self.budget.cost()  # once: the worker may report between two reads
         if self.budget.t_begin is not None:

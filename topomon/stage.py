@@ -45,6 +45,8 @@ __all__ = [
     "fresh_stage_name",
     "earlier_records",
     "tensorboard_dir",
+    "trainer_tensorboard_dir",
+    "shared_logdir",
     "capture_modules",
     "probe_texts",
     "make_strategy",
@@ -206,6 +208,39 @@ def tensorboard_dir(c: MonitorConfig, run: RunDir) -> str:
     if os.environ.get("TENSORBOARD_LOGGING_DIR"):
         return os.path.join(os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"]), f"topomon_{c.stage}")
     return run.tensorboard_dir(c.stage)
+
+
+def trainer_tensorboard_dir(report_to: Any, output_dir: str | None) -> str | None:
+    """Where a Hugging Face trainer writes its own TensorBoard events, or None when it writes none.
+
+    ``$TENSORBOARD_LOGGING_DIR`` when set, else ``<output_dir>/runs`` (the trainer adds a
+    ``<time>_<host>`` folder inside), as ``transformers.integrations.TensorBoardCallback`` does.
+    """
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [str(n).lower() for n in names]
+    if "tensorboard" not in names and "all" not in names:
+        return None
+    if os.environ.get("TENSORBOARD_LOGGING_DIR"):
+        return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
+    return os.path.join(output_dir or ".", "runs")
+
+
+def shared_logdir(topomon_dir: str | None, trainer_dir: str | None) -> str | None:
+    """The folder for ``tensorboard --logdir`` that holds topomon's events and the trainer's.
+
+    Their closest common folder; topomon's own folder when there is no trainer folder or when the
+    common one would be the file system's root or the home folder (too wide to scan).
+    """
+    if not topomon_dir or not trainer_dir:
+        return topomon_dir
+    a, b = os.path.abspath(topomon_dir), os.path.abspath(trainer_dir)
+    try:
+        common = os.path.commonpath([a, b])
+    except ValueError:  # different drives
+        return topomon_dir
+    if os.path.dirname(common) == common or common == os.path.abspath(os.path.expanduser("~")):
+        return topomon_dir
+    return common
 
 
 STATE_FILE = "topomon_state.json"

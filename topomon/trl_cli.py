@@ -10,11 +10,12 @@ config, trains and saves. The one thing added: while ``main`` runs, the trainer 
 
 The monitor is configured by an optional top-level ``topomon:`` section of the recipe (the fields
 of :class:`~topomon.config.MonitorConfig`, plus ``preset`` and ``replay_dataset``) and/or the
-option ``--topomon PRESET|FILE.yaml``. The section is taken out before TRL sees the recipe (TRL
-would pass an unknown key on to ``accelerate launch``). Like ``trl sft``, ``topomon sft`` checks
-everything, then starts the training through ``accelerate launch`` (its options, e.g.
-``--num_processes 2`` or ``--accelerate_config NAME``, may appear on the command line or in the
-recipe); each launched process runs ``python -m topomon.trl_cli sft ...``, which trains in-process
+option ``--topomon PRESET|FILE.yaml`` (a preset shipped in ``topomon/presets/`` or a YAML file, read
+by :func:`topomon.config.load_preset` as everywhere else). The section is taken out before TRL sees
+the recipe (TRL would pass an unknown key on to ``accelerate launch``). Like ``trl sft``,
+``topomon sft`` checks everything, then starts the training through ``accelerate launch`` (its
+options, e.g. ``--num_processes 2`` or ``--accelerate_config NAME``, may appear on the command line
+or in the recipe); each launched process runs ``python -m topomon.trl_cli sft ...``, which trains in-process
 (so ``torchrun -m topomon.trl_cli sft ...`` works too).
 
 What is copied from TRL rather than called: ``_subtract_subsequence`` (8 lines of TRL's private
@@ -36,16 +37,14 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from topomon.config import ConfigError, MonitorConfig
+from topomon.config import PRESET_KEY, ConfigError, MonitorConfig, load_preset, preset_names
 
 __all__ = [
     "COMMANDS",
-    "PRESETS",
     "EXTRA_KEYS",
     "MonitorSpec",
     "split_topomon_option",
     "read_recipe",
-    "load_preset",
     "monitor_spec",
     "monitored_trainer",
     "launch",
@@ -67,40 +66,7 @@ COMMANDS: dict[str, str] = {
 }
 """Command -> the trainer class that ``trl/scripts/<command>.py`` imports from ``trl`` in ``main``."""
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Spectral metrics of the final norm and 2 late blocks, rarely (a few % of step time).
-    "light": {
-        "layers": [-4, -1],
-        "final_norm": True,
-        "topology": False,
-        "logits": False,
-        "trajectory": False,
-        "lora_metrics": False,
-        "max_probes": 32,
-        "max_points": 256,
-        "schedule": "log",
-        "every_n_steps": 200,
-        "figures_every": 0,
-    },
-    # The defaults of MonitorConfig.
-    "standard": {},
-    # Persistent homology on every captured layer, exactly every 10 steps (no overhead budget),
-    # figures at every capture: the "aggressive" configuration of bench/overhead.py.
-    "full": {
-        "layers": "auto",
-        "topology_layers": "all",
-        "max_points": 512,
-        "overhead_budget": None,
-        "topology_points": 256,
-        "schedule": "every",
-        "every_n_steps": 10,
-        "figures_every": 1,
-        "queue_size": 8,
-    },
-}
-"""Monitor presets for ``--topomon NAME``; ``recipes/monitor/<NAME>.yaml`` hold the same fields."""
-
-EXTRA_KEYS = ("preset", "replay_dataset")
+EXTRA_KEYS = (PRESET_KEY, "replay_dataset")
 """Keys of the ``topomon:`` section that are not :class:`MonitorConfig` fields."""
 
 _USAGE = """\
@@ -165,14 +131,16 @@ def split_topomon_option(args: Sequence[str]) -> tuple[list[str], str | None]:
             if a == "--topomon":
                 if i + 1 >= len(args) or args[i + 1].startswith("--"):
                     raise ConfigError(
-                        f"--topomon needs a value: a preset ({', '.join(PRESETS)}) or a YAML file"
+                        f"--topomon needs a value: a preset ({', '.join(preset_names())}) or a YAML file"
                     )
                 value = args[i + 1]
                 next(it)
             else:
                 value = a.split("=", 1)[1]
             if not value:
-                raise ConfigError(f"--topomon needs a value: a preset ({', '.join(PRESETS)}) or a YAML file")
+                raise ConfigError(
+                    f"--topomon needs a value: a preset ({', '.join(preset_names())}) or a YAML file"
+                )
         else:
             rest.append(a)
     return rest, value
@@ -228,43 +196,12 @@ def read_recipe(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str,
     return data, section
 
 
-def load_preset(name_or_path: str) -> dict[str, Any]:
-    """The fields of a monitor preset: a name of :data:`PRESETS` or a MonitorConfig YAML file.
-
-    Args:
-        name_or_path: ``"light"``, ``"standard"``, ``"full"``, or a path (a top-level ``topomon:``
-            key in the file is accepted, as in :meth:`MonitorConfig.from_yaml`).
-
-    Returns:
-        A new dict of MonitorConfig fields (validated).
-
-    Raises:
-        ConfigError: an unknown name, an unreadable file, or an invalid config.
-    """
-    if not isinstance(name_or_path, str) or not name_or_path:
-        raise ConfigError(f"a monitor preset must be a name or a path, got {name_or_path!r}")
-    if os.path.isfile(name_or_path):
-        import yaml
-
-        MonitorConfig.from_yaml(name_or_path)  # validates, with file-specific error messages
-        with open(name_or_path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-        if set(data) == {"topomon"}:
-            data = data["topomon"] or {}
-        return dict(data)
-    if name_or_path in PRESETS:
-        return dict(PRESETS[name_or_path])
-    raise ConfigError(
-        f"unknown monitor preset {name_or_path!r}: give one of {', '.join(map(repr, PRESETS))} "
-        "or the path of a MonitorConfig YAML file"
-    )
-
-
 def monitor_spec(section: Mapping[str, Any] | None, *, preset: str | None, command: str) -> MonitorSpec:
     """Merge a preset and a recipe's ``topomon:`` section into a validated :class:`MonitorSpec`.
 
     Order: the preset (``preset`` argument, else the section's ``preset`` key, else the
-    MonitorConfig defaults), then the section's fields; ``stage`` defaults to ``command``.
+    MonitorConfig defaults; read by :func:`topomon.config.load_preset`, the packaged presets of
+    ``topomon/presets/`` or a YAML file), then the section's fields; ``stage`` defaults to ``command``.
 
     Args:
         section: the ``topomon:`` section (None: none).
@@ -335,6 +272,13 @@ def _subtract_subsequence(lst: Sequence[str], subseq: Sequence[str]) -> list[str
 def _check_command(command: str) -> None:
     if command not in COMMANDS:
         raise ConfigError(f"unknown TRL command {command!r}; known: {', '.join(COMMANDS)}")
+    try:
+        import trl  # noqa: F401 - an optional dependency: only the TRL command line needs it
+    except ModuleNotFoundError:
+        raise ConfigError(
+            f"`topomon {command}` runs TRL's `trl {command}`, and TRL is not installed: "
+            "pip install 'topomon[trl]'"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -477,7 +421,7 @@ def run(command: str, argv: Sequence[str]) -> int:
 def help_text(command: str) -> str:
     """The help of ``topomon <command>``: the topomon options, then TRL's own help."""
     _check_command(command)
-    head = _USAGE.format(command=command, presets=", ".join(PRESETS))
+    head = _USAGE.format(command=command, presets=", ".join(preset_names()))
     return head + "\n" + _script(command).make_parser(prog=f"topomon {command}").format_help()
 
 

@@ -113,3 +113,11 @@ class Alert:
             d[k] = float(d[k]) if np.isfinite(d[k]) else None
         d["kind"] = "alert"
         return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Alert:
+        """The inverse of :meth:`to_json` (None values back to NaN; unknown keys ignored)."""
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for k in ("value", "reference"):
+            kw[k] = float("nan") if kw.get(k) is None else float(kw[k])
+        return cls(**kw)

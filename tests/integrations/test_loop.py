@@ -105,3 +105,37 @@ def test_an_exception_in_the_loop_still_closes_the_monitor(tok, tmp_path):
     assert not mon.session.started
     health = [r for r in read_jsonl(tmp_path / "topomon" / "metrics.jsonl") if r["kind"] == "health"]
     assert len(health) == 1
+
+
+def test_an_alert_that_comes_back_after_the_last_step_is_said_not_to_have_acted(tok, tmp_path, caplog):
+    # only the baseline and the final capture: an alert on the final model comes back while the monitor
+    # closes, when no step is left for its action; it is counted and said, never silently dropped
+    moved = [
+        {
+            "type": "drop",
+            "metric": "rankme",
+            "layer": "final_norm",
+            "threshold": 1e-9,
+            "direction": d,
+            "name": d,
+        }
+        for d in ("drop", "rise")
+    ]
+    model = tiny_causal_lm("llama", seed=0)
+    with caplog.at_level("WARNING", logger="topomon"):
+        with topomon.watch(
+            model,
+            tok,
+            output_dir=tmp_path,
+            schedule="every",
+            every_n_steps=100,
+            worker="sync",
+            alerts=moved,
+            actions=[{"kind": "checkpoint"}],
+        ) as mon:
+            train(model, tok, mon, steps=2)
+    assert mon.captures == [0, 2]
+    assert [a.step for a in mon.alerts if a.reason != "recovered"] == [2]
+    assert mon.actions == []
+    assert mon.session.health()["alerts_after_end"] == 1.0
+    assert "came back after training ended" in caplog.text

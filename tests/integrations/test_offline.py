@@ -7,7 +7,7 @@ import pytest
 from tests.integrations.conftest import read_jsonl
 from tests.integrations.test_monitor import run_sft
 from topomon import TopoMonitor
-from topomon.config import ConfigError
+from topomon.config import ConfigError, MonitorConfig
 from topomon.offline import probe_checkpoints
 from topomon.testing import tiny_causal_lm
 
@@ -129,3 +129,22 @@ def test_probe_errors(tmp_path):
         probe_checkpoints([], str(tmp_path))
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
         probe_checkpoints([str(tmp_path / "nope")], str(tmp_path))
+
+
+def test_probe_writes_to_the_trackers_its_config_names_or_says_why_not(tok, tmp_path, monkeypatch):
+    # the offline path shares the live one's trackers: named in the config given, they receive the
+    # records (MLflow, a local store read back with its client) or fail before any capture
+    mlflow = pytest.importorskip("mlflow")
+    model = tiny_causal_lm("llama", seed=0)
+    model.save_pretrained(tmp_path / "checkpoint-3")
+    tok.save_pretrained(tmp_path / "checkpoint-3")
+    cfg = MonitorConfig(trackers=("mlflow",), topology=False, max_probes=8)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow keeps a sqlite store's artifacts (the figures) in ./mlruns
+    with pytest.raises(ConfigError, match="no mlflow run is active"):
+        probe_checkpoints([str(tmp_path / "checkpoint-3")], str(tmp_path / "run"), config=cfg)
+    with mlflow.start_run() as active:
+        recs = probe_checkpoints([str(tmp_path / "checkpoint-3")], str(tmp_path / "run2"), config=cfg)
+    got = mlflow.MlflowClient().get_metric_history(active.info.run_id, "topomon/rankme/final_norm")
+    want = next(r.metrics["rankme"] for r in recs if r.layer == "final_norm")
+    assert [(m.step, m.value) for m in got] == [(3, pytest.approx(want))]

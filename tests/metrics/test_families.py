@@ -59,7 +59,15 @@ def full_snapshot(step: int) -> Snapshot:
 def test_every_produced_key_is_declared_by_exactly_one_family_and_every_declared_key_is_produced():
     opts = ComputeOptions(topology_points=40, pca_dim=None, custom_metrics={"avg": "numpy:mean"})
     on = enabled_families(opts)
-    assert {f.name for f in on} == {"spectral", "topology", "logits", "trajectory", "lora", "custom"}
+    assert {f.name for f in on} == {
+        "spectral",
+        "topology",
+        "logits",
+        "trajectory",
+        "lora",
+        "massive",
+        "custom",
+    }
     engine = MetricEngine(opts)
     engine.process(full_snapshot(0))
     records = engine.process(full_snapshot(3))  # a second capture: topological activity too

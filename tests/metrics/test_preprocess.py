@@ -82,9 +82,11 @@ def test_prepare_points_drops_and_counts_nonfinite_and_outliers() -> None:
 def test_prepare_points_threshold_is_relative_to_median_norm() -> None:
     x = np.zeros((5, 2))
     x[:, 0] = [1.0, 1.0, 1.0, 9.9, 10.1]  # median norm 1
-    assert prepare_points(x, outlier_factor=10.0).n_outliers == 1
-    assert prepare_points(x, outlier_factor=5.0).n_outliers == 2
-    assert prepare_points(x, outlier_factor=None).n_outliers == 0
+    assert prepare_points(x, outlier_factor=10.0, treatment="cut").n_outliers == 1
+    assert prepare_points(x, outlier_factor=5.0, treatment="cut").n_outliers == 2
+    assert prepare_points(x, outlier_factor=None, treatment="cut").n_outliers == 0
+    # the robust rule also drops the 9.9x token (a massive token: > 3x the median, the MAD is 0)
+    assert prepare_points(x, outlier_factor=10.0).n_outliers == 2
     # Median norm 0 (mostly zero rows): no scale, nothing dropped.
     z = np.zeros((5, 2))
     z[0] = 3.0

@@ -47,6 +47,8 @@ BAD: dict[str, list] = {
     "max_points": [10.0, 2],
     "exclude_first": ["no"],
     "outlier_factor": ["10", 0.5, math.inf, math.nan],
+    "massive_treatment": [None, "mad", 3],
+    "trackers": ["wandb", ["tensorboard"], ["wandbb"], [3]],
     "normalize": [None],
     "schedule": [2, "cosine"],
     "every_n_steps": ["5", 0, -3],

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import topomon
 from topomon.report.html import build_report
 from topomon.report.load import layer_sort_key, load_run
 from topomon.report.plots import relative_to_base
@@ -64,7 +65,8 @@ def _write_run(root: Path) -> None:
 
     capture(MetricEngine(opts), 0, "base", 0.0, True)
     comp = 0.0
-    stages_json = [{"name": "base", "step_offset": 0, "first_step": 0, "last_step": 0}]
+    # as a real run writes it: the base model's baseline only in the records, a version per stage
+    stages_json: list[dict] = []
     for name, offset, rate in STAGES:
         engine = MetricEngine(opts)
         start = comp
@@ -72,7 +74,7 @@ def _write_run(root: Path) -> None:
             comp = start + rate * own
             capture(engine, offset + own, name, comp, own in (0, OWN_STEPS[-1]))
         stages_json.append(
-            {"name": name, "step_offset": offset, "first_step": offset, "last_step": offset + 8}
+            {"name": name, "step_offset": offset, "last_step": offset + 8, "topomon_version": "0.1.0"}
         )
         metrics.write([{"kind": "health", "stage": name, "time": 1.0, "captures": 5.0, "dropped": 0.0,
                         "lost": 1.0 if name == "narrow" else 0.0, "monitor_errors": 0.0}])  # fmt: skip
@@ -88,7 +90,6 @@ def _write_run(root: Path) -> None:
     ])  # fmt: skip
     alerts.close()
     info = {
-        "topomon_version": "0.1.0",
         "stages": stages_json,
         "probe_plan": {"pooling": "last", "n_probes": 96, "n_points": N},
         "config": {"alpha_window": [6, 100]},
@@ -219,7 +220,8 @@ def test_stage_names_alerts_and_health_appear_escaped(built: tuple[Path, str]) -
     assert "drop:rankme@final_norm" in page
     assert "lost: 1" in page  # health note about a lost capture
     assert "How to read this" in page
-    assert "Constant throughout: n_points = 96, n_outliers = 0, n_nonfinite = 0." in page
+    # other constant metrics (of families added later) may follow
+    assert "Constant throughout: n_points = 96, n_outliers = 0, n_nonfinite = 0" in page
 
 
 @pytest.fixture
@@ -338,3 +340,127 @@ def test_dollar_signs_in_names_are_literal_text_not_mathtext(tmp_path: Path) -> 
     cells = _parse(page).cells
     assert cells[(stage, "rankme", "retained")] == "80.0%"  # 8 / 10
     assert cells[(stage, "rankme", "change")] == "-20.0%"
+
+
+class _Rows(html.parser.HTMLParser):
+    """Cells ``[tag, text, attrs]`` per ``<tr>`` of the first ``<table class=cls>``; every ``<a href>``."""
+
+    def __init__(self, cls: str) -> None:
+        super().__init__()
+        self.cls, self.rows, self.hrefs = cls, [], []
+        self._in = self._done = False
+        self._cell: list | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "a" and a.get("href"):
+            self.hrefs.append(a["href"])
+        if tag == "table" and a.get("class") == self.cls and not self._done:
+            self._in = True
+        elif self._in and tag == "tr":
+            self.rows.append([])
+        elif self._in and tag in ("td", "th"):
+            self._cell = [tag, "", a]
+            self.rows[-1].append(self._cell)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th"):
+            self._cell = None
+        if tag == "table" and self._in:
+            self._in, self._done = False, True
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell[1] += data
+
+
+def _rows(page: str, cls: str) -> _Rows:
+    p = _Rows(cls)
+    p.feed(page)
+    return p
+
+
+def _meta(page: str, key: str) -> str:
+    return next(r[1][1] for r in _rows(page, "meta").rows if r[0][1] == key)
+
+
+def test_the_version_that_wrote_the_run_is_shown(built: tuple[Path, str]) -> None:
+    # run.json holds the version in each stage's entry (stage.py: run.begin_stage)
+    assert _meta(built[1], "topomon version").startswith("run: 0.1.0; report: ")
+
+
+def test_versions_that_differ_are_shown_per_stage(run_dir: Path, no_render: None) -> None:
+    info = json.loads((run_dir / "run.json").read_text())
+    info["stages"][2]["topomon_version"] = "0.2.0"
+    del info["stages"][1]["topomon_version"]
+    (run_dir / "run.json").write_text(json.dumps(info))
+    shown = _meta(Path(build_report(run_dir)).read_text(), "topomon version")
+    assert shown.startswith("run: sft 0.1.0, dpo unknown, narrow 0.2.0; report: ")
+    info = {"topomon_version": "0.0.9", "stages": [{"name": "sft", "step_offset": 0}]}  # an older layout
+    (run_dir / "run.json").write_text(json.dumps(info))
+    assert _meta(Path(build_report(run_dir)).read_text(), "topomon version").startswith("run: 0.0.9;")
+
+
+def test_base_stage_comes_first_without_a_note(built: tuple[Path, str], run_dir: Path) -> None:
+    root, page = built
+    run = load_run(root)
+    assert [s.name for s in run.stages] == ["base", "sft", "dpo", "narrow"]
+    assert not any("inferred" in n for n in run.notes) and "inferred from the records" not in page
+    assert [c.stage for c in run.captures[:2]] == ["base", "sft"]  # both at step 0: base first
+    assert _meta(page, "stages").startswith("base (offset 0")
+    # a stage that run.json does not know is still noted
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"kind": "metrics", "step": 30, "stage": "extra", "layer": "final_norm",
+                             "metrics": {"rankme": 1.0}}) + "\n")  # fmt: skip
+    run = load_run(run_dir)
+    assert [s.name for s in run.stages] == ["base", "sft", "dpo", "narrow", "extra"]
+    assert "stages not in run.json, inferred from the records: extra." in run.notes
+
+
+def test_health_table_has_counters_as_rows_and_stages_as_columns(run_dir: Path, no_render: None) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as fh:  # a counter the report does not know, of a sink
+        fh.write(json.dumps({"kind": "health", "stage": "narrow", "sink_errors_wandb": 2.0}) + "\n")
+    rows = _rows(Path(build_report(run_dir)).read_text(), "health").rows
+    assert [c[1] for c in rows[0]] == ["counter", "what it counts", "sft", "dpo", "narrow", "narrow (2)"]
+    assert max(len(r) for r in rows) == 6  # as wide as the stages, whatever the number of counters
+    assert [r[0][1] for r in rows if len(r) == 1] == ["captures", "errors"]  # group headers
+    by_counter = {r[0][1]: [c[1] for c in r[2:]] for r in rows[1:] if len(r) > 1}
+    assert by_counter["lost"] == ["0", "0", "1", "—"]
+    assert by_counter["captures"] == ["5", "5", "5", "—"]
+    assert by_counter["sink_errors_wandb"] == ["—", "—", "—", "2"]
+    # sink errors are grouped with the errors, after the group's header
+    names = [r[0][1] for r in rows[1:]]
+    assert names.index("errors") < names.index("sink_errors_wandb")
+    assert names.index("captures") < names.index("lost") < names.index("errors")
+
+
+def test_out_elsewhere_keeps_the_pngs_beside_the_html(run_dir: Path, tmp_path: Path, no_render: None) -> None:
+    out = tmp_path / "elsewhere" / "r.html"
+    page = Path(build_report(run_dir, str(out))).read_text()
+    assert not (run_dir / "report").exists()  # nothing written into the run directory
+    pngs = sorted((tmp_path / "elsewhere" / "r").glob("*.png"))
+    assert len(pngs) == len(_parse(page).imgs) == 13
+    hrefs = _rows(page, "none").hrefs
+    assert len(hrefs) == 13 and all(not h.startswith(("/", "file:")) for h in hrefs)
+    for href, src in zip(hrefs, _parse(page).imgs, strict=True):  # each figure links to its own PNG
+        target = out.parent / href
+        assert target.is_file()
+        assert target.read_bytes() == base64.b64decode(src.split(",", 1)[1])
+    # the default stays RUN_DIR/report.html with RUN_DIR/report/
+    build_report(run_dir)
+    assert len(list((run_dir / "report").glob("*.png"))) == 13
+
+
+@pytest.mark.slow
+def test_report_of_a_real_run(tmp_path: Path) -> None:
+    from tests.report.tiny_run import make_tiny_run
+
+    root = make_tiny_run(tmp_path / "out")
+    page = Path(build_report(root, str(tmp_path / "r.html"))).read_text()
+    assert _meta(page, "topomon version").startswith(f"run: {topomon.__version__}; ")
+    assert _meta(page, "stages").startswith("base (offset 0")
+    assert "inferred" not in page
+    header = [c[1] for c in _rows(page, "health").rows[0]]
+    assert header == ["counter", "what it counts", "sft", "narrow"]
+    assert len(list((tmp_path / "r").glob("*.png"))) == len(_parse(page).imgs) > 5
+    assert not (root / "report").exists()

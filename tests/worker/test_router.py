@@ -1,5 +1,6 @@
 """The result router between two threads: submissions on the training thread, results on the collector."""
 
+import json
 import threading
 
 from topomon.pipeline import ResultRouter
@@ -22,9 +23,7 @@ def test_submissions_and_results_on_two_threads_lose_no_alert_check(tmp_path):
     run = RunDir(tmp_path)
     run.ensure()
     engine = CountingEngine()
-    router = ResultRouter(
-        run, "sft", alert_engine=engine, alert_sinks=None, base_alias_step=None
-    )
+    router = ResultRouter(run, "sft", alert_engine=engine, alert_sinks=None, base_alias_step=None)
     n = 400
     errors = []
     started = threading.Barrier(2)
@@ -61,3 +60,32 @@ def test_submissions_and_results_on_two_threads_lose_no_alert_check(tmp_path):
     assert counters["records_written"] == n
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == n
+
+
+def test_an_alert_fired_before_a_checkpoint_but_not_yet_acted_on_survives_the_resume(tmp_path):
+    # the checkpoint waits for the worker's results, so an alert can fire between the last step's
+    # actions and the save: the saved state carries it, and the resumed router hands it to the actions
+    from topomon.alerts import AlertEngine
+    from topomon.alerts.rules import DropRule
+
+    def router(path):
+        run = RunDir(path)
+        run.ensure()
+        engine = AlertEngine([DropRule("rankme", layer="layer_0", threshold=0.2)], ["rankme"])
+        return ResultRouter(run, "sft", alert_engine=engine, alert_sinks=None, base_alias_step=None)
+
+    live = router(tmp_path / "a")
+    live([MetricRecord(0, "sft", "layer_0", {"rankme": 10.0})])
+    live([MetricRecord(5, "sft", "layer_0", {"rankme": 5.0})])  # fires; not drained before the save
+    state = live.state_dict()
+    live.close()
+    resumed = router(tmp_path / "b")
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    alerts = resumed.drain_alerts()
+    assert [(a.step, a.rule, a.value) for a in alerts] == [(5, "drop:rankme@layer_0", 5.0)]
+    assert resumed.drain_alerts() == []
+    resumed(
+        [MetricRecord(6, "sft", "layer_0", {"rankme": 4.0})]
+    )  # the engine state came too: no second firing
+    assert resumed.drain_alerts() == []
+    resumed.close()

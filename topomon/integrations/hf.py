@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 
 from topomon.config import ConfigError, MonitorConfig
 from topomon.session import MonitorSession
-from topomon.stage import read_state
+from topomon.sinks.trackers import resolve_trackers, tracker_sinks
+from topomon.stage import read_state, trainer_tensorboard_dir
 from topomon.types import Alert
 
 __all__ = ["TopoMonitor"]
@@ -42,6 +43,7 @@ _SESSION_VIEWS = frozenset(
         "setup_seconds",
         "run",
         "logging_dir",
+        "tensorboard_logdir",
         "step_offset",
         "health",
         "state_dict",
@@ -51,6 +53,15 @@ _SESSION_VIEWS = frozenset(
     }
 )
 
+# What a Lightning Trainer looks up on its callbacks: ``state_key`` first, when the Trainer is built.
+_LIGHTNING_NAMES = frozenset(
+    {"state_key", "_legacy_state_key", "setup", "on_fit_start", "on_train_start", "on_train_batch_end"}
+)
+_WRONG_TRAINER = (
+    "topomon.TopoMonitor is the Hugging Face Trainer callback; for a Lightning Trainer use "
+    "topomon.integrations.lightning.TopoMonitorCallback"
+)
+
 
 class TopoMonitor(TrainerCallback):
     """Captures hidden states at scheduled steps and logs their geometry and topology.
@@ -58,6 +69,9 @@ class TopoMonitor(TrainerCallback):
     Args:
         config: a :class:`~topomon.config.MonitorConfig` or a mapping of its fields; keyword
             arguments override single fields (``TopoMonitor(stage="dpo", every_n_steps=20)``).
+            ``preset=`` (a keyword or a key of the mapping) starts from a packaged preset or a YAML
+            file (:func:`~topomon.config.load_preset`); the fields given override it
+            (``TopoMonitor(preset="light", every_n_steps=20)``).
         tokenizer: the tokenizer for the probe set, when the trainer has no ``processing_class``.
         on_alert: called with every :class:`~topomon.types.Alert` (on the collector thread; its
             exceptions are caught and counted).
@@ -93,6 +107,8 @@ class TopoMonitor(TrainerCallback):
     def __getattr__(self, name: str) -> Any:
         if name in _SESSION_VIEWS and "session" in self.__dict__:
             return getattr(self.__dict__["session"], name)
+        if name in _LIGHTNING_NAMES:  # handed to a Lightning Trainer: say which class to use
+            raise TypeError(_WRONG_TRAINER)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def attach(self, trainer: Any) -> TopoMonitor:
@@ -118,11 +134,18 @@ class TopoMonitor(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        """Set up (configuration errors are raised here, before the first step); capture the baseline."""
+        """Set up (configuration errors are raised here, before the first step); capture the baseline.
+
+        The trackers (``trackers``, else the trainer's ``report_to``) are bound here to the runs the
+        trainer's own tracker callbacks started: those run ``on_train_begin`` before any user callback.
+        """
         step = int(getattr(state, "global_step", 0) or 0)
         resume = None
         if step > 0 and bool(getattr(state, "is_world_process_zero", True)):
             resume = read_state(_checkpoint_dir(args, step))
+        report_to = getattr(args, "report_to", None)
+        names, explicit = resolve_trackers(self.session.config.trackers, report_to)
+        figures = self.session.config.figures_every > 0
         self.session.begin(
             model,
             tokenizer=kwargs.get("processing_class"),
@@ -131,6 +154,8 @@ class TopoMonitor(TrainerCallback):
             resume=resume,
             control=control,
             total_steps=int(getattr(state, "max_steps", 0) or 0) or None,
+            sinks=(lambda: tracker_sinks(names, explicit=explicit, figures=figures)) if names else None,
+            trainer_logdir=trainer_tensorboard_dir(report_to, getattr(args, "output_dir", None)),
         )
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from topomon.config import ConfigError, MonitorConfig, as_config
 from topomon.interventions import Signals
 from topomon.session import MonitorSession
+from topomon.sinks.trackers import tracker_sinks
 from topomon.types import Alert
 
 __all__ = ["Watch", "watch"]
@@ -41,7 +42,9 @@ class Watch:
         tokenizer: the tokenizer of the probe set (probe mode).
         output_dir: where the run directory goes (``<output_dir>/topomon`` unless ``run_dir`` is set).
         config: a :class:`~topomon.config.MonitorConfig` or a mapping of its fields; keyword arguments
-            override single fields.
+            override single fields. ``preset=`` (a keyword or a key of the mapping) starts from a
+            packaged preset or a YAML file (:func:`~topomon.config.load_preset`), the fields given
+            override it: ``topomon.watch(model, tok, preset="light", every_n_steps=20)``.
         total_steps: the loop's length, if known (a run the overhead budget starves still gets a
             capture at its middle).
         on_alert: called with every alert (on the collector thread).
@@ -82,8 +85,14 @@ class Watch:
             ConfigError: the configuration cannot work with this model or tokenizer.
         """
         self._step = int(global_step)
+        c = self.session.config  # a plain loop has no report_to: only the trackers named in the config
+        names, figures = list(c.trackers or ()), c.figures_every > 0
         self.session.begin(
-            self.model, output_dir=self.output_dir, global_step=self._step, total_steps=self.total_steps
+            self.model,
+            output_dir=self.output_dir,
+            global_step=self._step,
+            total_steps=self.total_steps,
+            sinks=(lambda: tracker_sinks(names, explicit=True, figures=figures)) if names else None,
         )
         self.session.step_begin(self._step)  # passive mode: arms the hooks for the first step
         return self

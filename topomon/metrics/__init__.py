@@ -15,7 +15,16 @@ from topomon.metrics.lora import (
     lora_update_subspace,
     subspace_overlap,
 )
-from topomon.metrics.preprocess import Prepared, prepare_points, subsample_indices, token_mask
+from topomon.metrics.preprocess import (
+    TREATMENTS,
+    MassivePart,
+    Prepared,
+    massive_part,
+    prepare_aligned,
+    prepare_points,
+    subsample_indices,
+    token_mask,
+)
 from topomon.metrics.spectral import (
     AlphaFit,
     alpha_req,
@@ -78,6 +87,10 @@ __all__ = [
     "token_mask",
     "Prepared",
     "prepare_points",
+    "prepare_aligned",
+    "massive_part",
+    "MassivePart",
+    "TREATMENTS",
     "subsample_indices",
     "rankme",
     "rankme_pca",

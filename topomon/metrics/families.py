@@ -8,7 +8,7 @@ captures). Adding a family is one declaration plus :func:`register_family`; the 
 
 Example:
     >>> [f.name for f in families()]
-    ['spectral', 'topology', 'logits', 'trajectory', 'lora']
+    ['spectral', 'topology', 'logits', 'trajectory', 'lora', 'massive']
     >>> family_of("logit_entropy").needs
     frozenset({'logits'})
 """
@@ -30,7 +30,7 @@ from topomon.metrics.lora import (
     lora_update_subspace,
     subspace_overlap,
 )
-from topomon.metrics.preprocess import prepare_points, subsample_indices
+from topomon.metrics.preprocess import Prepared, massive_part, prepare_points, subsample_indices
 from topomon.metrics.spectral import SPECTRAL_KEYS, eigenspectrum, spectral_metrics
 from topomon.metrics.topology import bottleneck_distance, topology_metrics
 from topomon.metrics.trajectory import cka_matrix, trajectory_metrics
@@ -83,6 +83,7 @@ class FamilyInput:
         layer: the layer (scope ``"layer"``) or :data:`MODEL_LAYER`.
         x: the layer's captured ``(n, d)`` rows (scope ``"layer"`` only).
         points: ``x`` after preprocessing, ``(m, d)`` with ``m <= n`` (scope ``"layer"`` only).
+        prepared: the preprocessing's full result (counts, the massive part), when the engine has it.
     """
 
     snap: Snapshot
@@ -90,6 +91,7 @@ class FamilyInput:
     layer: str = MODEL_LAYER
     x: np.ndarray | None = None
     points: np.ndarray | None = None
+    prepared: Prepared | None = None
 
     def layer_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """``(x, points)`` of a layer input.
@@ -318,7 +320,9 @@ class _Topology(FamilyComputer):
         # A fixed subsample of the captured rows (the same rows at every capture), then the same
         # preprocessing as the spectral family.
         idx = subsample_indices(len(x), o.topology_points, o.seed)
-        pts = prepare_points(x[idx], outlier_factor=o.outlier_factor, normalize=o.normalize).points
+        pts = prepare_points(
+            x[idx], outlier_factor=o.outlier_factor, normalize=o.normalize, treatment=o.massive_treatment
+        ).points
         values, dgms = topology_metrics(
             pts,
             maxdim=1,
@@ -364,6 +368,28 @@ class _Topology(FamilyComputer):
 
         self._prev = {k: (int(v[0]), [arr(d) for d in v[1]]) for k, v in state.get("prev", {}).items()}
         self._first = {k: [arr(d) for d in v] for k, v in state.get("first", {}).items()}
+
+
+class _Massive(FamilyComputer):
+    """The massive part of a layer's points (:func:`topomon.metrics.preprocess.massive_part`)."""
+
+    def __init__(self, options: ComputeOptions):
+        pass
+
+    def compute(self, inp: FamilyInput) -> FamilyOutput:
+        prep = inp.prepared
+        if prep is None:  # computed the same way the engine's preprocessing does
+            x, _ = inp.layer_arrays()
+            arr = np.asarray(x, dtype=np.float64)
+            m = massive_part(arr[np.isfinite(arr).all(axis=1)])
+            values = (float(m.tokens.sum()), float(m.dims.sum()), m.share)
+            n_finite = int(m.tokens.size)
+        else:
+            values = (float(prep.massive_tokens), float(prep.massive_dims), prep.massive_share)
+            n_finite = len(prep.points) + prep.n_outliers
+        if n_finite == 0:  # no finite token: undefined, like every metric of an empty cloud
+            values = (math.nan, math.nan, math.nan)
+        return FamilyOutput(dict(zip(MASSIVE.keys, values, strict=True)))
 
 
 class _Logits(FamilyComputer):
@@ -571,6 +597,17 @@ LORA = MetricFamily(
     higher_is_better={"lora_overlap_prev": False},
 )
 
-for _fam in (SPECTRAL, TOPOLOGY, LOGITS, TRAJECTORY, LORA):
+MASSIVE = MetricFamily(
+    name="massive",
+    scope="layer",
+    keys=("massive_tokens", "massive_dims", "massive_share"),
+    needs=frozenset({"points"}),
+    switch="set spectral=True or topology=True (the massive part is counted on their points)",
+    is_on=lambda o: o.spectral or o.topology,
+    start=_Massive,
+    higher_is_better={"massive_tokens": False, "massive_dims": False, "massive_share": False},
+)
+
+for _fam in (SPECTRAL, TOPOLOGY, LOGITS, TRAJECTORY, LORA, MASSIVE):
     register_family(_fam)
 del _fam

@@ -1,8 +1,9 @@
 """The offline HTML report of a run directory: one self-contained page (figures as base64 PNG).
 
 ``build_report(run_dir)`` reads only the run directory (``docs/RUN_DIR.md``), draws the figures of
-:mod:`topomon.report.plots`, saves them as PNG under ``<run_dir>/report/`` and writes
-``report.html`` with the same PNGs embedded, so the single file can be mailed or archived. Every
+:mod:`topomon.report.plots` and writes ``report.html`` with the PNGs embedded, so the single file
+can be mailed or archived; the PNGs are also saved beside the HTML (``report/``; ``r.html`` ->
+``r/``), each embedded figure linking to its file by a relative path. Every
 string that comes from the data (stage names, rule names, alert messages from user config, error
 texts) is escaped with :func:`html.escape`; the page holds no JavaScript.
 """
@@ -15,6 +16,7 @@ import io
 import math
 import os
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from topomon.report.load import KEY_METRICS, RunData, change_pct, load_run, reta
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["StageSummary", "stage_summary", "build_report"]
+__all__ = ["StageSummary", "stage_summary", "build_report", "png_folder"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:1280px;
@@ -40,6 +42,9 @@ tr.stage-first td{border-top:2px solid #888}.neg{color:#b2182b}.pos{color:#2166a
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(600px,1fr));gap:.6em}
 .meta td:first-child{font-weight:600;background:#fafafa}code{background:#f3f3f3;padding:0 .2em}
+.wide{overflow-x:auto}
+tr.group th{background:#e6ebf2;text-transform:uppercase;font-size:.8em;letter-spacing:.04em}
+table.health td:nth-child(2){color:#555;font-size:.92em}
 """
 
 _HOW = {
@@ -177,6 +182,10 @@ def _num(v: Any) -> str:
     return f"{v:.3g}"
 
 
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _pct(v: float, signed: bool = False) -> str:
     if not math.isfinite(v):
         return "—"
@@ -281,14 +290,28 @@ def _alerts_html(run: RunData) -> str:
 
 
 def _health_html(run: RunData) -> str:
+    from topomon.report.health import COUNTER_HELP, health_columns, health_groups
+
     parts = []
     if run.health:
-        keys = list(dict.fromkeys(k for h in run.health for k in h if k not in ("kind", "stage", "time")))
-        rows = [
-            [f"<td>{_e(h.get('stage', ''))}</td>"] + [f'<td class="num">{_num(h.get(k))}</td>' for k in keys]
-            for h in run.health
-        ]
-        parts.append(_table(["stage", *keys], rows, "health"))
+        cols = health_columns(run.health)
+        head = "".join(f"<th>{_e(c)}</th>" for c in ["counter", "what it counts", *cols])
+        body = []
+        for group, counters in health_groups(run.health):
+            body.append(f'<tr class="group"><th colspan="{len(cols) + 2}">{_e(group)}</th></tr>')
+            for key, values in counters:
+                cells = "".join(
+                    f'<td class="num" data-stage="{_e(c)}" data-counter="{_e(key)}">'
+                    f"{_pct(100 * v) if key.endswith('_fraction') and _is_num(v) else _num(v)}</td>"
+                    for c, v in zip(cols, values, strict=True)
+                )
+                body.append(
+                    f"<tr><td><code>{_e(key)}</code></td><td>{_e(COUNTER_HELP.get(key, ''))}</td>{cells}</tr>"
+                )
+        parts.append(
+            f'<div class="wide"><table class="health"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>"
+        )
         bad = {k: sum(float(h.get(k) or 0) for h in run.health) for k in ("dropped", "lost", "failed")}
         if any(bad.values()):
             parts.append(
@@ -307,6 +330,24 @@ def _health_html(run: RunData) -> str:
         items = "".join(f"<li><code>{_e(e)}</code> ×{n}</li>" for e, n in errs.most_common(10))
         parts.append(f"<ul>{items}</ul>")
     return "".join(parts)
+
+
+def _run_version(info: dict[str, Any]) -> str:
+    """The topomon version(s) that wrote the run (escaped HTML): one, or one per stage when they differ.
+
+    Each stage's entry of ``run.json`` holds the version that recorded it; an old top-level
+    ``topomon_version`` counts for stages without their own.
+    """
+    top = info.get("topomon_version")
+    raw = info.get("stages")
+    stages = [s for s in raw if isinstance(s, dict)] if isinstance(raw, list) else []
+    per_stage = {str(s.get("name", "?")): s.get("topomon_version", top) for s in stages}
+    known = {k: str(v) for k, v in per_stage.items() if v is not None}
+    if not known:
+        return _e(top) if top is not None else "unknown (not in run.json)"
+    if len(set(known.values())) == 1 and len(known) == len(per_stage):
+        return _e(next(iter(known.values())))
+    return ", ".join(f"{_e(k)} {_e(known.get(k, 'unknown'))}" for k in per_stage)
 
 
 def _header_html(run: RunData, title: str, layer: str | None) -> str:
@@ -340,7 +381,7 @@ def _header_html(run: RunData, title: str, layer: str | None) -> str:
         ),
         ("summary layer", _e(layer or "none")),
         ("probe set", probe),
-        ("topomon version", f"run: {_e(info.get('topomon_version', 'unknown'))}; report: {_e(__version__)}"),
+        ("topomon version", f"run: {_run_version(info)}; report: {_e(__version__)}"),
         ("generated", _e(time.strftime("%Y-%m-%d %H:%M:%S"))),
     ]
     meta = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
@@ -386,14 +427,28 @@ def _figures(
     return figs
 
 
+def png_folder(html_path: str) -> str:
+    """Where the report's PNG figures go: beside the HTML, in a folder named after it.
+
+    ``report.html`` -> ``report/``; a name without ``.html`` / ``.htm`` gets ``_files`` appended.
+
+    Example:
+        >>> png_folder(os.path.join("elsewhere", "r.html")) == os.path.join("elsewhere", "r")
+        True
+    """
+    stem, ext = os.path.splitext(html_path)
+    return stem if ext.lower() in (".html", ".htm") else f"{html_path}_files"
+
+
 def build_report(run_dir: str | os.PathLike[str], out: str | None = None, *, title: str | None = None) -> str:
     """Write the HTML report of a run directory.
 
     Args:
         run_dir: the run directory (must hold ``metrics.jsonl``).
         out: the HTML file to write (default ``<run_dir>/report.html``). The PNG figures are also
-            saved under ``<run_dir>/report/`` (skipped, with a note in the page, if that folder is not
-            writable).
+            saved beside it, in the folder :func:`png_folder` names (``r.html`` -> ``r/``), and each
+            embedded figure links to its PNG by a path relative to the HTML (skipped, with a note in
+            the page, if that folder is not writable).
         title: page title (default ``"topomon report: <run dir name>"``).
 
     Returns:
@@ -421,20 +476,24 @@ def build_report(run_dir: str | os.PathLike[str], out: str | None = None, *, tit
     more, constant = _other_metrics(run)
     problems: list[str] = []
     figs = _figures(run, keys, more, problems)
-    png_dir = os.path.join(run.run_dir, "report")
+    png_dir = png_folder(out_path)
+    png_rel = os.path.basename(png_dir)  # the folder is beside the HTML: links stay relative to it
     sections: dict[str, list[str]] = {"more": []} if constant else {}
     for fid, heading, how, fig in figs:
         if fig is None:
             continue
         data = _png(fig)
+        b64 = base64.b64encode(data).decode("ascii")
+        img = f'<img alt="{_e(heading)}" src="data:image/png;base64,{b64}">'
         try:
             os.makedirs(png_dir, exist_ok=True)
             with open(os.path.join(png_dir, f"{fid}.png"), "wb") as fh:
                 fh.write(data)
+            href = urllib.parse.quote(f"{png_rel}/{fid}.png")
+            img = f'<a href="{_e(href)}" title="open the PNG">{img}</a>'
         except OSError as e:
             problems.append(f"could not save {fid}.png under {png_dir}: {e}")
-        b64 = base64.b64encode(data).decode("ascii")
-        img = f'<figure><img alt="{_e(heading)}" src="data:image/png;base64,{b64}"></figure>'
+        img = f"<figure>{img}</figure>"
         sections.setdefault(how, []).append(img if how == "heatmaps" else f"<h3>{_e(heading)}</h3>{img}")
     body = [_header_html(run, title, layer)]
     body += [f'<p class="note">{_e(p)}</p>' for p in dict.fromkeys(problems)]

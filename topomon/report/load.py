@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from topomon.metrics.families import headline_keys
+from topomon.run import BASE_STAGE
 from topomon.sinks.jsonl_read import read_jsonl
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "DiagramFile",
     "RunData",
     "load_run",
+    "load_alert_log",
+    "read_alert_log",
     "layer_sort_key",
     "retained_pct",
     "change_pct",
@@ -160,8 +163,9 @@ class RunData:
         metrics: metric records ``{"step", "stage", "layer", "metrics": {name: float}, "errors"}``.
         health: ``kind == "health"`` records as written.
         alerts: alert records (``step``, ``stage``, ``rule``, ``metric``, ``layer``, ``value``,
-            ``reference``, ``reason``, ``message``, ``severity``), missing fields filled.
-        actions: action records (``step``, ``stage``, ``action``, ``params``, ``cause``, ``message``).
+            ``reference``, ``reason``, ``message``, ``severity``, ``time``), missing fields filled.
+        actions: action records (``step``, ``stage``, ``action``, ``params``, ``cause`` (the rule),
+            ``message``, ``revert``, ``spec``, ``time``).
         diagrams: the diagram files, sorted by step.
         torn_lines: file name -> lines skipped as torn or garbage.
         notes: human sentences about what was missing or skipped.
@@ -304,11 +308,14 @@ def _stages(info: dict[str, Any], metrics: list[dict[str, Any]], notes: list[str
         out.append(Stage(name, offset, first, last))
     known = {s.name for s in out}
     extra = [n for n in seen if n not in known]  # dict order = first appearance
-    if extra and declared:
-        notes.append(f"stages not in run.json, inferred from the records: {', '.join(extra)}.")
-    extra.sort(key=lambda n: (min(seen[n]), n != "base"))
-    out += [Stage(n, min(seen[n]), min(seen[n]), max(seen[n])) for n in extra]
-    return out
+    # the base model's baseline is recorded only in the records (run.json lists the trained stages)
+    unexpected = [n for n in extra if n != BASE_STAGE]
+    if unexpected and declared:
+        notes.append(f"stages not in run.json, inferred from the records: {', '.join(unexpected)}.")
+    extra.sort(key=lambda n: (min(seen[n]), n != BASE_STAGE))
+    inferred = [Stage(n, min(seen[n]), min(seen[n]), max(seen[n])) for n in extra]
+    base = [s for s in inferred if s.name == BASE_STAGE]
+    return base + out + [s for s in inferred if s.name != BASE_STAGE]
 
 
 def _diagram_files(run_dir: str, notes: list[str]) -> list[DiagramFile]:
@@ -337,7 +344,7 @@ def _fill_alert(o: dict[str, Any], step: int) -> dict[str, Any]:
     for k in ("rule", "metric", "layer", "reason", "message", "severity", "stage"):
         a[k] = "" if a.get(k) is None else str(a[k])
     a["severity"] = a["severity"] or "warning"
-    for k in ("value", "reference"):
+    for k in ("value", "reference", "time"):
         a[k] = _float(a.get(k))
     return a
 
@@ -354,7 +361,92 @@ def _fill_action(o: dict[str, Any], step: int) -> dict[str, Any]:
         "cause": str(cdict.get("rule", "") if isinstance(cause, dict) else (cause or "")),
         "message": str(o.get("message") or cdict.get("message") or ""),
         "revert": bool(o.get("revert", False)),
+        "spec": str(o.get("spec") or ""),
+        "time": _float(o.get("time")),
     }
+
+
+def read_alert_log(run: RunData) -> int:
+    """Read ``<run_dir>/alerts.jsonl`` into ``run.alerts`` and ``run.actions`` (filled, in file order).
+
+    A record without a stage gets the stage whose steps hold it (:meth:`RunData.stage_of`); a line
+    without a step is skipped with a note in ``run.notes``.
+
+    Args:
+        run: the run to fill (its ``stages`` place records without a stage).
+
+    Returns:
+        the number of torn or garbage lines skipped.
+
+    Raises:
+        FileNotFoundError: if the run directory has no ``alerts.jsonl``.
+    """
+    araw, torn = read_jsonl(os.path.join(run.run_dir, "alerts.jsonl"))
+    skipped = 0
+    for o in araw:
+        step = _int(o.get("step"))
+        if step is None:
+            skipped += 1
+            continue
+        if o.get("kind", "alert") == "action":
+            run.actions.append(_fill_action(o, step))
+        elif o.get("kind", "alert") == "alert":
+            run.alerts.append(_fill_alert(o, step))
+    for rec in run.alerts + run.actions:
+        rec["stage"] = rec["stage"] or run.stage_of(rec["step"])
+    if skipped:
+        run.notes.append(f"{skipped} alerts.jsonl line(s) without a step were ignored.")
+    return torn
+
+
+def load_alert_log(run_dir: str | os.PathLike[str]) -> RunData:
+    """Read only the alerts and actions of a run directory (not ``metrics.jsonl``: quick to poll).
+
+    Args:
+        run_dir: a run directory: a folder holding ``run.json``, ``metrics.jsonl`` or ``alerts.jsonl``.
+
+    Returns:
+        a :class:`RunData` with ``alerts``, ``actions``, ``torn_lines``, ``notes``, the stages of
+        ``run.json`` and no metric records.
+
+    Raises:
+        TypeError: if ``run_dir`` is not a str or path-like.
+        FileNotFoundError: if the folder does not exist or holds none of those files.
+        ValueError: if ``run_dir`` is a file, not a folder.
+
+    Example:
+        >>> log = load_alert_log("out/topomon")  # doctest: +SKIP
+        >>> [(a["step"], a["rule"]) for a in log.alerts]  # doctest: +SKIP
+        [(50, 'drop:rankme@final_norm')]
+    """
+    root = _check_folder(run_dir)
+    names = ("run.json", "metrics.jsonl", "alerts.jsonl")
+    if not any(os.path.isfile(os.path.join(root, n)) for n in names):
+        inner = os.path.join(root, "topomon")
+        hint = f"; did you mean {inner!r} (the default run directory of a training's output_dir)?"
+        raise FileNotFoundError(
+            f"{root!r} is not a topomon run directory: it has none of {', '.join(names)}"
+            + (hint if os.path.isdir(inner) else "")
+        )
+    notes: list[str] = []
+    info = _read_info(root, notes)
+    run = RunData(root, info, _stages(info, [], notes), [], notes=notes)
+    if os.path.isfile(os.path.join(root, "alerts.jsonl")):
+        run.torn_lines["alerts.jsonl"] = n = read_alert_log(run)
+        if n:
+            notes.append(f"{n} torn or unreadable line(s) in alerts.jsonl were skipped.")
+    return run
+
+
+def _check_folder(run_dir: str | os.PathLike[str]) -> str:
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"`run_dir` must be a str or os.PathLike, got {type(run_dir).__name__}")
+    root = os.fspath(run_dir)
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"run directory {root!r} does not exist")
+    if not os.path.isdir(root):
+        raise ValueError(f"`run_dir` must be a folder (a topomon run directory), got the file {root!r}")
+    return root
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:
@@ -376,13 +468,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         >>> [s.name for s in run.stages], run.key_layer  # doctest: +SKIP
         (['base', 'sft', 'dpo'], 'final_norm')
     """
-    if not isinstance(run_dir, (str, os.PathLike)):
-        raise TypeError(f"`run_dir` must be a str or os.PathLike, got {type(run_dir).__name__}")
-    root = os.fspath(run_dir)
-    if not os.path.exists(root):
-        raise FileNotFoundError(f"run directory {root!r} does not exist")
-    if not os.path.isdir(root):
-        raise ValueError(f"`run_dir` must be a folder (a topomon run directory), got the file {root!r}")
+    root = _check_folder(run_dir)
     mpath = os.path.join(root, "metrics.jsonl")
     if not os.path.isfile(mpath):
         raise FileNotFoundError(
@@ -411,23 +497,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
         notes.append("metrics.jsonl holds no metric records: nothing was captured yet.")
     stages = _stages(info, metrics, notes)
     run = RunData(root, info, stages, metrics, health, torn_lines=torn, notes=notes)
-    apath = os.path.join(root, "alerts.jsonl")
-    if os.path.isfile(apath):
-        araw, torn["alerts.jsonl"] = read_jsonl(apath)
-        skipped = 0
-        for o in araw:
-            step = _int(o.get("step"))
-            if step is None:
-                skipped += 1
-                continue
-            if o.get("kind", "alert") == "action":
-                run.actions.append(_fill_action(o, step))
-            elif o.get("kind", "alert") == "alert":
-                run.alerts.append(_fill_alert(o, step))
-        for rec in run.alerts + run.actions:
-            rec["stage"] = rec["stage"] or run.stage_of(rec["step"])
-        if skipped:
-            notes.append(f"{skipped} alerts.jsonl line(s) without a step were ignored.")
+    if os.path.isfile(os.path.join(root, "alerts.jsonl")):
+        torn["alerts.jsonl"] = read_alert_log(run)
     run.diagrams = _diagram_files(root, notes)
     for fname, n in torn.items():
         if n:

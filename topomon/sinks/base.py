@@ -101,6 +101,17 @@ class SinkFan:
         self._call("close")
 
     def counters(self) -> dict[str, float]:
-        """``sink_errors_<name>`` for every sink that failed at least once."""
+        """``sink_errors_<name>`` for every sink that failed at least once.
+
+        Besides the calls that raised here, a sink that writes on a thread of its own counts its
+        failures itself (``failures``, and ``abandoned`` writes at close); those are added.
+        """
         with self._lock:
-            return {f"sink_errors_{k}": float(v) for k, v in self.errors.items() if v}
+            errors = dict(self.errors)
+        for s in self.sinks:
+            own = sum(
+                getattr(s, a, 0) for a in ("failures", "abandoned") if isinstance(getattr(s, a, 0), int)
+            )
+            if own:
+                errors[s.name] = errors.get(s.name, 0) + own
+        return {f"sink_errors_{k}": float(v) for k, v in errors.items() if v}

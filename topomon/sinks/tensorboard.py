@@ -7,7 +7,9 @@ Tags:
   for the eigenspectra of every captured layer in one figure.
 
 The custom-scalars layout (TensorBoard's "Custom Scalars" tab) puts every layer of a metric in one
-chart. It is written once, from the metric names of the first records.
+chart: the raw values (category ``topomon``), and for the metrics with relative curves the change
+against the base model and the stage start (categories ``topomon_vs_base``, ``topomon_vs_stage``).
+It is written once, from the metric names of the first records.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from topomon.types import Alert, MetricRecord
@@ -37,6 +39,8 @@ class TensorBoardSink:
     Args:
         logdir: the event-file folder.
         figures: write the figures the worker drew (``figure_*`` arrays of the records).
+        relative: the metrics with ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves (their
+            charts in the custom-scalars layout).
     """
 
     name = "tensorboard"
@@ -46,8 +50,10 @@ class TensorBoardSink:
         logdir: str | os.PathLike[str],
         *,
         figures: bool = True,
+        relative: Sequence[str] = (),
     ):
         self._alerts: Any = None
+        self.relative = tuple(relative)
         self.logdir = os.fspath(logdir)
         self.figures = figures
         self._writer: Any = None
@@ -100,6 +106,10 @@ class TensorBoardSink:
         layout = {
             "topomon": {m: ["Multiline", [f"topomon/{m}/.*"]] for m in metrics},
         }
+        relative = [m for m in metrics if m in self.relative]
+        for prefix in ("topomon_vs_base", "topomon_vs_stage"):
+            if relative:
+                layout[prefix] = {f"{m} (%)": ["Multiline", [f"{prefix}/{m}/.*"]] for m in relative}
         self.writer.add_custom_scalars(layout)
         self._layout_done = True
 

@@ -26,7 +26,7 @@ from topomon.metrics.families import (
     enabled_families,
     resolve_function,
 )
-from topomon.metrics.preprocess import prepare_points
+from topomon.metrics.preprocess import DEFAULT_TREATMENT, prepare_points
 from topomon.types import MetricRecord, Snapshot
 
 __all__ = [
@@ -44,6 +44,8 @@ class ComputeOptions:
     Attributes:
         outlier_factor: drop tokens whose norm exceeds this multiple of the median (None: keep).
         normalize: L2-normalise tokens first.
+        massive_treatment: what preprocessing removes before the metrics, one of
+            :data:`topomon.metrics.preprocess.TREATMENTS` (``MonitorConfig.massive_treatment``).
         spectral: compute the spectral family.
         topology: compute persistent homology on ``topology_layers``.
         topology_layers: layer names that get persistent homology; ``("*",)`` for all.
@@ -72,6 +74,7 @@ class ComputeOptions:
 
     outlier_factor: float | None = 10.0
     normalize: bool = False
+    massive_treatment: str = DEFAULT_TREATMENT
     spectral: bool = True
     topology: bool = True
     topology_layers: tuple[str, ...] = ("*",)
@@ -199,13 +202,15 @@ class MetricEngine:
         o = self.options
         rec = MetricRecord(snap.step, snap.stage, name, {}, {}, errors=[])
         try:
-            prep = prepare_points(x, outlier_factor=o.outlier_factor, normalize=o.normalize)
+            prep = prepare_points(
+                x, outlier_factor=o.outlier_factor, normalize=o.normalize, treatment=o.massive_treatment
+            )
         except Exception as e:  # noqa: BLE001 - reported, never raised
             rec.errors.append(f"preprocess: {type(e).__name__}: {e}")
             return rec
         counts = (len(prep.points), prep.n_outliers, prep.n_nonfinite)
         rec.metrics.update({k: float(v) for k, v in zip(BASE_KEYS, counts, strict=True)})
-        inp = FamilyInput(snap, figures, name, x, prep.points)
+        inp = FamilyInput(snap, figures, name, x, prep.points, prep)
         for fam, comp in self._layer_families:
             self._run(fam, comp, inp, rec)
         return rec

@@ -1,0 +1,197 @@
+"""The common part of the tracker sinks (W&B, MLflow, trackio): one ordered writer thread per tracker.
+
+The router calls a sink on its collector thread, and the session on the training thread (intervention
+values, the final health line); a tracker call may wait on the network. :class:`QueuedSink` only puts
+each call on a queue and returns: a daemon thread of its own makes the tracker calls, in order. A call
+that raises there is counted in :attr:`QueuedSink.failures` (``sink_errors_<name>`` in the monitor's
+health, via :class:`~topomon.sinks.base.SinkFan`) and logged once; a full queue or a write after
+:meth:`QueuedSink.close` raises, which the fan counts. :meth:`QueuedSink.close` waits for what is queued
+at most ``close_timeout`` seconds, so the end of training never hangs on a tracker; what is abandoned is
+counted and logged. ``metrics.jsonl`` holds every record whatever a tracker does.
+
+The helpers :func:`record_scalars` and :func:`record_images` name the values as TensorBoard does
+(``topomon/<metric>/<layer>``, ``topomon_figures/...``), so one name means one curve everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from topomon.sinks.tensorboard import metric_tag
+from topomon.types import Alert, MetricRecord
+
+__all__ = ["QueuedSink", "record_scalars", "record_images", "alert_title", "alert_text", "ALERT_COUNT_KEY"]
+
+logger = logging.getLogger("topomon")
+
+_STOP = object()
+
+ALERT_COUNT_KEY = "topomon/alerts"
+"""The scalar counting the alerts a tracker received (recoveries included), as in TensorBoard."""
+
+
+def record_scalars(records: list[MetricRecord]) -> dict[str, float]:
+    """``{"topomon/<metric>/<layer>": value}`` for every finite metric value of the records."""
+    out: dict[str, float] = {}
+    for r in records:
+        for name, value in r.metrics.items():
+            if value is not None and math.isfinite(value):
+                out[metric_tag(name, r.layer)] = float(value)
+    return out
+
+
+def record_images(records: list[MetricRecord]) -> dict[str, np.ndarray]:
+    """The figures the worker drew, as ``(H, W, C)`` uint8 images under their TensorBoard tags."""
+    out: dict[str, np.ndarray] = {}
+    for r in records:
+        img = r.arrays.get("figure_persistence")
+        if img is not None:
+            out[f"topomon_figures/persistence/{r.layer}"] = np.asarray(img, dtype=np.uint8)
+        img = r.arrays.get("figure_eigenspectra")
+        if img is not None:
+            out["topomon_figures/eigenspectra"] = np.asarray(img, dtype=np.uint8)
+    return out
+
+
+def alert_title(alert: Alert) -> str:
+    """A short title (under 64 characters, W&B's limit): ``topomon: <metric>@<layer> <reason>``."""
+    title = f"topomon: {alert.metric}@{alert.layer} {alert.reason}"
+    return title if len(title) < 64 else title[:60] + "..."
+
+
+def alert_text(alert: Alert) -> str:
+    """The alert's message (it names the step, stage, layer, values and rule)."""
+    return alert.message
+
+
+class QueuedSink:
+    """A record sink whose tracker calls run in order on a daemon thread of its own.
+
+    Subclasses set ``name`` and implement ``_write_records(records, figures)``,
+    ``_write_scalars(values, step, prefix)`` and ``_write_alert(alert)`` (called on that thread only);
+    ``_finish()`` runs once at :meth:`close`, after the queue is drained.
+
+    Args:
+        max_queue: calls waiting at most; a call on a full queue raises (and is counted).
+        close_timeout: seconds :meth:`close` waits for the queued calls at most.
+
+    Attributes:
+        failures: tracker calls that raised on the writer thread.
+        abandoned: calls still queued when :meth:`close` gave up waiting.
+        last_error: ``repr`` of the last failure, or None.
+    """
+
+    name = "queued"
+
+    def __init__(self, *, max_queue: int = 10_000, close_timeout: float = 60.0):
+        self.close_timeout = float(close_timeout)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.failures = 0
+        self.abandoned = 0
+        self.last_error: str | None = None
+
+    # -- the caller's side (collector or training thread)
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"the {self.name} sink is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"topomon-{self.name}", daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait((fn, args))
+        except queue.Full:
+            raise RuntimeError(
+                f"the {self.name} sink is {self._queue.maxsize} writes behind; dropped"
+            ) from None
+
+    def write_records(self, records: list[MetricRecord], *, figures: bool = False) -> None:
+        """Queue the records of one capture (their figures too when ``figures``)."""
+        if records:
+            self._submit(self._write_records, list(records), bool(figures))
+
+    def write_scalars(self, values: Mapping[str, float], step: int, prefix: str = "topomon/health") -> None:
+        """Queue plain scalars at ``step`` under ``prefix`` (non-finite values are skipped)."""
+        clean = {
+            f"{prefix}/{k}": float(v)
+            for k, v in values.items()
+            if v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+        }
+        if clean:
+            self._submit(self._write_scalars, clean, int(step))
+
+    def write_alert(self, alert: Alert) -> None:
+        """Queue one alert (or recovery)."""
+        self._submit(self._write_alert, alert)
+
+    def close(self) -> None:
+        """Write what is queued (at most ``close_timeout`` seconds), then release (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            deadline = time.monotonic() + self.close_timeout
+            try:
+                self._queue.put(_STOP, timeout=self.close_timeout)
+            except queue.Full:
+                pass
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                self.abandoned = self._queue.qsize()
+                logger.warning(
+                    "topomon: the %s sink did not finish writing within %.0f s; %d write(s) abandoned "
+                    "(metrics.jsonl has every record)",
+                    self.name,
+                    self.close_timeout,
+                    self.abandoned,
+                )
+                return
+        self._finish()
+
+    # -- the writer thread
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception as exc:  # a tracker's fault is counted, never raised into training
+                with self._lock:
+                    self.failures += 1
+                    first = self.failures == 1
+                    self.last_error = repr(exc)
+                if first:
+                    logger.warning(
+                        "topomon: writing to %s failed (%r); counted in health (sink_errors_%s), "
+                        "training goes on",
+                        self.name,
+                        exc,
+                        self.name,
+                    )
+
+    def _write_records(self, records: list[MetricRecord], figures: bool) -> None:
+        raise NotImplementedError
+
+    def _write_scalars(self, values: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def _write_alert(self, alert: Alert) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Release the tracker's resources after the last write (the run belongs to the trainer)."""

@@ -1,0 +1,84 @@
+"""topomon's curves, figures and alerts in the trainer's trackio run.
+
+trackio keeps its current run in a ``ContextVar``, which a new thread does not see: ``trackio.log`` from
+topomon's threads would fail. This sink holds the ``trackio.Run`` read on the training thread at set-up
+and calls ``run.log(values, step=<capture step>)`` (the run's global step, as in ``metrics.jsonl``),
+figures as ``trackio.Image``, alerts through ``run.alert(title, text, level, step=)`` (trackio's
+``alerts`` table) and the ``topomon/alerts`` count.
+
+``Run.log`` with a step moves the run's automatic step (``_next_step``) past it, which would shift the
+rows the trainer logs without a step; the sink puts it back when nothing else logged in between (a
+write from another thread within the same few microseconds can still move it). The trainer's
+``TrackioCallback`` finishes the run in ``on_train_end``, before topomon's last capture is computed:
+a finished local run still writes (inline), and the run is never finished here. trackio reports its own
+write errors as warnings instead of raising, so those are not counted in topomon's health.
+
+Example:
+    >>> import trackio  # doctest: +SKIP
+    >>> sink = TrackioSink(trackio.context_vars.current_run.get())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from topomon.sinks.queued import (
+    ALERT_COUNT_KEY,
+    QueuedSink,
+    alert_text,
+    alert_title,
+    record_images,
+    record_scalars,
+)
+from topomon.types import Alert, MetricRecord
+
+__all__ = ["TrackioSink"]
+
+
+class TrackioSink(QueuedSink):
+    """Writes to a ``trackio.Run``.
+
+    Args:
+        run: the run (``trackio.context_vars.current_run.get()`` on the training thread).
+        figures: log the worker's figures as images.
+        close_timeout: see :class:`~topomon.sinks.queued.QueuedSink`.
+    """
+
+    name = "trackio"
+
+    def __init__(self, run: Any, *, figures: bool = True, close_timeout: float = 60.0):
+        super().__init__(close_timeout=close_timeout)
+        import trackio
+
+        self._trackio = trackio
+        self.run = run
+        self.figures = figures
+        self._alerts = 0
+
+    def _log(self, values: dict[str, Any], step: int) -> None:
+        before = getattr(self.run, "_next_step", None)
+        self.run.log(values, step=int(step))
+        after = getattr(self.run, "_next_step", None)
+        if isinstance(before, int) and after == max(before, int(step) + 1):
+            self.run._next_step = before  # the trainer's step-less rows keep their numbering
+
+    def _write_records(self, records: list[MetricRecord], figures: bool) -> None:
+        values: dict[str, Any] = dict(record_scalars(records))
+        if figures and self.figures:
+            values.update(
+                {k: self._trackio.Image(img, caption=k) for k, img in record_images(records).items()}
+            )
+        if values:
+            self._log(values, records[0].step)
+
+    def _write_scalars(self, values: dict[str, float], step: int) -> None:
+        self._log(dict(values), step)
+
+    def _write_alert(self, alert: Alert) -> None:
+        levels = self._trackio.AlertLevel
+        level = {"info": levels.INFO, "critical": levels.ERROR, "error": levels.ERROR}.get(
+            alert.severity, levels.WARN
+        )
+        self._alerts += 1
+        self.run.alert(title=alert_title(alert), text=alert_text(alert), level=level, step=int(alert.step))
+        self._log({ALERT_COUNT_KEY: float(self._alerts)}, alert.step)
