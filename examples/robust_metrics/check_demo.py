@@ -21,7 +21,11 @@ from topomon.metrics.stability import capture_jumps
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("metrics", nargs="?", help="metrics.jsonl (default: the newest demo_runs/run-*)")
+    p.add_argument(
+        "metrics",
+        nargs="?",
+        help="a run directory or its metrics.jsonl (default: the newest demo_runs/run-*)",
+    )
     a = p.parse_args()
     path = a.metrics
     if path is None:
@@ -30,6 +34,8 @@ def main() -> int:
             print("no demo_runs/run-*/metrics.jsonl: run `make demo` first", file=sys.stderr)
             return 2
         path = runs[-1]
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
     with open(path, encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh if line.strip()]
     jumps = capture_jumps(

@@ -262,7 +262,9 @@ def _summary(
             row[f"{m}_vs_start_pct"] = None if not start or end is None else round(100 * (end / start - 1), 1)
             b = base[m]
             row[f"{m}_vs_base_pct"] = None if not b or end is None else round(100 * (end / b - 1), 1)
-        row["alerts"] = [f"step {a.step}: {a.message}" for a in mon.alerts if a.reason != "recovered"]
+        fired = [a for a in mon.alerts if a.reason != "recovered"]
+        row["alerts"] = [a.message for a in fired]  # "step N (stage 's'): what happened [rule]"
+        row["first_alert"] = fired[0].step if fired else None
         row["actions"] = [f"step {a.step}: {a.kind} {a.params}" for a in mon.actions]
         h = mon.health()
         row["captures"] = int(h["captures"])
@@ -307,7 +309,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         )
     for r in s["stages"]:
         for a in r["alerts"][:4]:
-            print(f"  alert  [{r['stage']}] {a}")
+            print(f"  alert  {a}")
         for a in r["actions"][:4]:
             print(f"  action [{r['stage']}] {a}")
     arms = [r for r in s["stages"] if "narrow_loss" in r]
@@ -318,7 +320,7 @@ def _print_summary(s: dict[str, Any]) -> None:
             f"{'narrow loss':>13}{'chat loss':>11}"
         )
         for r in arms:
-            first = r["alerts"][0].split(":")[0].replace("step ", "") if r["alerts"] else "-"
+            first = "-" if r["first_alert"] is None else str(r["first_alert"])
             print(
                 f"  {r['stage']:<11}{first:>10}{len(r['actions']):>9}{_fmt(r['rankme']):>9}"
                 f"{_fmt(r['rankme_pca']):>10}{_fmt(r['narrow_loss']):>13}{_fmt(r['chat_loss']):>11}"
