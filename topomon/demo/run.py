@@ -271,7 +271,12 @@ def _summary(
         row["dropped"] = int(h.get("dropped", 0))
         row["lost"] = int(h.get("lost", 0))
         stages.append(row)
+    from topomon.metrics.stability import capture_jumps
+
+    # issue 25's check: a monitored layer jumping > 3x between captures while the final norm does not
+    jumps = capture_jumps(lines, metric="rankme_pca", ratio=3.0, reference="final_norm", reference_ratio=1.5)
     return {
+        "jumps": [f"{j.stage} step {j.step}: {j.layer} rankme_pca x{j.ratio:.2f}" for j in jumps],
         "run_dir": run_dir,
         "tensorboard": run_dir,  # topomon's curves (tensorboard/) beside each trainer's loss (trainer/)
         "report": report,
@@ -328,6 +333,11 @@ def _print_summary(s: dict[str, Any]) -> None:
     dropped = sum(r["dropped"] for r in s["stages"])
     lost = sum(r["lost"] for r in s["stages"])
     print(f"monitor: {sum(r['captures'] for r in s['stages'])} captures, {dropped} dropped, {lost} lost")
+    jumps = s.get("jumps", [])
+    print(
+        f"curves: {len(jumps)} jump(s) > 3x between captures at a monitored layer that the final norm "
+        "does not make (rankme_pca)" + "".join(f"\n  {j}" for j in jumps[:4])
+    )
     print(f"report:       {s['report']}")
     print(f"TensorBoard:  tensorboard --logdir {s['tensorboard']}")
     print(f"metrics log:  {s['metrics']}   alerts: {s['alerts']}")
