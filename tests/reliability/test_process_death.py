@@ -66,6 +66,12 @@ def _progress(out: Path) -> list[list[int]]:
     return [[int(v) for v in ln.split()] for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def _checkpoint_steps(out: Path) -> list[int]:
+    return [
+        int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "topomon_state.json").exists()
+    ]
+
+
 def _steps_on_disk(run_dir: Path) -> set[int]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -89,6 +95,8 @@ def test_sigkill_of_the_training_process_then_resume(tmp_path):
                     any(p[0] >= 5 and p[1] > 0 for p in _progress(out))  # step, records reported written
                     and (out / "checkpoint-4" / "topomon_state.json").exists()
                     and set(range(5)) <= _steps_on_disk(run_dir)
+                    # a capture written after the last checkpoint: the resume has one to judge again
+                    and max(_steps_on_disk(run_dir)) > max(_checkpoint_steps(out), default=0)
                 )
             ),
             timeout=240,
