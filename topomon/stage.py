@@ -101,6 +101,20 @@ def probe_texts(c: MonitorConfig, probes: list[str] | None, run: RunDir) -> list
     return list(stored["texts"])
 
 
+def probe_plan(c: MonitorConfig, tokenizer: Any, texts: list[str]) -> TokenPlan:
+    """The probe plan of ``texts`` with ``c``'s capture settings (what every capture of a stage forwards)."""
+    return plan_tokens(
+        tokenizer,
+        texts,
+        max_length=c.max_length,
+        batch_size=c.probe_batch_size,
+        pooling=c.pooling,
+        max_points=c.max_points,
+        exclude_first=c.exclude_first,
+        seed=c.seed,
+    )
+
+
 def make_strategy(
     c: MonitorConfig,
     model: Any,
@@ -131,16 +145,7 @@ def make_strategy(
                 "pass TopoMonitor(tokenizer=...) (or begin(..., tokenizer=...))"
             )
         texts = probe_texts(c, probes, run)
-        plan = plan_tokens(
-            tokenizer,
-            texts,
-            max_length=c.max_length,
-            batch_size=c.probe_batch_size,
-            pooling=c.pooling,
-            max_points=c.max_points,
-            exclude_first=c.exclude_first,
-            seed=c.seed,
-        )
+        plan = probe_plan(c, tokenizer, texts)
         if run.probes() is None:
             run.save_probes(texts, plan.describe())
     return ProbeStrategy.build(plan, indices, include_final_norm="final_norm" in modules, needs=needs)

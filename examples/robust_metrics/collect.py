@@ -56,44 +56,23 @@ def _patch_engine(out_dir: list[str]) -> None:
 
 
 def _monitor(run_dir: str, stage: str, **extra: Any) -> Any:
-    from topomon import TopoMonitor
+    from topomon.demo.run import _monitor as demo_monitor
 
-    # the demo's monitor (topomon.demo.run._monitor), with the worker in a thread (so the patched
-    # engine runs) and no topology or figures (computed offline from the saved states)
-    return TopoMonitor(
-        run_dir=run_dir,
-        stage=stage,
-        max_length=64,
-        max_probes=64,
-        schedule="log",
-        every_n_steps=5,
-        overhead_budget=None,
-        worker="thread",
-        topology=False,
-        figures_every=0,
-        tensorboard=False,
-        **extra,
+    # the demo's monitor, with the worker in a thread (so the patched engine runs) and no topology or
+    # figures (computed offline from the saved states)
+    return demo_monitor(
+        run_dir, stage, worker="thread", topology=False, figures_every=0, tensorboard=False, **extra
     )
 
 
 def _token_table(tok: Any) -> dict[str, Any]:
     """Token id and (probe, position) of each captured point, in snapshot order."""
-    from topomon.capture.probe import plan_tokens
     from topomon.capture.probes import load_probes
     from topomon.config import MonitorConfig
+    from topomon.stage import probe_plan
 
     c = MonitorConfig(max_length=64, max_probes=64)
-    texts = load_probes(None, max_probes=c.max_probes)
-    plan = plan_tokens(
-        tok,
-        texts,
-        max_length=c.max_length,
-        batch_size=c.probe_batch_size,
-        pooling=c.pooling,
-        max_points=c.max_points,
-        exclude_first=c.exclude_first,
-        seed=c.seed,
-    )
+    plan = probe_plan(c, tok, load_probes(None, max_probes=c.max_probes))
     ids, pos, probe = [], [], []
     for b, (inp, _att) in enumerate(plan.batches):
         for r, p in plan.select[b].tolist():

@@ -65,9 +65,7 @@ def _quiet() -> None:
 def _monitor(run_dir: str, stage: str, **extra: Any) -> Any:
     from topomon import TopoMonitor
 
-    return TopoMonitor(
-        run_dir=run_dir,
-        stage=stage,
+    settings: dict[str, Any] = dict(
         max_length=64,
         max_probes=64,
         schedule="log",
@@ -75,8 +73,8 @@ def _monitor(run_dir: str, stage: str, **extra: Any) -> Any:
         overhead_budget=None,  # the demo shows the dense trajectory; its cost is in the summary
         worker_priority="normal",  # so that the alert acts within a step while training uses both cores
         figures_every=3,
-        **extra,
     )
+    return TopoMonitor(run_dir=run_dir, stage=stage, **{**settings, **extra})  # extra wins
 
 
 def _common_args(out: str, steps: int, s: DemoSettings, lr: float) -> dict[str, Any]:
