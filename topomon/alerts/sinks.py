@@ -416,10 +416,29 @@ class WebhookSink:
         )
 
 
+def alert_markdown(alert: Alert) -> str:
+    """One alert as a markdown line for a text panel: ``**severity** · message``.
+
+    The engine's messages already name the step, the stage and the rule
+    (``step 4 (stage 'sft'): ... [drop:rankme@final_norm]``), so they are not repeated; the rule is
+    appended only when the message does not end with it (a hand-made alert).
+
+    Example:
+        >>> from topomon.types import Alert
+        >>> a = Alert(step=4, stage="sft", rule="r", metric="rankme", layer="final_norm", value=1.0,
+        ...           reference=2.0, reason="drop", message="step 4 (stage 'sft'): fell [r]",
+        ...           severity="warning")
+        >>> alert_markdown(a)
+        "**warning** · step 4 (stage 'sft'): fell [r]"
+    """
+    line = f"**{alert.severity}** · {alert.message}"
+    return line if alert.message.endswith(f"[{alert.rule}]") else f"{line} [`{alert.rule}`]"
+
+
 class TensorBoardAlertSink:
     """Alerts written to TensorBoard: a text entry and an alert-count scalar, at the alert's step.
 
-    Each alert is a markdown line ``**step N** · `rule` · message``; the text entry of a step holds
+    Each alert is a markdown line (:func:`alert_markdown`); the text entry of a step holds
     every alert of that step (TensorBoard keeps one entry per tag and step: a second alert at the
     same step rewrites the entry with both lines). The scalar is the number of alerts received so far
     (recoveries included). Both are under ``"topomon/alerts"`` by default (torch's ``add_text`` stores
@@ -459,7 +478,7 @@ class TensorBoardAlertSink:
         step = int(a.step)
         if step != self._step:
             self._step, self._lines = step, []
-        self._lines.append(f"**step {a.step}** · `{a.rule}` · {a.message}")
+        self._lines.append(alert_markdown(a))
         self.writer.add_text(self.tag, "\n\n".join(self._lines), global_step=step)
         self.writer.add_scalar(self.tag, float(self.count), global_step=int(a.step))
         self.writer.flush()

@@ -50,6 +50,7 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
         "pip install 'topomon[lightning]'"
     ) from e
 
+from topomon.alerts.sinks import alert_markdown
 from topomon.capture.layers import unwrap_model
 from topomon.config import ConfigError, MonitorConfig, as_config
 from topomon.interventions import Signals
@@ -248,8 +249,7 @@ class LightningLoggerSink:
                 try:
                     lg.log_metrics(values, step=step)
                     if alert is not None and isinstance(lg, TensorBoardLogger):
-                        line = f"**step {alert.step}** · `{alert.rule}` · {alert.message}"
-                        lg.experiment.add_text("topomon/alerts", line, global_step=step)
+                        lg.experiment.add_text("topomon/alerts", alert_markdown(alert), global_step=step)
                 except Exception as e:  # noqa: BLE001 - a logger must never crash training
                     self.errors += 1
                     if self.errors == 1:
