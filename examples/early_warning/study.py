@@ -98,13 +98,22 @@ def ece(conf: list[float], hit: list[float], bins: int = 15) -> float:
 
 
 def _plain_copy(model: Any) -> Any:
-    """A trainable copy without topomon's hooks, LoRA merged."""
-    m = copy.deepcopy(model)
-    for mod in m.modules():
-        mod._forward_hooks.clear()
-        mod._forward_pre_hooks.clear()
-    if hasattr(m, "merge_and_unload"):
-        m = m.merge_and_unload()
+    """A trainable copy built afresh from the checkpoint's weights (LoRA merged), sharing nothing.
+
+    A ``copy.deepcopy`` of the model inside TRL's ``SFTTrainer`` is not enough: the copy's backward
+    still lands in the *trained* model's ``.grad`` (found after the first 14 stages ran; the copy
+    never trained and the next training step got the plasticity task's gradients). So the copy is a
+    new model of the same class from the config, loaded with the (merged) weights.
+    """
+    src = copy.deepcopy(model)  # merging is weight arithmetic only: no forward pass runs on it
+    if hasattr(src, "merge_and_unload"):
+        src = src.merge_and_unload()
+    state = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    dtype = next(src.parameters()).dtype
+    m = type(src)(src.config)
+    m.load_state_dict(state)
+    del src
+    m.to(dtype)
     for p in m.parameters():
         p.requires_grad_(True)
     return m
@@ -118,6 +127,7 @@ def plasticity(model: Any, tok: Any, task: dict[str, Any], steps: int, seed: int
     m = _plain_copy(model)
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    before = [p.grad for p in model.parameters()]
     train = task["task_train"]
     for i in range(steps):
         batch = [train[(4 * i + j) % len(train)] for j in range(4)]
@@ -129,6 +139,11 @@ def plasticity(model: Any, tok: Any, task: dict[str, Any], steps: int, seed: int
             labels[0, :start] = -100
             loss = loss + m(input_ids=x, labels=labels).loss / len(batch)
         loss.backward()  # type: ignore[union-attr]
+        if i == 0:  # the copy trains, and the checkpoint's own gradients are untouched
+            if any(p.grad is None for p in m.parameters()):
+                raise RuntimeError("plasticity: the copy's parameters got no gradient")
+            if any(p.grad is not g for p, g in zip(model.parameters(), before, strict=True)):
+                raise RuntimeError("plasticity: the copy's backward reached the checkpoint's parameters")
         opt.step()
         opt.zero_grad()
     held = [render(tok, p, c) for p, c in task["task_held"]]
