@@ -97,3 +97,13 @@ def test_the_tiny_study_trains_saves_and_remakes_its_tables(tmp_path):
     assert st.main(["--tiny", "--no-train", "--out", str(out)]) == 0
     assert (out / "tables.md").read_text() == tables
     assert "narrow-full-high-s0" in tables and (out / "stages.png").stat().st_size > 10_000
+    # a stage run again (its JSON gone, its folders left from before) starts afresh: its records are
+    # this run's, once per capture, not the old run's (topomon would continue the folder as "stage-2")
+    (out / "stages" / "narrow-full-high-s0.json").unlink()
+    assert st.main(["--tiny", "--out", str(out), "--seeds", "0", "--configs", "narrow-full-high"]) == 0
+    again = json.loads((out / "stages" / "narrow-full-high-s0.json").read_text())
+    final = [r["step"] for r in again["records"] if r["layer"] == "final_norm"]
+    assert final == [0, 2, 4, 6, 8]
+    assert all(a["stage"] == "stage" and a["step"] <= 8 for a in again["live_alerts"])
+    lines = (out / "runs" / "narrow-full-high-s0" / "metrics.jsonl").read_text().splitlines()
+    assert {json.loads(x)["stage"] for x in lines} <= {"base", "stage"}  # one run in the folder

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -217,6 +218,10 @@ def run_stage(cfg: tuple[str, str, str], seed: int, out: str, sz: Sizes) -> dict
                 measured[state.global_step] = measure(model, tok, sets, sz, seed)
 
     run_dir = os.path.join(out, "runs", name)
+    # a stage not saved starts afresh: a second run into the same topomon folder would continue it
+    # as a new stage ("stage-2", steps after the first run's), and the records below read "stage"
+    for stale in (run_dir, os.path.join(out, "trainer", name)):
+        shutil.rmtree(stale, ignore_errors=True)
     mon = TopoMonitor(
         run_dir=run_dir,
         stage="stage",
@@ -280,7 +285,7 @@ def run_stage(cfg: tuple[str, str, str], seed: int, out: str, sz: Sizes) -> dict
         "loss": [[r["step"], r["loss"]] for r in logs if "loss" in r],
         "grad_norm": [[r["step"], r["grad_norm"]] for r in logs if "grad_norm" in r],
         "records": [r for r in lines if r.get("kind") == "metrics" and r.get("stage") == "stage"],
-        "live_alerts": [a for a in alerts if a.get("kind", "alert") == "alert"],
+        "live_alerts": [a for a in alerts if a.get("kind", "alert") == "alert" and a.get("stage") == "stage"],
         "seconds": round(time.time() - t0, 1),
     }
     path = os.path.join(out, "stages", f"{name}.json")
