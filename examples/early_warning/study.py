@@ -30,7 +30,15 @@ from data import render, splits  # noqa: E402
 CONFIGS = [(d, m, r) for d in ("narrow", "broad") for m in ("full", "lora") for r in ("low", "high")]
 LR = {("full", "low"): 5e-5, ("full", "high"): 1e-3, ("lora", "low"): 2e-4, ("lora", "high"): 3e-3}
 SEEDS = (0, 1, 2)
-HARM = {"ood_ratio": 1.25, "plasticity_ratio": 1.10, "ece_delta": 0.05}
+HARMS = {
+    # part 1, as pre-registered
+    "preregistered": {"ood_ratio": 1.25, "plasticity_ratio": 1.10, "ece_delta": 0.05},
+    # amendment 1 (docs/EARLY_WARNING.md), fixed on the tuning half (seed 0) before seeds 1-2 were
+    # read: the plasticity loss of a stage benign by every other measure moves 0.88-1.24x between its
+    # checkpoints, so a 1.10x threshold is noise; 1.5x is above that range
+    "amended": {"ood_ratio": 1.25, "plasticity_ratio": 1.50, "ece_delta": 0.05},
+}
+HARM = dict(HARMS["preregistered"])  # the definition in use (``--harm``)
 
 
 class Sizes:
@@ -587,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="only the tables and figure, from saved JSON")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--configs", default="all", help="comma-separated stage configs, e.g. narrow-full-high")
+    p.add_argument(
+        "--harm", choices=sorted(HARMS), default="preregistered", help="the harm definition of the tables"
+    )
     a = p.parse_args(argv)
+    HARM.update(HARMS[a.harm])
     sz = Sizes(a.tiny)
     seeds = [int(s) for s in a.seeds.split(",")]
     cfgs = CONFIGS if a.configs == "all" else [tuple(c.split("-")) for c in a.configs.split(",")]
@@ -615,12 +627,16 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print(f"no saved stages in {folder}", file=sys.stderr)
         return 1
-    text = tables(results, sz)
-    with open(os.path.join(a.out, "tables.md"), "w") as fh:
+    text = f"Harm definition: {a.harm} {HARMS[a.harm]}\n\n" + tables(results, sz)
+    suffix = "" if a.harm == "preregistered" else f"-{a.harm}"
+    table_path, figure_path = (
+        os.path.join(a.out, f"{n}{suffix}.{e}") for n, e in (("tables", "md"), ("stages", "png"))
+    )
+    with open(table_path, "w") as fh:
         fh.write(text + "\n")
-    figure(results, os.path.join(a.out, "stages.png"))
+    figure(results, figure_path)
     print(text)
-    print(f"\ntables: {os.path.join(a.out, 'tables.md')}   figure: {os.path.join(a.out, 'stages.png')}")
+    print(f"\ntables: {table_path}   figure: {figure_path}")
     return 0
 
 
