@@ -110,19 +110,16 @@ def _plain_copy(model: Any) -> Any:
     """A trainable copy built afresh from the checkpoint's weights (LoRA merged), sharing nothing.
 
     A ``copy.deepcopy`` of the model inside TRL's ``SFTTrainer`` is not enough: the copy's backward
-    still lands in the *trained* model's ``.grad`` (found after the first 14 stages ran; the copy
+    still lands in the *trained* model's ``.grad`` (found after 12 stages had been saved; the copy
     never trained and the next training step got the plasticity task's gradients). So the copy is a
     new model of the same class from the config, loaded with the (merged) weights.
     """
-    src = copy.deepcopy(model)  # merging is weight arithmetic only: no forward pass runs on it
-    if hasattr(src, "merge_and_unload"):
-        src = src.merge_and_unload()
-    state = {k: v.detach().clone() for k, v in src.state_dict().items()}
-    dtype = next(src.parameters()).dtype
+    src = model
+    if hasattr(model, "merge_and_unload"):  # LoRA: merge in a copy (weight arithmetic, no forward)
+        src = copy.deepcopy(model).merge_and_unload()
     m = type(src)(src.config)
-    m.load_state_dict(state)
-    del src
-    m.to(dtype)
+    m.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()})
+    m.to(next(src.parameters()).dtype)
     for p in m.parameters():
         p.requires_grad_(True)
     return m
