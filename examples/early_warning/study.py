@@ -212,8 +212,9 @@ def run_stage(cfg: tuple[str, str, str], seed: int, out: str, sz: Sizes) -> dict
     else:
         base = measure(model, tok, sets, sz, seed)
         os.makedirs(os.path.dirname(base_path), exist_ok=True)
-        with open(base_path, "w") as fh:
+        with open(base_path + f".{os.getpid()}.tmp", "w") as fh:  # two workers may measure one base
             json.dump(base, fh)
+        os.replace(base_path + f".{os.getpid()}.tmp", base_path)
     rows = [dict(zip(("prompt", "completion"), render(tok, p, r), strict=True)) for p, r in sets["train"]]
     measured: dict[int, dict[str, float]] = {}
 
