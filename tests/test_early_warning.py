@@ -107,3 +107,77 @@ def test_the_tiny_study_trains_saves_and_remakes_its_tables(tmp_path):
     assert all(a["stage"] == "stage" and a["step"] <= 8 for a in again["live_alerts"])
     lines = (out / "runs" / "narrow-full-high-s0" / "metrics.jsonl").read_text().splitlines()
     assert {json.loads(x)["stage"] for x in lines} <= {"base", "stage"}  # one run in the folder
+
+
+def _fake_stage(cfg, seed, harm_at, pr_change, fire_at=None):
+    """A saved stage built by hand: harm at checkpoint ``harm_at`` (or none), the final norm's RankMe
+    falling 20% at ``fire_at`` (topomon's default rule fires there), a block's participation ratio
+    changing by ``pr_change`` from step 0 to step 8."""
+    base = {"ood_ppl": 10.0, "plasticity": 2.0, "ece": 0.02, "indomain_loss": 3.0}
+    ck = {str(s): dict(base) for s in (8, 16, 24, 32, 40, 48)}
+    if harm_at is not None:
+        ck[str(harm_at)]["ood_ppl"] = 20.0
+    records = []
+    for step in range(0, 49, 4):
+        rank = 100.0 * (0.8 if fire_at is not None and step >= fire_at else 1.0)
+        records.append(
+            {
+                "step": step,
+                "stage": "stage",
+                "layer": "final_norm",
+                "metrics": {"rankme": rank, "rankme_pca": rank, "n_nonfinite": 0.0},
+            }
+        )
+        pr = 50.0 * (1 + pr_change if step >= 8 else 1.0)
+        records.append(
+            {"step": step, "stage": "stage", "layer": "layer_7", "metrics": {"participation_ratio": pr}}
+        )
+    flat = [[s, 3.0] for s in range(1, 49)]
+    live = [] if fire_at is None else [{"step": fire_at, "reason": "drop"}]
+    return {
+        "name": f"{cfg}-s{seed}",
+        "seed": seed,
+        "base": base,
+        "checkpoints": ck,
+        "records": records,
+        "loss": flat,
+        "grad_norm": flat,
+        "live_alerts": live,
+    }
+
+
+def test_the_held_out_auc_keeps_the_sign_chosen_on_seed_0():
+    st = _study()
+    # seed 0: a falling participation ratio comes with harm; seeds 1-2: the opposite
+    results = [
+        _fake_stage("narrow-full-high", 0, 8, -0.5),
+        _fake_stage("broad-full-low", 0, None, +0.1),
+        _fake_stage("narrow-full-high", 1, 8, +0.3),
+        _fake_stage("broad-full-low", 1, None, -0.3),
+        _fake_stage("narrow-full-high", 2, 16, +0.2),
+        _fake_stage("broad-full-low", 2, None, -0.2),
+    ]
+    rows = [r for r in st.auc_table(results, st.Sizes(False)) if r.startswith("| participation_ratio")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[4:] == ["drop", "1.00", "0.00"]  # the held-out half is not flipped to look good
+
+
+def test_the_per_configuration_table_counts_leads_misses_and_false_alarms():
+    st = _study()
+    results = [
+        _fake_stage("narrow-full-high", 0, 8, 0.0, fire_at=4),  # lead +4
+        _fake_stage("narrow-full-high", 1, 16, 0.0, fire_at=4),  # lead +12
+        _fake_stage("narrow-full-high", 2, 8, 0.0),  # missed
+        _fake_stage("broad-full-low", 0, None, 0.0, fire_at=20),  # false alarm
+        _fake_stage("broad-full-low", 1, None, 0.0),
+    ]
+    names = ["topomon (live)", "topomon (replayed)"]
+    rows = {
+        r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")]
+        for r in st.lead_table(results, names)[2:]
+    }
+    assert rows["narrow-full-high"][1:] == ["3/3", "+8 (+4..+12), 2/3", "+8 (+4..+12), 2/3"]
+    assert rows["broad-full-low"][1:] == ["0/2", "-, 1 FA", "-, 1 FA"]
+    s = st.score(results, "topomon (replayed)")
+    assert (s["precision"], s["recall"], s["false_alarms"], s["lead_median"]) == (2 / 3, 2 / 3, 1, 8)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from typing import Any
@@ -424,7 +425,7 @@ def score(results: list[dict[str, Any]], name: str, first: Any = None) -> dict[s
         "recall": rec,
         "f1": f1,
         "false_alarms": fp,
-        "lead_median": leads[len(leads) // 2] if leads else None,
+        "lead_median": statistics.median(leads) if leads else None,
         "lead_range": (leads[0], leads[-1]) if leads else None,
     }
 
@@ -447,6 +448,100 @@ def early_change(res: dict[str, Any], metric: str, layer: str, early: int) -> fl
     return s[early] / s[0] - 1
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:+g}"
+
+
+def score_table(results: list[dict[str, Any]], names: list[str]) -> list[str]:
+    """Precision, recall, F1, false alarms and lead time of every detector over ``results``."""
+    out = ["| detector | precision | recall | F1 | false alarms | lead median | lead range |"]
+    out.append("|---|---|---|---|---|---|---|")
+    for n in names:
+        s = score(results, n)
+        rng = "-" if s["lead_range"] is None else f"{s['lead_range'][0]:+d} .. {s['lead_range'][1]:+d}"
+        out.append(
+            f"| {n} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} | {s['false_alarms']} | "
+            f"{_fmt(s['lead_median'])} | {rng} |"
+        )
+    return out
+
+
+def _config(res: dict[str, Any]) -> str:
+    return str(res["name"]).rsplit("-s", 1)[0]
+
+
+def lead_table(results: list[dict[str, Any]], names: list[str]) -> list[str]:
+    """Per configuration, over its seeds: each detector's lead (median, range), hits and false alarms."""
+    out = ["| configuration | harmful | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for cfg in CONFIGS:
+        runs = [r for r in results if _config(r) == "-".join(cfg)]
+        if not runs:
+            continue
+        harmful = [r for r in runs if harm_step(r) is not None]
+        cells = []
+        for n in names:
+            firsts = [(harm_step(r), detectors(r)[n]) for r in runs]
+            leads = sorted(h - a for h, a in firsts if h is not None and a is not None)
+            fa = sum(h is None and a is not None for h, a in firsts)
+            cell = "-" if not leads else f"{_fmt(statistics.median(leads))} ({leads[0]:+d}..{leads[-1]:+d})"
+            cell += f", {len(leads)}/{len(harmful)}" if harmful else ""
+            cell += f", {fa} FA" if fa else ""
+            cells.append(cell)
+        out.append(f"| {'-'.join(cfg)} | {len(harmful)}/{len(runs)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def seed_table(results: list[dict[str, Any]], names: list[str]) -> list[str]:
+    """The spread over seeds: precision / recall / F1 of every detector per seed, and the F1's mean and sd."""
+    seeds = [s for s in SEEDS if any(r["seed"] == s for r in results)]
+    out = ["| detector | " + " | ".join(f"seed {s}: P / R / F1" for s in seeds) + " | F1 mean +- sd |"]
+    out.append("|---|" + "---|" * (len(seeds) + 1))
+    for n in names:
+        per = [score([r for r in results if r["seed"] == s], n) for s in seeds]
+        f1s = [p["f1"] for p in per]
+        sd = statistics.stdev(f1s) if len(f1s) > 1 else 0.0
+        out.append(
+            f"| {n} | "
+            + " | ".join(f"{p['precision']:.2f} / {p['recall']:.2f} / {p['f1']:.2f}" for p in per)
+            + f" | {statistics.mean(f1s):.2f} +- {sd:.2f} |"
+        )
+    return out
+
+
+def auc_table(results: list[dict[str, Any]], sz: Sizes, top: int = 20) -> list[str]:
+    """AUC of every metric's early change as a predictor of harm: both signs over all stages, the sign
+    chosen on the tuning half (seed 0) and that sign's AUC on the held-out half (seeds 1-2)."""
+    keys = sorted({(k, r["layer"]) for res in results for r in res["records"] for k in r["metrics"]})
+    tune = [i for i, r in enumerate(results) if r["seed"] == 0]
+    held = [i for i, r in enumerate(results) if r["seed"] != 0]
+    labels = [harm_step(r) is not None for r in results]
+    rows = []
+    for metric, layer in keys:
+        ch = [early_change(r, metric, layer, sz.early) for r in results]
+        if any(c is None for c in ch):
+            continue
+        drop = [-float(c) for c in ch]  # type: ignore[arg-type]
+        a = auc(drop, labels)
+        if math.isnan(a):
+            continue
+        at = auc([drop[i] for i in tune], [labels[i] for i in tune]) if tune else math.nan
+        sign = "drop" if math.isnan(at) or at >= 0.5 else "rise"
+        ah = auc([drop[i] for i in held], [labels[i] for i in held]) if held else math.nan
+        if sign == "rise":
+            at, ah = 1 - at, 1 - ah
+        rows.append((max(a, 1 - a) if math.isnan(at) else at, metric, layer, a, sign, at, ah))
+    rows.sort(key=lambda r: (-r[0], r[1], r[2]))
+    out = [
+        f"AUC of the change from the stage start to step {sz.early} (drop: a fall predicts harm; the sign is "
+        f"chosen on seed 0 and judged on seeds 1-2):\n",
+        "| metric | layer | AUC drop (all) | AUC rise (all) | sign (seed 0) | AUC seed 0 | AUC seeds 1-2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, metric, layer, a, sign, at, ah in rows[:top]:
+        out.append(f"| {metric} | {layer} | {a:.2f} | {1 - a:.2f} | {sign} | {at:.2f} | {ah:.2f} |")
+    return out
+
+
 def tables(results: list[dict[str, Any]], sz: Sizes) -> str:
     """Every table of docs/EARLY_WARNING.md part 2, as markdown."""
     out: list[str] = []
@@ -466,46 +561,23 @@ def tables(results: list[dict[str, Any]], sz: Sizes) -> str:
     out.append(
         f"\n{harmful} harmful, {len(results) - harmful} benign stages. Cells: first alert step (lead time).\n"
     )
-    out.append("| detector | precision | recall | F1 | false alarms | lead median | lead range |")
-    out.append("|---|---|---|---|---|---|---|")
-    for n in names:
-        s = score(results, n)
-        out.append(
-            f"| {n} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} | {s['false_alarms']} | "
-            f"{s['lead_median']} | {s['lead_range']} |"
-        )
-    # spread over seeds: F1 per seed
-    out.append("\n| detector | " + " | ".join(f"F1 seed {s}" for s in SEEDS) + " |")
-    out.append("|---|" + "---|" * len(SEEDS))
-    for n in names:
-        f1s = [score([r for r in results if r["seed"] == s], n)["f1"] for s in SEEDS]
-        out.append(
-            f"| {n} | "
-            + " | ".join(
-                "-" if not any(r["seed"] == s for r in results) else f"{f:.2f}"
-                for s, f in zip(SEEDS, f1s, strict=True)
-            )
-            + " |"
-        )
-    # AUC of the early change of every metric
-    labels = [harm_step(r) is not None for r in results]
-    keys = sorted({(k, r["layer"]) for res in results for r in res["records"] for k in r["metrics"]})
-    rows = []
-    for metric, layer in keys:
-        ch = [early_change(r, metric, layer, sz.early) for r in results]
-        if any(c is None for c in ch):
-            continue
-        a = auc([-c for c in ch], labels)  # type: ignore[operator]
-        if not math.isnan(a):
-            rows.append((max(a, 1 - a), a, metric, layer))
-    rows.sort(reverse=True)
+    out.append(f"All {len(results)} stages:\n")
+    out += score_table(results, names)
+    tune = [r for r in results if r["seed"] == 0]
+    held = [r for r in results if r["seed"] != 0]
+    for title, part in (("The tuning half (seed 0)", tune), ("The held-out half (seeds 1-2)", held)):
+        if part and len(part) < len(results):
+            h = sum(harm_step(r) is not None for r in part)
+            out.append(f"\n{title}, {h} harmful / {len(part) - h} benign:\n")
+            out += score_table(part, names)
     out.append(
-        f"\nAUC of the change from the stage start to step {sz.early} (drop = a fall predicts harm):\n"
+        "\nPer configuration over its seeds: lead median (range), alerts in harmful stages, false alarms:\n"
     )
-    out.append("| metric | layer | AUC (drop) | AUC (rise) |")
-    out.append("|---|---|---|---|")
-    for _, a, metric, layer in rows[:20]:
-        out.append(f"| {metric} | {layer} | {a:.2f} | {1 - a:.2f} |")
+    out += lead_table(results, names)
+    out.append("\nThe spread over seeds:\n")
+    out += seed_table(results, names)
+    out.append("")
+    out += auc_table(results, sz)
     out.append(calibrate(results))
     return "\n".join(out)
 
@@ -536,52 +608,93 @@ def calibrate(results: list[dict[str, Any]]) -> str:
 
 
 def figure(results: list[dict[str, Any]], path: str) -> None:
-    """One harmful and one benign stage with every detector marked."""
+    """One harmful and one benign stage with every detector's first alert marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     harmful = next((r for r in results if harm_step(r) is not None), None)
     benign = next((r for r in results if harm_step(r) is None), None)
     picks = [r for r in (harmful, benign) if r is not None]
-    fig, axes = plt.subplots(3, len(picks), figsize=(6 * len(picks), 8), squeeze=False, sharex="col")
-    colors = {"topomon (live)": "tab:blue", "loss spike": "tab:orange", "grad-norm spike": "tab:green"}
+    fig, axes = plt.subplots(
+        4,
+        len(picks),
+        figsize=(6.5 * len(picks), 10),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 3, 3, 1.4]},
+    )
+    names = list(detectors(picks[0]))
+    palette = [
+        "tab:blue",
+        "tab:cyan",
+        "tab:orange",
+        "tab:green",
+        "tab:purple",
+        "tab:brown",
+        "tab:pink",
+        "tab:olive",
+    ]
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
     for j, res in enumerate(picks):
         h = harm_step(res)
+        d = detectors(res)
         ax = axes[0][j]
-        ax.plot(*zip(*res["loss"], strict=True), label="loss", color="k")
+        ax.plot(*zip(*res["loss"], strict=True), color="k", lw=1.2)
+        ax.set_ylabel("training loss (black)")
         ax2 = ax.twinx()
-        ax2.plot(*zip(*res["grad_norm"], strict=True), label="grad norm", color="tab:green", alpha=0.5)
-        ax.set_title(f"{res['name']} ({'harmful' if h is not None else 'benign'})")
-        ax.set_ylabel("loss (black), grad norm (green)")
+        ax2.plot(*zip(*res["grad_norm"], strict=True), color="0.6", lw=1)
+        ax2.set_ylabel("grad norm (grey)")
+        ax.set_title(f"{res['name']}: {'harmful' if h is not None else 'benign'}")
         ax = axes[1][j]
-        for metric in ("rankme", "rankme_pca"):
+        for metric, thr in (("rankme", 15), ("rankme_pca", 25)):
             s = _series(res, metric, "final_norm")
             if s:
-                ax.plot([x for x, _ in s], [100 * (v / s[0][1] - 1) for _, v in s], marker="o", label=metric)
+                line = ax.plot(
+                    [x for x, _ in s], [100 * (v / s[0][1] - 1) for _, v in s], marker="o", ms=3, label=metric
+                )
+                ax.axhline(-thr, color=line[0].get_color(), ls=":", lw=1)
         ax.set_ylabel("final norm, % vs stage start")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="dotted: default alert", title_fontsize=7, loc="lower left")
         ax = axes[2][j]
         b = res["base"]
-        steps = sorted(int(k) for k in res["checkpoints"])
-        for key, label in (("ood_ppl", "OOD ppl"), ("plasticity", "plasticity loss")):
-            ax.plot(steps, [res["checkpoints"][str(s)][key] / b[key] for s in steps], marker="s", label=label)
-        ax.axhline(HARM["ood_ratio"], color="grey", ls=":", lw=1)
+        steps = [0] + sorted(int(k) for k in res["checkpoints"])
+        ck = {0: b, **{int(k): v for k, v in res["checkpoints"].items()}}
+        for key, label, thr in (
+            ("ood_ppl", "OOD perplexity", HARM["ood_ratio"]),
+            ("plasticity", "plasticity loss", HARM["plasticity_ratio"]),
+        ):
+            line = ax.plot(steps, [ck[s][key] / b[key] for s in steps], marker="s", ms=4, label=label)
+            ax.axhline(thr, color=line[0].get_color(), ls=":", lw=1)
         ax.set_ylabel("x released model")
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-        d = detectors(res)
-        for row in axes[:, j]:
+        ax3 = ax.twinx()
+        ax3.plot(
+            steps, [ck[s]["ece"] - b["ece"] for s in steps], marker="^", ms=4, color="tab:red", label="ECE"
+        )
+        ax3.axhline(HARM["ece_delta"], color="tab:red", ls=":", lw=1)
+        ax3.set_ylabel("ECE - released (red)")
+        ax.legend(fontsize=8, title="harm measures (dotted: threshold)", title_fontsize=7, loc="upper left")
+        fired = [n for n in names if d[n] is not None]
+        for ax in axes[:3, j]:
+            ax.set_xlim(-1, max(s for s, _ in res["loss"]) + 1)
             if h is not None:
-                row.axvline(h, color="red", lw=2, alpha=0.6)
-            for n, c in colors.items():
-                if d.get(n) is not None:
-                    row.axvline(d[n], color=c, ls="--", lw=1.5)
-    fig.suptitle(
-        "red: harm step; dashed: first alert (blue topomon, orange loss spike, green grad-norm spike)"
-    )
-    fig.tight_layout()
+                ax.axvline(h, color="red", lw=4, alpha=0.3)
+            for k, n in enumerate(fired):  # a small offset keeps alerts at one step apart
+                ax.axvline(d[n] + 0.3 * (k - (len(fired) - 1) / 2), color=colors[n], ls="--", lw=1.4)
+        ax = axes[3][j]
+        ax.axis("off")
+        cells = [f"harm step: {'none' if h is None else h}"]
+        cells += [f"{n}: {'never' if d[n] is None else d[n]}" for n in names]
+        half = (len(cells) + 1) // 2
+        for col, chunk in enumerate((cells[:half], cells[half:])):
+            ax.text(0.02 + 0.5 * col, 0.95, "\n".join(chunk), transform=ax.transAxes, fontsize=8, va="top")
+    handles = [Line2D([], [], color="red", lw=4, alpha=0.3, label="harm step")]
+    handles += [Line2D([], [], color=colors[n], ls="--", label=n) for n in names]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.suptitle("the first alert of every detector (dashed) against the harm step (red band)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
