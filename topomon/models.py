@@ -11,7 +11,7 @@ import importlib.util
 import os
 from typing import Any
 
-__all__ = ["SMOLLM2_GGUF", "smollm2_dir", "load_smollm2"]
+__all__ = ["SMOLLM2_GGUF", "independent_copy", "load_smollm2", "smollm2_dir"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -108,3 +108,33 @@ def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def independent_copy(model: Any) -> Any:
+    """A trainable copy of a transformers model that shares nothing with it (a LoRA adapter merged in).
+
+    ``copy.deepcopy`` is not enough once a ``Trainer`` has prepared the model: accelerate replaces the
+    model's ``forward`` with a closure over the *original* bound method (``convert_outputs_to_fp32``),
+    and a deep copy keeps that closure. The copy's forward then runs the original's weights: the copy
+    never trains, and its backward lands in the original's ``.grad`` (found in the early-warning
+    study, docs/EARLY_WARNING.md). This copy is a new model of the same class built from the config
+    and loaded with the weights, so no instance attribute, hook or closure comes along.
+
+    Args:
+        model: a ``PreTrainedModel``, or a PEFT model (its adapter is merged into the copy's weights).
+
+    Returns:
+        The copy, in the original's dtype and training mode, every parameter trainable.
+    """
+    import copy
+
+    src = model
+    if hasattr(model, "merge_and_unload"):  # LoRA: merge in a deep copy (weight arithmetic, no forward)
+        src = copy.deepcopy(model).merge_and_unload()
+    clone = type(src)(src.config)
+    clone.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()})
+    clone.to(device=next(src.parameters()).device, dtype=next(src.parameters()).dtype)
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    clone.train(model.training)
+    return clone

@@ -14,7 +14,6 @@ every detector offline on the same logs.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -108,22 +107,17 @@ def ece(conf: list[float], hit: list[float], bins: int = 15) -> float:
 
 
 def _plain_copy(model: Any) -> Any:
-    """A trainable copy built afresh from the checkpoint's weights (LoRA merged), sharing nothing.
+    """A trainable copy of the checkpoint (LoRA merged) that shares nothing with it.
 
-    A ``copy.deepcopy`` of the model inside TRL's ``SFTTrainer`` is not enough: the copy's backward
-    still lands in the *trained* model's ``.grad`` (found after 12 stages had been saved; the copy
-    never trained and the next training step got the plasticity task's gradients). So the copy is a
-    new model of the same class from the config, loaded with the (merged) weights.
+    A ``copy.deepcopy`` of the model inside TRL's ``SFTTrainer`` is not enough: accelerate has replaced
+    the model's ``forward`` with a closure over the original's bound method, which a deep copy keeps,
+    so the copy's forward ran the *trained* model's weights (found after 12 stages had been saved: the
+    copy never trained and the next training step got the plasticity task's gradients).
+    ``topomon.models.independent_copy`` builds a new model from the config and loads the weights.
     """
-    src = model
-    if hasattr(model, "merge_and_unload"):  # LoRA: merge in a copy (weight arithmetic, no forward)
-        src = copy.deepcopy(model).merge_and_unload()
-    m = type(src)(src.config)
-    m.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()})
-    m.to(next(src.parameters()).dtype)
-    for p in m.parameters():
-        p.requires_grad_(True)
-    return m
+    from topomon.models import independent_copy
+
+    return independent_copy(model)
 
 
 def plasticity(model: Any, tok: Any, task: dict[str, Any], steps: int, seed: int) -> float:

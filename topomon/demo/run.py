@@ -14,7 +14,6 @@ HTML report is built and a one-screen summary printed.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -106,7 +105,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from topomon.demo.data import chitchat_pairs, dpo_records, narrow_records, sft_records
-    from topomon.models import load_smollm2
+    from topomon.models import independent_copy, load_smollm2
     from topomon.report.html import build_report
 
     if s.quick:
@@ -165,7 +164,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     narrow_eval = Dataset.from_list(narrow_records([p for p, _ in pairs[600:664]], seed=s.seed + 1))
     chat_eval = Dataset.from_list(sft_records(pairs[664:728]))
     arms = {}
-    dpo_model = copy.deepcopy(model)
+    dpo_model = independent_copy(model)  # not deepcopy: a prepared model's forward would come along
     for i, (name, intervene) in enumerate((("narrow", False), ("narrow-fix", True))):
         what = (
             "on alert: replay stage-1 conversations (75%) + spectral-entropy diversity regulariser, latched"
