@@ -163,6 +163,25 @@ def test_two_alerts_at_one_step_are_both_in_the_text_tab(tmp_path):
     assert "rankme dropped 15%" not in last[50] and "rankme dropped 15%" in last[40]
 
 
+def test_two_alerts_at_one_step_are_both_in_a_lightning_tensorboard_loggers_text_tab(tmp_path):
+    pytest.importorskip("lightning")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from topomon.integrations.lightning import LightningLoggerSink
+
+    lg = TensorBoardLogger(str(tmp_path), name="", version="")
+    sink = LightningLoggerSink([lg])
+    sink.write_alert(alert(40, "drop:rankme", "rankme dropped 15%"))
+    sink.write_alert(alert(50, "drop:rankme", "rankme dropped 16%"))
+    sink.write_alert(alert(50, "drop:rankme_pca", "rankme_pca dropped 34%"))
+    sink.close()
+    lg.finalize("success")
+    last = {e["step"]: e["text"] for e in _text_tab(lg.log_dir, "topomon/alerts/text_summary")}
+    assert sorted(last) == [40, 50]
+    assert "rankme dropped 16%" in last[50] and "rankme_pca dropped 34%" in last[50]
+    assert "rankme dropped 15%" not in last[50] and "rankme dropped 15%" in last[40]
+
+
 def test_custom_scalars_layout_covers_the_relative_curves(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import layout_pb2

@@ -188,8 +188,11 @@ class LightningLoggerSink:
         self.errors = 0
         self.skipped: list[Any] = []
         self._skip_dirs: set[str] = set()
-        self._queue: collections.deque[tuple[dict[str, float], int, Alert | None]] = collections.deque()
+        # (values, step, the step's alert text or None)
+        self._queue: collections.deque[tuple[dict[str, float], int, str | None]] = collections.deque()
         self._alerts = 0
+        self._text_step: int | None = None
+        self._text_lines: list[str] = []  # the alerts of ``_text_step``
 
     def skip_tensorboard_dir(self, logdir: str | os.PathLike[str] | None) -> None:
         """Declare topomon's own TensorBoard folder: a ``TensorBoardLogger`` writing there is skipped."""
@@ -215,9 +218,17 @@ class LightningLoggerSink:
             self._queue.append((out, int(step), None))
 
     def write_alert(self, alert: Alert) -> None:
-        """Queue the alert: the running alert count, and a text line where the logger takes text."""
+        """Queue the alert: the running alert count, and a text line where the logger takes text.
+
+        TensorBoard keeps one text entry per tag and step, so the entry of a step holds every alert of
+        that step (as :class:`~topomon.alerts.sinks.TensorBoardAlertSink` writes it).
+        """
         self._alerts += 1
-        self._queue.append(({"topomon/alerts": float(self._alerts)}, int(alert.step), alert))
+        step = int(alert.step)
+        if step != self._text_step:
+            self._text_step, self._text_lines = step, []
+        self._text_lines.append(alert_markdown(alert))
+        self._queue.append(({"topomon/alerts": float(self._alerts)}, step, "\n\n".join(self._text_lines)))
 
     def _targets(self) -> list[Any]:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -244,12 +255,12 @@ class LightningLoggerSink:
 
         targets = self._targets()
         while self._queue:
-            values, step, alert = self._queue.popleft()
+            values, step, text = self._queue.popleft()
             for lg in targets:
                 try:
                     lg.log_metrics(values, step=step)
-                    if alert is not None and isinstance(lg, TensorBoardLogger):
-                        lg.experiment.add_text("topomon/alerts", alert_markdown(alert), global_step=step)
+                    if text is not None and isinstance(lg, TensorBoardLogger):
+                        lg.experiment.add_text("topomon/alerts", text, global_step=step)
                 except Exception as e:  # noqa: BLE001 - a logger must never crash training
                     self.errors += 1
                     if self.errors == 1:
