@@ -527,11 +527,13 @@ def auc_table(results: list[dict[str, Any]], sz: Sizes, top: int = 20) -> list[s
     rows.sort(key=lambda r: (-r[0], r[1], r[2]))
     out = [
         f"AUC of the change from the stage start to step {sz.early} (drop: a fall predicts harm; the sign is "
-        f"chosen on seed 0 and judged on seeds 1-2):\n",
+        "chosen on seed 0 and judged on seeds 1-2; the top rows by seed 0, then the default rules' "
+        "metrics):\n",
         "| metric | layer | AUC drop (all) | AUC rise (all) | sign (seed 0) | AUC seed 0 | AUC seeds 1-2 |",
         "|---|---|---|---|---|---|---|",
     ]
-    for _, metric, layer, a, sign, at, ah in rows[:top]:
+    shown = rows[:top] + [r for r in rows[top:] if r[2] == "final_norm" and r[1] in ("rankme", "rankme_pca")]
+    for _, metric, layer, a, sign, at, ah in shown:  # the top rows, and the default rules' own metrics
         out.append(f"| {metric} | {layer} | {a:.2f} | {1 - a:.2f} | {sign} | {at:.2f} | {ah:.2f} |")
     return out
 
@@ -596,8 +598,9 @@ def calibrate(results: list[dict[str, Any]]) -> str:
     new = score(held, "", first=lambda r: topomon_first(r, a, b))
     return (
         f"\nCalibration: tuned on seed 0 -> rankme {a}, rankme_pca {b}. Held out (seeds 1-2): released "
-        f"F1 {old['f1']:.2f}, lead median {old['lead_median']}; tuned F1 {new['f1']:.2f}, lead median "
-        f"{new['lead_median']}."
+        f"F1 {old['f1']:.2f}, lead median {_fmt(old['lead_median'])}, false alarms {old['false_alarms']}; "
+        f"tuned F1 {new['f1']:.2f}, lead median {_fmt(new['lead_median'])}, "
+        f"false alarms {new['false_alarms']}."
     )
 
 
