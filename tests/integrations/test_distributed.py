@@ -39,6 +39,7 @@ from topomon.types import Snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "integrations" / "dist_train.py"
+LIT_SCRIPT = ROOT / "tests" / "integrations" / "lit_ddp.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
@@ -317,17 +318,17 @@ def _excerpt(stderr):
     return f"{head}\n...\n{stderr[-2000:]}"
 
 
-def _launch(args, out, processes, timeout=150):
+def _launch(args, out, processes, timeout=150, script=SCRIPT):
     out.mkdir(parents=True, exist_ok=True)
     if processes == 1:
-        cmd = [sys.executable, str(SCRIPT), str(out), *args]
+        cmd = [sys.executable, str(script), str(out), *args]
     else:
         cmd = [
             str(TORCHRUN),
             "--standalone",
             "--nproc_per_node",
             str(processes),
-            str(SCRIPT),
+            str(script),
             str(out),
             *args,
         ]
@@ -506,3 +507,39 @@ def test_fully_sharded_probe_capture_matches_the_unsharded_model(tmp_path):
     assert all(a == b and a[0] > 0 for a, b in results[0]["shapes"].values())
     assert results[0]["max_diff"] == {name: 0.0 for name in results[0]["shapes"]}
     assert results[0]["extras"] and results[0]["extras_close"]  # logit statistics from the sharded root
+
+
+# ---------------------------------------------------------------- Lightning's DDP strategy (slow)
+@pytest.mark.slow
+def test_lightning_ddp_gives_the_one_process_metrics_and_acts_on_both_ranks(tmp_path):
+    pytest.importorskip("lightning")
+    checkpoint = ["--actions", json.dumps([{"kind": "checkpoint"}])]
+    _launch([*checkpoint, "--batch", "8"], tmp_path / "one", 1, script=LIT_SCRIPT)
+    _launch([*checkpoint, "--batch", "4"], tmp_path / "two", 2, script=LIT_SCRIPT)
+    one = _metrics(tmp_path / "one" / "topomon")[0]
+    two, health = _metrics(tmp_path / "two" / "topomon")
+    keys = [(r["stage"], r["step"], r["layer"]) for r in two]
+    assert len(keys) == len(set(keys)) and len(health) == 1  # one process wrote, once
+    _assert_same_metrics(two, one)
+    markers = [_marker(tmp_path / "two", r) for r in (0, 1)]
+    assert [(m["rank"], m["world"], m["main"], m["errors"]) for m in markers] == [
+        (0, 2, True, 0),
+        (1, 2, False, 0),
+    ]
+    for m in markers:  # decided on rank 0 at the baseline alert, taken by both ranks' Trainer at step 1
+        assert m["actions"] == [[1, "checkpoint"]] and m["checkpoints"] == ["topomon-step=1.ckpt"]
+        assert m["global_step"] == 6
+    assert (tmp_path / "two" / "checkpoints" / "topomon-step=1.ckpt").is_file()
+
+    # a stop action ends the fit on both ranks at the same step (no rank left waiting in a collective)
+    _launch(
+        ["--actions", json.dumps([{"kind": "stop"}]), "--batch", "4"], tmp_path / "stop", 2, script=LIT_SCRIPT
+    )
+    stopped = [_marker(tmp_path / "stop", r) for r in (0, 1)]
+    assert [(m["global_step"], m["actions"]) for m in stopped] == [(1, [[1, "stop"]])] * 2
+    final = [
+        (r["stage"], r["step"])
+        for r in _metrics(tmp_path / "stop" / "topomon")[0]
+        if r["layer"] == "final_norm"
+    ]
+    assert final == [("base", 0), ("train", 0), ("train", 1)]  # the final capture is of the stopped model
