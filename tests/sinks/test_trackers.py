@@ -221,3 +221,40 @@ def test_one_logdir_shows_the_trainer_loss_beside_topomon(tmp_path):
         t for run, kinds in mux.Runs().items() for t in [*kinds.get("scalars", []), *kinds.get("tensors", [])]
     }
     assert "train/loss" in tags and "topomon/rankme/final_norm" in tags
+
+
+_CONCURRENT = """
+import sys, trackio
+from topomon.sinks.trackio_sink import TrackioSink
+trackio.init(project="p", name="r", embed=False)
+sink = TrackioSink(trackio.context_vars.current_run.get(), figures=False)
+for i in range(int(sys.argv[1])):
+    sink.write_scalars({"x": float(i)}, 1000 + i, "topomon")  # queued: written on the sink's thread
+    trackio.log({"train/loss": float(i)})  # the trainer's step-less row, on this thread, meanwhile
+sink.close()
+trackio.finish()
+"""
+
+
+def test_trackio_trainer_rows_keep_their_numbering_while_topomon_writes_from_its_thread(tmp_path):
+    # the sink's write and its put-back of the run's automatic step must not let a trainer row in
+    # between (it did, under load, in a fresh-clone CI run: the trainer's rows began at step 1)
+    tdir = tmp_path / "trackio"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKIO_") and k != "HOME"}
+    env.update(HOME=str(tmp_path), TRACKIO_DIR=str(tdir), PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    n = 300
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT, str(n)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (db_path,) = glob.glob(str(tdir / "*.db"))
+    rows = [
+        (s, json.loads(m)) for s, m in sqlite3.connect(db_path).execute("select step, metrics from metrics")
+    ]
+    assert sorted(s for s, m in rows if "train/loss" in m) == list(range(n))
+    assert sorted(s for s, m in rows if "topomon/x" in m) == [1000 + i for i in range(n)]

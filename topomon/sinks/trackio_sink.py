@@ -7,8 +7,10 @@ figures as ``trackio.Image``, alerts through ``run.alert(title, text, level, ste
 ``alerts`` table) and the ``topomon/alerts`` count.
 
 ``Run.log`` with a step moves the run's automatic step (``_next_step``) past it, which would shift the
-rows the trainer logs without a step; the sink puts it back when nothing else logged in between (a
-write from another thread within the same few microseconds can still move it). The trainer's
+rows the trainer logs without a step; the sink puts it back. So that no trainer row can be written
+between topomon's row and the put-back (the sink writes on its own thread), the sink wraps the run's
+``log`` in a lock once (an instance attribute: ``trackio.log`` on the training thread goes through
+it), and holds that lock around its own write and the put-back. The trainer's
 ``TrackioCallback`` finishes the run in ``on_train_end``, before topomon's last capture is computed:
 a finished local run still writes (inline), and the run is never finished here. trackio reports its own
 write errors as warnings instead of raising, so those are not counted in topomon's health.
@@ -20,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from topomon.sinks.queued import (
@@ -54,13 +57,15 @@ class TrackioSink(QueuedSink):
         self.run = run
         self.figures = figures
         self._alerts = 0
+        self._lock = _locked_log(run)
 
     def _log(self, values: dict[str, Any], step: int) -> None:
-        before = getattr(self.run, "_next_step", None)
-        self.run.log(values, step=int(step))
-        after = getattr(self.run, "_next_step", None)
-        if isinstance(before, int) and after == max(before, int(step) + 1):
-            self.run._next_step = before  # the trainer's step-less rows keep their numbering
+        with self._lock:  # no trainer row between topomon's row and the put-back
+            before = getattr(self.run, "_next_step", None)
+            self.run.log(values, step=int(step))
+            after = getattr(self.run, "_next_step", None)
+            if isinstance(before, int) and after == max(before, int(step) + 1):
+                self.run._next_step = before  # the trainer's step-less rows keep their numbering
 
     def _write_records(self, records: list[MetricRecord], figures: bool) -> None:
         values: dict[str, Any] = dict(record_scalars(records))
@@ -82,3 +87,19 @@ class TrackioSink(QueuedSink):
         self._alerts += 1
         self.run.alert(title=alert_title(alert), text=alert_text(alert), level=level, step=int(alert.step))
         self._log({ALERT_COUNT_KEY: float(self._alerts)}, alert.step)
+
+
+def _locked_log(run: Any) -> Any:
+    """Wrap ``run.log`` in a lock (once per run) and return the lock."""
+    lock = run.__dict__.get("_topomon_log_lock") if hasattr(run, "__dict__") else None
+    if lock is None:
+        lock = threading.RLock()
+        inner = run.log
+
+        def log(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return inner(*args, **kwargs)
+
+        run.log = log
+        run._topomon_log_lock = lock
+    return lock
