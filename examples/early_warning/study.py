@@ -106,26 +106,16 @@ def ece(conf: list[float], hit: list[float], bins: int = 15) -> float:
     return err
 
 
-def _plain_copy(model: Any) -> Any:
-    """A trainable copy of the checkpoint (LoRA merged) that shares nothing with it.
-
-    A ``copy.deepcopy`` of the model inside TRL's ``SFTTrainer`` is not enough: accelerate has replaced
-    the model's ``forward`` with a closure over the original's bound method, which a deep copy keeps,
-    so the copy's forward ran the *trained* model's weights (found after 12 stages had been saved: the
-    copy never trained and the next training step got the plasticity task's gradients).
-    ``topomon.models.independent_copy`` builds a new model from the config and loads the weights.
-    """
-    from topomon.models import independent_copy
-
-    return independent_copy(model)
-
-
 def plasticity(model: Any, tok: Any, task: dict[str, Any], steps: int, seed: int) -> float:
     """Loss on the held-out fresh task after ``steps`` steps of fine-tuning a copy on it."""
     import torch
 
+    from topomon.models import independent_copy
+
     torch.manual_seed(seed)
-    m = _plain_copy(model)
+    # not copy.deepcopy: inside the trainer the copy would run the trained model's weights (the bug
+    # that withdrew the first 12 stages; see topomon.models.independent_copy)
+    m = independent_copy(model)
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     before = [p.grad for p in model.parameters()]

@@ -435,6 +435,26 @@ def alert_markdown(alert: Alert) -> str:
     return line if alert.message.endswith(f"[{alert.rule}]") else f"{line} [`{alert.rule}`]"
 
 
+class StepText:
+    """The text entry of an alert's step: every alert of that step, one markdown line each.
+
+    TensorBoard keeps one text entry per tag and step, so a second alert at a step must rewrite the
+    entry with both lines. :meth:`add` returns the entry to write for the alert's step.
+    """
+
+    def __init__(self) -> None:
+        self._step: int | None = None
+        self._lines: list[str] = []
+
+    def add(self, alert: Alert) -> str:
+        """Add the alert's line; the step's whole entry."""
+        step = int(alert.step)
+        if step != self._step:
+            self._step, self._lines = step, []
+        self._lines.append(alert_markdown(alert))
+        return "\n\n".join(self._lines)
+
+
 class TensorBoardAlertSink:
     """Alerts written to TensorBoard: a text entry and an alert-count scalar, at the alert's step.
 
@@ -468,18 +488,13 @@ class TensorBoardAlertSink:
         self.writer = writer
         self.tag = tag
         self.count = initial_count
-        self._step: int | None = None
-        self._lines: list[str] = []  # the alerts of ``_step``
+        self._text = StepText()
 
     def __call__(self, alert: Alert) -> None:
         """Write the step's text entry (every alert of ``alert.step``) and the updated count."""
         a = _check_alert(alert)
         self.count += 1
-        step = int(a.step)
-        if step != self._step:
-            self._step, self._lines = step, []
-        self._lines.append(alert_markdown(a))
-        self.writer.add_text(self.tag, "\n\n".join(self._lines), global_step=step)
+        self.writer.add_text(self.tag, self._text.add(a), global_step=int(a.step))
         self.writer.add_scalar(self.tag, float(self.count), global_step=int(a.step))
         self.writer.flush()
 

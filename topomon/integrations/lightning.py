@@ -50,7 +50,7 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
         "pip install 'topomon[lightning]'"
     ) from e
 
-from topomon.alerts.sinks import alert_markdown
+from topomon.alerts.sinks import StepText
 from topomon.capture.layers import unwrap_model
 from topomon.config import ConfigError, MonitorConfig, as_config
 from topomon.interventions import Signals
@@ -191,8 +191,7 @@ class LightningLoggerSink:
         # (values, step, the step's alert text or None)
         self._queue: collections.deque[tuple[dict[str, float], int, str | None]] = collections.deque()
         self._alerts = 0
-        self._text_step: int | None = None
-        self._text_lines: list[str] = []  # the alerts of ``_text_step``
+        self._text = StepText()
 
     def skip_tensorboard_dir(self, logdir: str | os.PathLike[str] | None) -> None:
         """Declare topomon's own TensorBoard folder: a ``TensorBoardLogger`` writing there is skipped."""
@@ -224,11 +223,7 @@ class LightningLoggerSink:
         that step (as :class:`~topomon.alerts.sinks.TensorBoardAlertSink` writes it).
         """
         self._alerts += 1
-        step = int(alert.step)
-        if step != self._text_step:
-            self._text_step, self._text_lines = step, []
-        self._text_lines.append(alert_markdown(alert))
-        self._queue.append(({"topomon/alerts": float(self._alerts)}, step, "\n\n".join(self._text_lines)))
+        self._queue.append(({"topomon/alerts": float(self._alerts)}, int(alert.step), self._text.add(alert)))
 
     def _targets(self) -> list[Any]:
         from lightning.pytorch.loggers import TensorBoardLogger

@@ -91,7 +91,7 @@ class TrackioSink(QueuedSink):
 
 def _locked_log(run: Any) -> Any:
     """Wrap ``run.log`` in a lock (once per run) and return the lock."""
-    lock = run.__dict__.get("_topomon_log_lock") if hasattr(run, "__dict__") else None
+    lock = getattr(run, "_topomon_log_lock", None)
     if lock is None:
         lock = threading.RLock()
         inner = run.log
