@@ -136,6 +136,7 @@ def _fake_stage(cfg, seed, harm_at, pr_change, fire_at=None):
     live = [] if fire_at is None else [{"step": fire_at, "reason": "drop"}]
     return {
         "name": f"{cfg}-s{seed}",
+        "data": cfg.split("-")[0],
         "seed": seed,
         "base": base,
         "checkpoints": ck,
@@ -181,3 +182,60 @@ def test_the_per_configuration_table_counts_leads_misses_and_false_alarms():
     assert rows["broad-full-low"][1:] == ["0/2", "-, 1 FA", "-, 1 FA"]
     s = st.score(results, "topomon (replayed)")
     assert (s["precision"], s["recall"], s["false_alarms"], s["lead_median"]) == (2 / 3, 2 / 3, 1, 8)
+
+
+def _fair():
+    _study()  # puts the study's folder on the path (fair.py imports study.py)
+    spec = importlib.util.spec_from_file_location("ew_fair", FOLDER / "fair.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (3, 11), (7, 7), (5, 16), (1, 2)])
+def test_the_wilson_interval_inverts_the_score_test(k, n):
+    from scipy.optimize import brentq
+
+    fair = _fair()
+    lo, hi = fair.wilson(k, n)
+    z, phat = 1.96, k / n
+
+    def score(p):  # the score statistic minus z: zero at the interval's ends
+        return abs(phat - p) - z * math.sqrt(p * (1 - p) / n)
+
+    ref_lo = 0.0 if k == 0 else brentq(score, 1e-12, phat - 1e-12)
+    ref_hi = 1.0 if k == n else brentq(score, phat + 1e-12, 1 - 1e-12)
+    assert lo == pytest.approx(ref_lo, abs=1e-9) and hi == pytest.approx(ref_hi, abs=1e-9)
+    assert math.isnan(fair.wilson(0, 0)[0])
+
+
+def test_the_loss_drop_rule_fires_on_the_first_window_mean_under_the_fraction():
+    fair = _fair()
+    loss = [[1, 4.0], [2, 4.0], [3, 3.0], [4, 2.0], [5, 1.0], [6, 1.0], [7, 0.5]]
+    res = {"loss": loss}
+    # 4-step means: step 4 3.25, step 5 2.5, step 6 1.75, step 7 1.125 (step-1 loss 4.0)
+    assert fair.loss_drop_first(res, 0.7) == 5
+    assert fair.loss_drop_first(res, 0.5) == 6
+    assert fair.loss_drop_first(res, 0.2) is None
+
+
+def test_fair_tuning_uses_the_tuning_half_only_and_counts_alerts_strictly_before_the_harm():
+    fair = _fair()
+    # seed 0: the RankMe drop comes with harm; seeds 1-2: alerts at the harm step are hits but not "before"
+    stages = [
+        _fake_stage("narrow-full-high", 0, 8, 0.0, fire_at=4),
+        _fake_stage("broad-full-low", 0, None, 0.0),
+        _fake_stage("narrow-full-high", 1, 8, 0.0, fire_at=8),
+        _fake_stage("narrow-full-high", 2, 16, 0.0, fire_at=4),
+        _fake_stage("broad-full-low", 1, None, 0.0, fire_at=20),
+    ]
+    c = fair.counts(stages[2:], fair.released)
+    assert (c["tp"], c["fp"], c["fn"], c["before"], c["harmful"]) == (2, 1, 0, 1, 2)
+    # the knob is chosen on seed 0 alone: the seed-1 false alarm at a 20% drop cannot push it past 20%
+    grid, make, _ = fair.TUNABLE["topomon rules (both drop thresholds tuned)"]
+    a, b = fair.tune(stages[:2], grid, make)
+    # a pair fires when either threshold is under the 20% drop; of the tied pairs the last in the grid
+    # (the most conservative) wins: rankme 40% (never fires here), rankme_pca 15%
+    assert (a, b) == (0.4, 0.15)
+    table = fair.report(stages, _study().Sizes(False), n_shuffle=20)
+    assert "| topomon defaults (as released) |" in table and "1 / 2 |" in table

@@ -387,14 +387,16 @@ def detectors(res: dict[str, Any]) -> dict[str, int | None]:
 
 
 def score(results: list[dict[str, Any]], name: str, first: Any = None) -> dict[str, Any]:
-    """Precision, recall, F1, false alarms and lead times of one detector over stages."""
-    tp = fp = fn = 0
+    """Precision, recall, F1, false alarms and lead times of one detector over stages; also the
+    counts behind them and ``before``: the alerts strictly before the first measured harm."""
+    tp = fp = fn = before = 0
     leads: list[int] = []
     for res in results:
         h = harm_step(res)
         a = first(res) if first is not None else detectors(res)[name]
         if h is not None and a is not None:
             tp += 1
+            before += a < h
             leads.append(h - a)
         elif h is not None:
             fn += 1
@@ -409,6 +411,11 @@ def score(results: list[dict[str, Any]], name: str, first: Any = None) -> dict[s
         "recall": rec,
         "f1": f1,
         "false_alarms": fp,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "before": before,
+        "harmful": tp + fn,
         "lead_median": statistics.median(leads) if leads else None,
         "lead_range": (leads[0], leads[-1]) if leads else None,
     }

@@ -568,8 +568,10 @@ def default_rules() -> list[Rule]:
     (``rankme_pca``) more than 25%, never fired in a benign SFT stage and fired by step 4-8 of a
     collapsing narrow stage; plus a :class:`NonFiniteRule` on ``n_nonfinite``. In the pre-registered
     early-warning study (docs/EARLY_WARNING.md, 24 stages) they caught 10 of 16 harmful stages, 7
-    before the harm, with 2 false alarms in 8 benign ones; they miss calibration harm without a
-    collapse. Thresholds tuned on one seed did not do better on the other two.
+    before the first harm measurement, with 2 false alarms in 8 benign ones; they miss calibration
+    harm without a collapse. Re-scored fairly (every baseline tuned on seed 0 as hard as these),
+    a training-loss drop rule and a rise of the probe ``logit_nll`` warned as well or better on the
+    held-out seeds.
 
     Returns:
         ``[DropRule("rankme", "final_norm", 0.15), DropRule("rankme_pca", "final_norm", 0.25),
