@@ -239,3 +239,23 @@ def test_fair_tuning_uses_the_tuning_half_only_and_counts_alerts_strictly_before
     assert (a, b) == (0.4, 0.15)
     table = fair.report(stages, _study().Sizes(False), n_shuffle=20)
     assert "| topomon defaults (as released) |" in table and "1 / 2 |" in table
+
+
+def test_the_grad_norm_level_rule_compares_with_the_median_of_the_first_steps():
+    fair = _fair()
+    series = [[1, 1.0], [2, 3.0], [3, 2.0], [4, 100.0], [5, 5.0], [6, 9.0]]  # median of steps 1-4: 2.5
+    assert fair.level_first(series, 2.0) == 5
+    assert fair.level_first(series, 3.0) == 6
+    assert fair.level_first(series, 4.0) is None
+    assert fair.level_first(series[:4], 1.0) is None
+
+
+def test_v2_candidates_latch_each_part_and_fire_when_k_parts_have():
+    _fair()
+    spec = importlib.util.spec_from_file_location("ew_v2", FOLDER / "v2.py")
+    v2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(v2)
+    parts = [lambda r: 12, lambda r: None, lambda r: 4]
+    assert v2.k_of(1, *parts)({}) == 4
+    assert v2.k_of(2, *parts)({}) == 12
+    assert v2.k_of(3, *parts)({}) is None

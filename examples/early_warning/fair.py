@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,6 +56,15 @@ def loss_drop_first(res: Stage, frac: float, window: int = 4) -> int | None:
         if sum(loss[i - window + 1 : i + 1]) / window <= frac * loss[0]:
             return steps[i]
     return None
+
+
+def level_first(series: list[list[float]], k: float, warmup: int = 4) -> int | None:
+    """First step after ``warmup`` whose value is >= ``k`` x the median of the first ``warmup`` values."""
+    vals = sorted(series)
+    if len(vals) <= warmup:
+        return None
+    ref = statistics.median(v for _, v in vals[:warmup])
+    return next((int(s) for s, v in vals[warmup:] if v >= k * ref), None)
 
 
 def rise_first(res: Stage, metric: str, layer: str, rel: float) -> int | None:
@@ -101,6 +111,11 @@ TUNABLE: dict[str, tuple[Sequence[Any], Callable[[Any], First], str]] = {
         (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0),
         lambda k: lambda r: spike_first(r["grad_norm"], rtol=k),
         "rtol {0}",
+    ),
+    "grad-norm level (x the median of steps 1-4)": (
+        (1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0),
+        lambda k: lambda r: level_first(r["grad_norm"], k),
+        ">= {0}x",
     ),
     "training-loss drop (4-step mean vs step 1)": (
         (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2),
