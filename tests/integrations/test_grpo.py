@@ -374,3 +374,16 @@ def test_entropy_bonus_is_refused_before_step_1_where_there_is_no_grpo_loss(
     with pytest.raises(ConfigError, match=r"entropy_bonus.*plain loop"):
         with topomon.watch(tiny_causal_lm("llama"), tok, output_dir=tmp_path / "loop", **spec):
             pass
+
+
+def test_entropy_bonus_is_applied_on_every_rank_of_a_two_process_run(tmp_path):
+    """torchrun, 2 CPU processes (gloo): decided on rank 0, each rank's own trainer takes the coefficient."""
+    from tests.integrations.test_distributed import _launch
+
+    script = Path(__file__).with_name("grpo_ddp.py")
+    _launch([], tmp_path, 2, timeout=240, script=script)
+    markers = [json.loads((tmp_path / f"marker_rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, m in enumerate(markers):
+        assert (m["rank"], m["world"], m["errors"]) == (rank, 2, 0)
+        # the baseline's alert acts at step 1's end: steps 2 and 3 apply 0.5 on both ranks
+        assert m["steps"] == [[1, 0.0, False], [2, 0.5, True], [3, 0.5, True]]
