@@ -317,6 +317,43 @@ def test_entropy_bonus_raises_the_coefficient_in_the_grpo_loss(tok, grpo_data, t
     assert mon.errors == 0, mon.last_error
 
 
+class Coef(TrainerCallback):
+    """Per step: the coefficient and switch the step's loss will apply (read before the step)."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self.steps: list[tuple[int, float, bool]] = []
+
+    def on_step_begin(self, args, state, control, **kw):
+        t = self.trainer
+        self.steps.append((state.global_step + 1, t.entropy_coef, t._entropy_bonus_enabled))
+
+
+def test_entropy_bonus_in_effect_at_a_checkpoint_is_in_effect_after_resuming_from_it(
+    tok, grpo_data, tmp_path
+):
+    cfg = dict(
+        alerts=ALWAYS,
+        actions=[{"kind": "entropy_bonus", "value": 0.5}],
+        run_dir=str(tmp_path / "run"),
+        stage="grpo",
+        schedule="every",
+        every_n_steps=1,
+        **FAST,
+    )
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    first = grpo_trainer(tok, grpo_data, tmp_path / "out", TopoMonitor(**cfg), callbacks=(StopAt(3),), **kw)
+    first.train()  # "crashes" after step 3; checkpoint-2 was saved with the bonus on
+    coef = Coef()
+    second = grpo_trainer(tok, grpo_data, tmp_path / "out", TopoMonitor(**cfg), callbacks=(coef,), **kw)
+    coef.trainer = second
+    second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    # TRL restores no coefficient (it saves one only under adaptive control): topomon's state does
+    assert coef.steps == [(3, 0.5, True), (4, 0.5, True)]
+    acts = [ln for ln in read_jsonl(tmp_path / "run" / "alerts.jsonl") if ln["kind"] == "action"]
+    assert [(a["action"], a["step"]) for a in acts] == [("entropy_bonus", 1)]  # not taken again
+
+
 def test_entropy_bonus_reverts_to_the_configured_coefficient_on_recovery(tok, grpo_data, tmp_path):
     from topomon.interventions import Interventions, Signals
     from topomon.types import Alert
