@@ -276,9 +276,9 @@ class EntropyBonusIntervention(Intervention):
     configured one again, and training ends with the configured one.
 
     Refused before step 1 (``ValueError``; the session raises a ``ConfigError``): a trainer without
-    TRL's entropy bonus (SFT, DPO, a plain loop, Lightning: there is no trainer to attach to), and
-    ``GRPOConfig(use_adaptive_entropy=True)``, whose controller rewrites ``entropy_coef`` at every
-    optimizer step and would undo the action.
+    TRL's entropy bonus (SFT, DPO), no trainer attached (``callbacks=[monitor]``; a plain loop or
+    Lightning has none), and ``GRPOConfig(use_adaptive_entropy=True)``, whose controller rewrites
+    ``entropy_coef`` at every optimizer step and would undo the action.
     """
 
     kind = "entropy_bonus"
