@@ -83,10 +83,12 @@ def grpo_trainer(
     from trl import GRPOTrainer
 
     extra = [monitor] if monitor is not None and not attach else []
+    peft_config = kw.pop("peft_config", None)
     trainer = GRPOTrainer(
         model=model if model is not None else tiny_causal_lm("llama", seed=0),
         reward_funcs=reward,
         args=grpo_args(out, **kw),
+        peft_config=peft_config,
         train_dataset=data,
         processing_class=tok,
         callbacks=[*callbacks, *extra],
@@ -158,11 +160,13 @@ class Forwards(TrainerCallback):
             self.norm_out[self.step].append(out.detach().reshape(-1, out.shape[-1]).numpy().copy())
 
 
+@pytest.mark.parametrize("variant", ["full", "lora_kl"])
 def test_passive_capture_takes_the_loss_forward_never_a_generation_or_no_grad_pass(
-    tok, grpo_data, tmp_path, monkeypatch
+    tok, grpo_data, tmp_path, monkeypatch, variant
 ):
     """Generation (model.generate) and the old policy's log-probabilities run inside the step, under
-    no_grad; a capture that took any of them would count their tokens and forwards."""
+    no_grad; a capture that took any of them would count their tokens and forwards. With LoRA and a KL
+    term (beta > 0) the reference log-probabilities come from the same model, adapter off, no_grad."""
     snaps = {}
     collect = PassiveCapture.collect
 
@@ -176,9 +180,22 @@ def test_passive_capture_takes_the_loss_forward_never_a_generation_or_no_grad_pa
     model = tiny_causal_lm("llama", seed=0)
     fw = Forwards(model)
     mon = TopoMonitor(mode="passive", schedule="every", every_n_steps=1, max_points=4096, **FAST)
+    extra: dict[str, Any] = {}
+    if variant == "lora_kl":
+        from peft import LoraConfig
+
+        extra = dict(beta=0.1, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     # a generation every 2 steps (steps 1 and 3), scored again under no_grad (old log-probs)
     trainer = grpo_trainer(
-        tok, grpo_data, tmp_path, mon, model=model, callbacks=(fw,), max_steps=4, steps_per_generation=2
+        tok,
+        grpo_data,
+        tmp_path,
+        mon,
+        model=model,
+        callbacks=(fw,),
+        max_steps=4,
+        steps_per_generation=2,
+        **extra,
     )
     trainer.train()
     assert sorted(snaps) == [1, 2, 3, 4] and mon.errors == 0, mon.last_error
@@ -188,6 +205,9 @@ def test_passive_capture_takes_the_loss_forward_never_a_generation_or_no_grad_pa
         assert len(training) == 1  # one micro-batch per step here
         if step in (1, 3):  # the generation steps: prefill and one forward per new token, all no_grad
             assert len(others) >= 8 and any(shape[1] == 1 for _, shape, _ in others), others
+            # then the 8 completions scored in batches of 4: old log-probs (+ reference ones under KL)
+            scored = [f for f in others if f[1][1] == training[0][1][1]]
+            assert len(scored) == (4 if variant == "lora_kl" else 2), others
         # the capture is the loss forward: one forward, its prompt + completion tokens, its activations
         assert snap.meta["micro_batches"] == 1
         points = snap.layers["final_norm"]
