@@ -18,11 +18,11 @@ from topomon.trl_cli import help_text, monitor_spec, split_topomon_option
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = ROOT / "topomon" / "presets"
-UNKNOWN = r"unknown monitor preset 'heavy': give one of 'full', 'light', 'standard'"
+UNKNOWN = r"unknown monitor preset 'heavy': give one of 'full', 'light', 'rl', 'standard'"
 
 
 def test_the_packaged_presets_are_the_files_and_differ():
-    assert preset_names() == ("full", "light", "standard")
+    assert preset_names() == ("full", "light", "rl", "standard")
     assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == list(preset_names())
     for name in preset_names():  # the function reads exactly the file
         assert load_preset(name) == (yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {})
@@ -35,6 +35,28 @@ def test_the_packaged_presets_are_the_files_and_differ():
     # a new dict every time: a caller's edit does not change the preset
     load_preset("light")["every_n_steps"] = 1
     assert load_preset("light")["every_n_steps"] == 200
+
+
+def test_the_rl_preset_is_standard_plus_the_probe_entropy_watched_both_ways():
+    from topomon.alerts import default_rules, rules_from_config
+    from topomon.types import MetricRecord
+
+    rl = MonitorConfig.from_dict(load_preset("rl"))
+    assert rl.replace(alerts="default", every_n_steps=50) == MonitorConfig()
+    assert rl.logits and rl.every_n_steps == 20
+    rules = rules_from_config(rl.alerts)
+    # the default rules, unchanged, then the two entropy rules
+    assert [r.config() for r in rules[:3]] == [r.config() for r in default_rules()]
+    drop, rise = rules[3:]
+    assert (drop.name, rise.name) == ("logit_entropy_drop", "logit_entropy_rise")
+
+    def fired(rule, values):
+        recs = [MetricRecord(i, "grpo", "model", {"logit_entropy": v}, 0.0) for i, v in enumerate(values)]
+        return [(a.step, a.reason) for r in recs for a in rule.update([r]) if a.reason != "recovered"]
+
+    collapse, drift = [6.0, 5.8, 4.0, 3.0], [6.0, 6.2, 7.6, 8.0]
+    assert fired(drop, collapse) == [(2, "drop")] and fired(rise, collapse) == []
+    assert fired(rise, drift) == [(2, "rise")] and fired(drop, drift) == []
 
 
 def test_presets_exist_once():
@@ -141,9 +163,9 @@ def test_the_trl_command_line_reads_the_same_presets():
     assert spec.config == MonitorConfig.from_dict({"preset": "light", "stage": "sft", "every_n_steps": 20})
     with pytest.raises(ConfigError, match=UNKNOWN):
         monitor_spec({"preset": "heavy"}, preset=None, command="sft")
-    with pytest.raises(ConfigError, match=r"a preset \(full, light, standard\) or a YAML file"):
+    with pytest.raises(ConfigError, match=r"a preset \(full, light, rl, standard\) or a YAML file"):
         split_topomon_option(["--topomon"])
-    assert "--topomon PRESET|FILE  the monitor preset: full, light, standard" in help_text("sft")
+    assert "--topomon PRESET|FILE  the monitor preset: full, light, rl, standard" in help_text("sft")
 
 
 def test_the_presets_are_in_the_built_wheel(tmp_path):

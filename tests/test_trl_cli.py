@@ -151,7 +151,7 @@ def test_monitored_trainer_attaches_once_to_the_built_trainer(tmp_path):
 
 def test_help_shows_topomon_and_trl_options():
     text = help_text("sft")
-    assert "--topomon PRESET|FILE" in text and "full, light, standard" in text
+    assert "--topomon PRESET|FILE" in text and "full, light, rl, standard" in text
     assert "--gradient_accumulation_steps" in text and "--model_name_or_path" in text  # TRL's own help
 
 
@@ -331,3 +331,52 @@ def test_without_trl_the_command_line_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ModuleNotFoundError
     assert launch("sft", ["--config", "x.yaml"]) == 2
     assert "pip install 'topomon[trl]'" in capsys.readouterr().err
+
+
+REWARDS = '''
+def length_reward(completions, **kwargs):
+    """Longer completions score higher."""
+    return [len(c) / 10.0 for c in completions]
+'''
+
+
+@pytest.mark.slow
+def test_grpo_end_to_end_with_the_rl_preset_and_a_reward_function_from_the_recipe(assets, tmp_path):
+    """`topomon grpo`: TRL's grpo script, its reward function a dotted path into the working folder."""
+    from topomon.testing import sample_texts
+
+    (tmp_path / "rewards.py").write_text(REWARDS, encoding="utf-8")
+    with open(tmp_path / "prompts.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"prompt": t[:24]}) + "\n" for t in sample_texts(16, seed=5))
+    out = tmp_path / "out"
+    cfg = recipe(assets, "sft.jsonl", out, max_steps=2, save_strategy="no")
+    del cfg["max_length"]  # not a GRPOConfig field
+    cfg.update(
+        datasets=[{"path": "json", "data_files": str(tmp_path / "prompts.jsonl")}],
+        reward_funcs=["rewards.length_reward"],
+        num_generations=2,
+        max_completion_length=8,
+        steps_per_generation=2,
+        topomon={
+            "preset": "rl",
+            "worker": "sync",
+            "layers": [-1],
+            "topology": False,
+            # built only on a GRPO trainer the command attached the monitor to (else an error before step 1)
+            "actions": [{"kind": "entropy_bonus", "value": 0.01, "rules": ["logit_entropy_drop"]}],
+        },
+    )
+    proc = topomon_cmd(["grpo", "--config", str(write(tmp_path / "grpo.yaml", cfg))], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [r for r in records(out / "topomon") if r["kind"] == "metrics" and r["stage"] == "grpo"]
+    assert {(r["step"], r["layer"]) for r in recs} == {
+        (s, x)
+        for s in (0, 1, 2)
+        for x in ("layer_3", "final_norm", "model")  # rl: log-spaced start
+    }
+    assert all(r["metrics"]["logit_entropy"] > 0 for r in recs if r["layer"] == "model")
+    run = json.loads((out / "topomon" / "run.json").read_text())
+    (stage,) = run["stages"]
+    assert (stage["name"], stage["last_step"]) == ("grpo", 2)
+    assert (out / "model.safetensors").is_file()  # TRL's script trained and saved
+    assert "topomon: stage 'grpo': 3 captures (steps 0-2)" in proc.stdout

@@ -147,7 +147,8 @@ class MonitorConfig:
             installed or has no active run is an error before step 1; ``pip install 'topomon[trackers]'``).
         actions: what alerts trigger: mappings of ``topomon.interventions.ActionSpec`` fields, e.g.
             ``{"kind": "replay", "value": 0.5}``, ``{"kind": "diversity", "value": 0.05}``,
-            ``{"kind": "lora_decorrelation", "value": 1.0}``, ``{"kind": "checkpoint"}``,
+            ``{"kind": "lora_decorrelation", "value": 1.0}``, ``{"kind": "entropy_bonus", "value":
+            0.01}`` (TRL GRPOTrainer, with ``.attach(trainer)``), ``{"kind": "checkpoint"}``,
             ``{"kind": "stop"}``. Settable kinds revert when the alert recovers.
         diversity: options of the diversity regulariser: ``layers`` (default ``[-1]``), ``kind``
             ("logdet", "entropy", "uniformity"), ``max_tokens``.

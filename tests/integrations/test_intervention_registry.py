@@ -169,6 +169,19 @@ def case_lora_decorrelation(tok: Any, data: Any, tmp: Path, request: pytest.Fixt
     assert "topomon/interventions/lora_decorrelation" in tags(with_action / "tensorboard" / "stage2")
 
 
+def case_entropy_bonus(tok: Any, data: Any, tmp: Path, request: pytest.FixtureRequest) -> None:
+    """GRPO only (its loss has the bonus): the coefficient the loss applies becomes the value."""
+    from tests.integrations.test_grpo import run_entropy_bonus
+    from topomon.testing import sample_texts
+
+    prompts = Dataset.from_dict({"prompt": [t[:24] for t in sample_texts(16, seed=5)]})
+    trainer, mon, calls = run_entropy_bonus(tok, prompts, tmp, value=0.3, max_steps=2)
+    assert [(c["coef"], c["on"]) for c in calls] == [(0.0, False), (0.3, True)]
+    assert calls[1]["loss"] - calls[1]["off"] == pytest.approx(-0.3 * calls[1]["entropy"], rel=1e-4)
+    assert [a["action"] for a in actions(tmp / "topomon" / "alerts.jsonl")] == ["entropy_bonus"]
+    assert mon.interventions.values()["entropy_bonus"] == 0.3
+
+
 def case_checkpoint(tok: Any, data: Any, tmp: Path, request: pytest.FixtureRequest) -> None:
     mon = TopoMonitor(alerts=ALWAYS, actions=[{"kind": "checkpoint"}], **FAST)
     trainer = train(
@@ -193,6 +206,7 @@ CASES: dict[str, Callable[[Any, Any, Path, pytest.FixtureRequest], None]] = {
     "replay": case_replay,
     "diversity": case_diversity,
     "lora_decorrelation": case_lora_decorrelation,
+    "entropy_bonus": case_entropy_bonus,
     "checkpoint": case_checkpoint,
     "stop": case_stop,
 }

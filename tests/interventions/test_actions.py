@@ -236,6 +236,7 @@ def test_state_dict_round_trip_and_restore() -> None:
         "replay": {"ratio": 0.3},
         "diversity": {"weight": 0.05},
         "lora_decorrelation": {"weight": 0.0},
+        "entropy_bonus": {"coef": 0.0},
     }
     assert p2.decide([recovered("y", 3)]) == []  # replay is still held by "x"
     acts = p2.decide([recovered("x", 4)])  # recovery after resume reverts as before

@@ -60,6 +60,14 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], Prepare]] = {
         {},
         lambda iv, run: earlier_lora_stage(run),
     ),
+    "entropy_bonus": (
+        {"kind": "entropy_bonus", "value": 0.2},
+        {},
+        # what TRL's GRPOTrainer loss reads (the real trainer: tests/integrations/test_grpo.py)
+        lambda iv, run: iv.attach_trainer(
+            SimpleNamespace(entropy_coef=0.0, _entropy_bonus_enabled=False, use_adaptive_entropy=False)
+        ),
+    ),
     "checkpoint": ({"kind": "checkpoint"}, {}, lambda iv, run: None),
     "stop": ({"kind": "stop"}, {}, lambda iv, run: None),
 }
@@ -95,7 +103,14 @@ def test_each_kind_has_one_name_from_config_to_log_and_state(kind: str, tmp_path
 
 
 def test_every_built_in_kind_is_registered_in_order() -> None:
-    assert intervention_kinds()[:5] == ("replay", "diversity", "lora_decorrelation", "checkpoint", "stop")
+    assert intervention_kinds()[:6] == (
+        "replay",
+        "diversity",
+        "lora_decorrelation",
+        "entropy_bonus",
+        "checkpoint",
+        "stop",
+    )
     with pytest.raises(ValueError, match="kind must be one of replay, diversity, lora_decorrelation"):
         ActionSpec("decorrelation", value=1.0)  # the old target name is not a kind
 

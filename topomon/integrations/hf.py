@@ -112,10 +112,15 @@ class TopoMonitor(TrainerCallback):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def attach(self, trainer: Any) -> TopoMonitor:
-        """Add the monitor to a built trainer and install what its actions need (replay mixing).
+        """Add the monitor to a built trainer and install what its actions need.
 
-        ``monitor.attach(trainer)`` is the one line that enables everything; ``callbacks=[monitor]``
-        works too when no ``replay`` action is configured. Call it before ``trainer.train()``.
+        Replay mixing wraps the trainer's training set; the GRPO entropy bonus sets the trainer's
+        coefficient. ``monitor.attach(trainer)`` is the one line that enables everything;
+        ``callbacks=[monitor]`` works too when no ``replay`` or ``entropy_bonus`` action is configured.
+        Call it before ``trainer.train()``.
+
+        Raises:
+            ConfigError: an action cannot be installed on this trainer (the message says why).
 
         Returns:
             The monitor itself.
@@ -123,7 +128,7 @@ class TopoMonitor(TrainerCallback):
         try:
             self.session.interventions.attach_trainer(trainer)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"replay: {e}") from None
+            raise ConfigError(f"`actions`: {e}") from None
         trainer.add_callback(self)
         return self
 

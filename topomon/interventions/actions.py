@@ -2,14 +2,16 @@
 
 An :class:`ActionSpec` says which alerts trigger it (rule names, reasons, severities), what it does
 (``kind``, a registered intervention: ``"replay"``, ``"diversity"``, ``"lora_decorrelation"``,
-``"checkpoint"``, ``"stop"``, see :func:`~topomon.interventions.base.intervention_kinds`), with what
-value (replay ratio, regulariser weight) and whether it is reverted when the alert recovers.
+``"entropy_bonus"``, ``"checkpoint"``, ``"stop"``, see
+:func:`~topomon.interventions.base.intervention_kinds`), with what value (replay ratio, regulariser
+weight, entropy coefficient) and whether it is reverted when the alert recovers.
 :class:`ActionPolicy` keeps what is currently switched on and turns a batch of alerts into a list of
 :class:`Action` records; the decision itself is the pure function :func:`decide_actions`. The
 actions are executed by :class:`~topomon.interventions.controller.Interventions`, which holds one
 built intervention per kind.
 
-Semantics of the settable kinds (replay, diversity, lora_decorrelation: those with a value):
+Semantics of the settable kinds (replay, diversity, lora_decorrelation, entropy_bonus: those with a
+value):
 
 * A spec is *engaged* while at least one alert that matched it has not recovered. An alert is
   identified by ``(rule, metric, layer)``; an alert with ``reason == "recovered"`` releases the
@@ -22,8 +24,8 @@ Semantics of the settable kinds (replay, diversity, lora_decorrelation: those wi
 
 The kinds without a value (``checkpoint``, ``stop``) act once per ``decide`` call in which a
 matching alert arrives and are never reverted. Actions come out in registration order, the settable
-kinds first (built-in: replay, diversity, lora_decorrelation, checkpoint, stop; so a checkpoint is
-requested before a stop).
+kinds first (built-in: replay, diversity, lora_decorrelation, entropy_bonus, checkpoint, stop; so a
+checkpoint is requested before a stop).
 
 Example:
     >>> policy = ActionPolicy([ActionSpec("replay", rules=("rank_drop",), value=0.25),
@@ -89,12 +91,13 @@ class ActionSpec:
 
     Attributes:
         kind: a registered kind (:func:`~topomon.interventions.base.intervention_kinds`): ``"replay"``,
-            ``"diversity"``, ``"lora_decorrelation"``, ``"checkpoint"``, ``"stop"``.
+            ``"diversity"``, ``"lora_decorrelation"``, ``"entropy_bonus"``, ``"checkpoint"``, ``"stop"``.
         rules: alert rule names that trigger it; empty = any rule.
         reasons: alert reasons that trigger it (``"drop"``, ``"spike"``, ...); empty = any reason except
             ``"recovered"`` (which never triggers, it reverts).
         severities: alert severities that trigger it; empty = any.
-        value: the replay ratio (in ``[0, 1]``) or regulariser weight (``>= 0``) to switch to; required
+        value: the replay ratio (in ``[0, 1]``), regulariser weight or entropy coefficient (``>= 0``) to
+            switch to; required
             for the settable kinds, must be None for ``checkpoint`` / ``stop``.
         revert_on_recovery: release the spec when its alerts recover; defaults to True for the
             settable kinds; must be False for ``checkpoint`` / ``stop``.

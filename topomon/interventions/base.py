@@ -238,7 +238,7 @@ def register_intervention(cls: _I, *, replace: bool = False) -> _I:
 def intervention_kinds() -> tuple[str, ...]:
     """The registered kinds, in registration order.
 
-    The built-in kinds are replay, diversity, lora_decorrelation, checkpoint and stop.
+    The built-in kinds are replay, diversity, lora_decorrelation, entropy_bonus, checkpoint and stop.
     """
     return tuple(INTERVENTIONS)
 

@@ -1,12 +1,12 @@
 """The built-in interventions, registered under their kinds.
 
-The kinds are replay, diversity, lora_decorrelation, checkpoint and stop. Each is a thin
-:class:`~topomon.interventions.base.Intervention` around the object that does the work
+The kinds are replay, diversity, lora_decorrelation, entropy_bonus, checkpoint and stop. Each is a
+thin :class:`~topomon.interventions.base.Intervention` around the object that does the work
 (:class:`~topomon.interventions.replay.ReplayMixer`,
 :class:`~topomon.interventions.diversity.DiversityRegularizer`,
-:class:`~topomon.interventions.lora_decorrelation.LoRADecorrelation`) or around the control flags
-(checkpoint, stop). The heavy modules (torch, peft) are imported when an intervention is built, not
-when this module is imported.
+:class:`~topomon.interventions.lora_decorrelation.LoRADecorrelation`, TRL ``GRPOTrainer``'s entropy
+bonus) or around the control flags (checkpoint, stop). The heavy modules (torch, peft) are imported
+when an intervention is built, not when this module is imported.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "ReplayIntervention",
     "DiversityIntervention",
     "LoRADecorrelationIntervention",
+    "EntropyBonusIntervention",
     "CheckpointIntervention",
     "StopIntervention",
     "lora_subspace_path",
@@ -259,6 +260,108 @@ class LoRADecorrelationIntervention(TargetIntervention):
         if self.target is not None and math.isfinite(self.target.last_value):
             out["lora_decorrelation_penalty"] = float(self.target.last_value)
         return out
+
+
+@register_intervention
+class EntropyBonusIntervention(Intervention):
+    """Raise the entropy bonus of TRL's ``GRPOTrainer`` loss (value: the coefficient while engaged).
+
+    TRL's GRPO loss is ``L_policy - entropy_coef * H`` (``H``: the mean per-token entropy of the
+    completions). ``GRPOTrainer.__init__`` copies ``args.entropy_coef`` into the trainer's attribute
+    ``entropy_coef`` and decides once whether the bonus is computed at all
+    (``_entropy_bonus_enabled``); its loss reads those two attributes at every micro-batch. This
+    intervention sets both on the trainer given to :meth:`attach_trainer` (every rank sets its own
+    trainer's): while an action holds, the coefficient is ``max(value, configured)`` (the recipe's
+    ``entropy_coef``: the action raises it, never lowers it); at value 0 (recovered) it is the
+    configured one again, and training ends with the configured one.
+
+    Refused before step 1 (``ValueError``; the session raises a ``ConfigError``): a trainer without
+    TRL's entropy bonus (SFT, DPO), no trainer attached (``callbacks=[monitor]``; a plain loop or
+    Lightning has none), and ``GRPOConfig(use_adaptive_entropy=True)``, whose controller rewrites
+    ``entropy_coef`` at every optimizer step and would undo the action.
+    """
+
+    kind = "entropy_bonus"
+    param = "coef"
+    TRAINER_FIELDS = ("entropy_coef", "_entropy_bonus_enabled", "use_adaptive_entropy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainer: Any = None
+        self.configured = 0.0  # the trainer's entropy_coef before any action
+
+    @property
+    def built(self) -> bool:
+        """Whether a trainer was attached."""
+        return self.trainer is not None
+
+    def attach_trainer(self, trainer: Any) -> None:
+        """Take the trainer whose loss carries the bonus.
+
+        Raises:
+            ValueError: the trainer has no entropy bonus in its loss, or runs adaptive entropy control.
+        """
+        if self.trainer is trainer:
+            return
+        missing = [f for f in self.TRAINER_FIELDS if not hasattr(trainer, f)]
+        if missing:
+            raise ValueError(
+                f"an 'entropy_bonus' action raises the entropy coefficient of TRL's GRPOTrainer loss, but "
+                f"{type(trainer).__name__} has none (no attribute(s) {missing}): use it with GRPOTrainer, or "
+                "remove the action (for SFT/DPO the 'diversity' action regularises the hidden states)"
+            )
+        if trainer.use_adaptive_entropy:
+            raise ValueError(
+                "an 'entropy_bonus' action cannot run with GRPOConfig(use_adaptive_entropy=True): TRL's "
+                "adaptive controller rewrites entropy_coef at every optimizer step and would undo the "
+                "action; set use_adaptive_entropy=False or remove the action"
+            )
+        self.trainer = trainer
+        self.configured = float(trainer.entropy_coef)
+        self._push()
+
+    def build(self, ctx: BuildContext) -> None:
+        """Check that a GRPO trainer was attached.
+
+        Raises:
+            ValueError: none was (``callbacks=[monitor]`` instead of ``monitor.attach(trainer)``, or a
+                loop without a TRL trainer).
+        """
+        if self.trainer is None:
+            raise ValueError(
+                "an 'entropy_bonus' action needs the GRPO trainer whose loss it changes: build TRL's "
+                "GRPOTrainer and call monitor.attach(trainer) instead of callbacks=[monitor] (a plain loop "
+                "or Lightning has no GRPO entropy bonus: remove the action there)"
+            )
+
+    def set_value(self, value: float) -> None:
+        """Set the value; an attached trainer's loss uses it from its next micro-batch."""
+        super().set_value(value)
+        self._push()
+
+    @property
+    def coef(self) -> float:
+        """The coefficient the trainer's loss applies now: ``max(value, configured)``."""
+        return max(self._value, self.configured)
+
+    def _push(self, coef: float | None = None) -> None:
+        t = self.trainer
+        if t is None:
+            return
+        t.entropy_coef = self.coef if coef is None else coef
+        # TRL computes the bonus only when this flag is set (decided once in __init__)
+        t._entropy_bonus_enabled = t.entropy_coef != 0.0 or bool(t.use_adaptive_entropy)
+
+    def scalars(self) -> dict[str, float]:
+        """``entropy_bonus`` (the action's value) and ``entropy_bonus_coef`` (what the loss applies)."""
+        out = {self.kind: self.value}
+        if self.trainer is not None:
+            out["entropy_bonus_coef"] = float(self.trainer.entropy_coef)
+        return out
+
+    def remove(self) -> None:
+        """Give the trainer its configured coefficient back (training ended)."""
+        self._push(self.configured)
 
 
 class _ControlAction(Intervention):

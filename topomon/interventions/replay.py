@@ -319,6 +319,27 @@ def _trl_prepare(trainer: Any) -> Callable[[Any], Any] | None:
     )
 
 
+def _check_grouped(trainer: Any) -> None:
+    """Refuse replay where it could split a GRPO group of completions across two prompts.
+
+    TRL's GRPO (and RLOO) sampler repeats each prompt index ``num_generations`` times in a row, and the
+    group's rewards are normalised together. A replaced index draws the same replay example every time
+    in an epoch (:func:`replay_draw` hashes the index), and a batch drawn in the training process at
+    once reads one ratio, so a group stays one prompt. With DataLoader worker processes a worker could
+    read a ratio changed halfway through a group (and ranks could differ): refused.
+
+    Raises:
+        ValueError: a grouped trainer with ``dataloader_num_workers > 0``.
+    """
+    workers = int(getattr(getattr(trainer, "args", None), "dataloader_num_workers", 0) or 0)
+    if getattr(trainer, "num_generations", None) is not None and workers > 0:
+        raise ValueError(
+            f"replay mixing in {type(trainer).__name__} needs dataloader_num_workers=0, got {workers}: the "
+            f"sampler repeats each prompt num_generations={trainer.num_generations} times as one group, and "
+            "a ratio changed while a worker process draws a group would split it across two prompts"
+        )
+
+
 _CALLBACK_CLASS: type | None = None
 
 
@@ -352,10 +373,12 @@ def install_replay(
     """Mix a replay set into a built trainer's training stream; returns the mixer that sets the ratio.
 
     Call after the trainer is built and before ``trainer.train()``. Works with ``transformers.Trainer``
-    and TRL's ``SFTTrainer`` / ``DPOTrainer`` (no subclassing): the replay set is processed the way
-    the trainer processed its training set, restricted to the training set's columns, and
-    ``trainer.train_dataset`` is replaced by a :class:`ReplayDataset`. A small callback is added to
-    keep the draws' epoch in step with the Trainer's.
+    and TRL's ``SFTTrainer`` / ``DPOTrainer`` / ``GRPOTrainer`` (no subclassing; for GRPO the replay
+    rows are prompts with the reward functions' columns, used as they are, and
+    ``dataloader_num_workers`` must be 0): the replay set is processed the way the trainer processed
+    its training set, restricted to the training set's columns, and ``trainer.train_dataset`` is
+    replaced by a :class:`ReplayDataset`. A small callback is added to keep the draws' epoch in step
+    with the Trainer's.
 
     Args:
         trainer: a built ``transformers.Trainer`` (or subclass) with a map-style ``train_dataset``.
@@ -380,6 +403,7 @@ def install_replay(
         raise ValueError("trainer.train_dataset is None: replay mixing needs a training set")
     if isinstance(base, ReplayDataset):
         raise ValueError("replay is already installed on this trainer: use the returned mixer's set_ratio")
+    _check_grouped(trainer)
     if isinstance(replay_dataset, list):
         import datasets
 
