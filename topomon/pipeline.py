@@ -81,6 +81,7 @@ def compute_options(
         alpha_window=c.alpha_window,
         seed=c.seed,
         custom_metrics=dict(c.custom_metrics),
+        families=tuple(c.families),
         threads=c.worker_threads,
         priority=c.worker_priority,
         trajectory=c.trajectory,

@@ -3,8 +3,10 @@
 The engine, the router, the report and the config checks read these declarations; none of them
 names a family or a metric of one. A family is a :class:`MetricFamily` and a
 :class:`FamilyComputer` (one instance per engine: it computes the family and keeps its state across
-captures). Adding a family is one declaration plus :func:`register_family`; the user's
-``custom_metrics`` become one more family, built from the options (:func:`custom_family`).
+captures). Adding a family is one declaration in an importable module, named in
+``MonitorConfig.families`` as ``"module:OBJECT"`` (:func:`load_families` registers it in the training
+process and in the worker); the user's ``custom_metrics`` become one more family, built from the
+options (:func:`custom_family`).
 
 Example:
     >>> [f.name for f in families()]
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASE_KEYS",
+    "BUILTIN_FAMILIES",
     "MODEL_LAYER",
     "NEEDS",
     "SCOPES",
@@ -56,10 +59,13 @@ __all__ = [
     "family",
     "family_of",
     "headline_keys",
+    "load_families",
     "register_family",
     "relative_keys",
     "resolve_function",
     "unregister_family",
+    "unshipped_families",
+    "worker_importable",
 ]
 
 MODEL_LAYER = "model"
@@ -459,23 +465,80 @@ class _Lora(FamilyComputer):
         return FamilyOutput(dict(zip(LORA.keys, values, strict=True)))
 
 
+def _import_spec(spec: str, what: str, form: str) -> tuple[str, str, Any]:
+    """``(module, name, object)`` of ``"package.module:name"`` (object None when the module lacks it).
+
+    Raises:
+        ValueError: a malformed spec or a module that cannot be imported (``what`` names it).
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"a {what} must be given as '{form}', got {spec!r}")
+    mod_name, name = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {mod_name!r} of {what} {spec!r}: {e}") from None
+    return mod_name, name, getattr(mod, name, None)
+
+
 def resolve_function(spec: str) -> Callable[..., Any]:
     """Import ``"package.module:function"``.
 
     Raises:
         ValueError: when the spec is malformed, the module cannot be imported or has no such callable.
     """
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"a custom metric must be given as 'module:function', got {spec!r}")
-    mod_name, fn_name = spec.split(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import module {mod_name!r} of custom metric {spec!r}: {e}") from None
-    fn = getattr(mod, fn_name, None)
+    mod_name, fn_name, fn = _import_spec(spec, "custom metric", "module:function")
     if not callable(fn):
         raise ValueError(f"module {mod_name!r} has no callable {fn_name!r} (custom metric {spec!r})")
     return fn
+
+
+def worker_importable(spec: str) -> bool:
+    """Whether a spawned worker process can import ``"module:name"``: not from the training script.
+
+    The worker never runs the training script (``__main__`` is hidden from it, so that a script
+    without a ``__main__`` guard does not train again inside the worker).
+    """
+    return spec.split(":", 1)[0] not in ("__main__", "__mp_main__")
+
+
+_LOADED: dict[str, str] = {}
+"""``"module:OBJECT"`` -> the name of the family it holds, for every spec :func:`load_families` loaded."""
+
+
+def load_families(specs: Iterable[str]) -> tuple[MetricFamily, ...]:
+    """Import the user's families named ``"module:OBJECT"`` and register each once.
+
+    The engine calls it with :attr:`ComputeOptions.families`, so a worker process imports the same
+    families as the training process (a family object cannot cross to it: it holds functions).
+    A module that registers its family itself at import is fine.
+
+    Raises:
+        ValueError: a malformed spec, a module that cannot be imported, an object that is not a
+            :class:`MetricFamily`, or a name or key that another family holds.
+    """
+    out = []
+    for spec in specs:
+        mod_name, name, fam = _import_spec(spec, "metric family", "module:OBJECT")
+        if not isinstance(fam, MetricFamily):
+            got = "nothing" if fam is None else type(fam).__name__
+            raise ValueError(f"{spec!r} must name a MetricFamily in module {mod_name!r}, found {got}")
+        if _REGISTRY.get(fam.name) is not fam:
+            register_family(fam)
+        _LOADED[spec] = fam.name
+        out.append(fam)
+    return tuple(out)
+
+
+def unshipped_families(options: ComputeOptions) -> tuple[MetricFamily, ...]:
+    """The enabled families a spawned worker would not compute: registered in this process only.
+
+    A worker process imports topomon's own families and those of ``options.families``; a family that
+    reached the registry any other way (``register_family`` in the training script) is known here
+    (alert rules on it pass) but never computed there.
+    """
+    shipped = {*BUILTIN_FAMILIES, CUSTOM, *(_LOADED.get(s) for s in options.families)}
+    return tuple(f for f in enabled_families(options) if f.name not in shipped)
 
 
 class _Custom(FamilyComputer):
@@ -611,3 +674,6 @@ MASSIVE = MetricFamily(
 for _fam in (SPECTRAL, TOPOLOGY, LOGITS, TRAJECTORY, LORA, MASSIVE):
     register_family(_fam)
 del _fam
+
+BUILTIN_FAMILIES: frozenset[str] = frozenset(_REGISTRY)
+"""The names of topomon's own families (every worker has them)."""
