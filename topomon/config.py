@@ -93,8 +93,9 @@ class MonitorConfig:
         steps: the steps of "steps".
         spectral: compute the spectral metrics.
         topology: compute persistent homology metrics (on ``topology_layers`` only).
-        logits: next-token statistics of the probe set from the same forward (probe mode):
-            entropy, top-1 probability, accuracy, ECE, NLL (layer ``"model"``).
+        logits: next-token statistics from the same forward, entropy, top-1 probability, accuracy,
+            ECE, NLL (layer ``"model"``): of the probe set (probe mode), or of the training
+            forward's captured tokens against its labels (passive mode).
         trajectory: token trajectories through the captured layers: consecutive-layer cosine,
             straightness, path length, adjacent-layer CKA (layer ``"model"``).
         lora_metrics: the geometry of the LoRA update of a PEFT model (effective and stable rank,

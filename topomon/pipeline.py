@@ -57,7 +57,7 @@ def compute_options(
         layer_names: the captured layers, in capture order (the last one gets topology by default).
         n_blocks: decoder blocks of the model (resolves negative ``topology_layers``).
         lora_reference: earlier stages' LoRA subspace files (the LoRA family's overlap with them).
-        logits: whether the logits family is on; None: ``c.mode == "probe" and c.logits``.
+        logits: whether the logits family is on; None: ``c.logits``.
         lora: whether the LoRA family is on; None: ``c.lora_metrics`` (pass False for a model
             without LoRA adapters).
     """
@@ -86,7 +86,7 @@ def compute_options(
         priority=c.worker_priority,
         trajectory=c.trajectory,
         lora_reference=tuple(lora_reference),
-        logits=(c.mode == "probe" and c.logits) if logits is None else bool(logits),
+        logits=c.logits if logits is None else bool(logits),
         lora=c.lora_metrics if lora is None else bool(lora),
     )
 

@@ -137,7 +137,9 @@ def make_strategy(
     """
     indices, modules = capture_modules(c, model)
     if c.mode == "passive":
-        passive = PassiveCapture(modules, max_points=c.max_points, exclude_first=c.exclude_first, seed=c.seed)
+        passive = PassiveCapture(
+            modules, max_points=c.max_points, exclude_first=c.exclude_first, seed=c.seed, needs=needs
+        )
         return PassiveStrategy(passive, model, max_points=c.max_points, seed=c.seed)
     if plan is None:
         assert run is not None
@@ -428,7 +430,7 @@ def setup_stage(
         list(modules),
         len(decoder_layers(model)),
         run.earlier_lora(c.stage, like=info.get("like")),
-        logits=c.mode == "probe" and c.logits,
+        logits=c.logits,
         lora=c.lora_metrics and bool(lora_factors(model)),
     )
     check_worker_families(c, options)

@@ -112,6 +112,12 @@ def test_merge_passive_concatenates_in_rank_order_and_caps_points():
     # layers keep the same tokens (a token is one row index in every layer)
     np.testing.assert_array_equal(capped.layers["b"], -capped.layers["a"])
     assert merge_passive([None, None], max_points=6, seed=1) is None
+    # every rank's per-token logit statistics, in rank order (not subsampled: the model-level metrics)
+    s0.extras["logits/nll"] = np.array([1.0, 2.0], np.float32)
+    s1.extras["logits/nll"] = np.array([3.0], np.float32)
+    np.testing.assert_array_equal(
+        merge_passive([s1, s0], max_points=6, seed=1).extras["logits/nll"], [3, 1, 2]
+    )
     with pytest.raises(ValueError, match=r"one step and stage"):
         merge_passive([s0, _snap(5, 2)], max_points=6, seed=1)
 

@@ -139,3 +139,35 @@ def test_an_alert_that_comes_back_after_the_last_step_is_said_not_to_have_acted(
     assert mon.actions == []
     assert mon.session.health()["alerts_after_end"] == 1.0
     assert "came back after training ended" in caplog.text
+
+
+def test_passive_mode_takes_the_logit_metrics_from_the_training_forward(tok, tmp_path):
+    # every token of the step's batch captured, the first one too: the mean next-token NLL over the
+    # captured positions is then exactly the training loss of that forward
+    model = tiny_causal_lm("llama", seed=0)
+    losses = {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with topomon.watch(
+        model,
+        tok,
+        output_dir=tmp_path,
+        mode="passive",
+        schedule="every",
+        every_n_steps=2,
+        worker="sync",
+        max_points=4096,
+        exclude_first=False,
+        topology=False,
+    ) as mon:
+        for step, batch in enumerate(batches(tok, 4), start=1):
+            loss = model(**batch).loss
+            losses[step] = loss.item()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(step)
+    model_recs = {r["step"]: r["metrics"] for r in _metrics(tmp_path / "topomon") if r["layer"] == "model"}
+    assert sorted(model_recs) == [2, 4] and mon.session.errors == 0
+    for step, m in model_recs.items():
+        assert m["logit_nll"] == pytest.approx(losses[step], rel=1e-4)
+        assert 0 <= m["logit_accuracy"] <= 1 and 0 < m["logit_entropy"] <= 6.3  # log(512) = 6.24

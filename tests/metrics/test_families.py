@@ -110,7 +110,7 @@ def test_metric_names_and_needs_follow_the_enabled_families_only():
 def test_compute_options_takes_the_logits_and_lora_switches_from_the_config_or_the_caller():
     assert compute_options(MonitorConfig(), ["final_norm"], 2).logits
     assert not compute_options(MonitorConfig(logits=False), ["final_norm"], 2).logits
-    assert not compute_options(MonitorConfig(mode="passive"), ["final_norm"], 2).logits
+    assert compute_options(MonitorConfig(mode="passive"), ["final_norm"], 2).logits
     assert not compute_options(MonitorConfig(lora_metrics=False), ["final_norm"], 2).lora
     assert not compute_options(MonitorConfig(), ["final_norm"], 2, lora=False).lora
     assert compute_options(MonitorConfig(logits=False), ["final_norm"], 2, logits=True).logits

@@ -150,7 +150,7 @@ class MetricFamily:
         scope: ``"layer"`` (one value per captured layer) or ``"model"`` (layer ``"model"``).
         keys: the metric names it produces, in order.
         needs: what the capture must gather for it, among :data:`NEEDS`.
-        switch: how a user turns it on, for messages: ``"set logits=True (probe mode)"``.
+        switch: how a user turns it on, for messages: ``"set logits=True"``.
         is_on: whether it is on for some :class:`~topomon.worker.engine.ComputeOptions`.
         start: builds one engine's :class:`FamilyComputer` from the options (may raise ValueError).
         relative: keys that get ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves.
@@ -279,7 +279,7 @@ def explain_unknown(metric: str, options: ComputeOptions) -> str | None:
     Example:
         >>> from topomon.worker.engine import ComputeOptions
         >>> explain_unknown("logit_entropy", ComputeOptions(logits=False))
-        "metric 'logit_entropy' belongs to the family 'logits', which is off: set logits=True (probe mode)"
+        "metric 'logit_entropy' belongs to the family 'logits', which is off: set logits=True"
     """
     fam = family_of(metric)
     if fam is None or fam.enabled(options):
@@ -627,7 +627,7 @@ LOGITS = MetricFamily(
     scope="model",
     keys=("logit_entropy", "logit_top1_prob", "logit_accuracy", "logit_ece", "logit_nll"),
     needs=frozenset({"logits"}),
-    switch="set logits=True (probe mode)",
+    switch="set logits=True",
     is_on=lambda o: o.logits,
     start=_Logits,
     higher_is_better={"logit_accuracy": True, "logit_ece": False, "logit_nll": False},

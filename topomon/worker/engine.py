@@ -67,7 +67,8 @@ class ComputeOptions:
             layer: pooling "all" in probe mode, or passive mode).
         lora_reference: ``.npz`` files of earlier stages' LoRA update subspaces (the LoRA family's
             overlap with earlier stages).
-        logits: the next-token statistics family (the capture reduces the logits: probe mode).
+        logits: the next-token statistics family (the capture reduces the logits: the probe
+            forward's, or the training forward's in passive mode).
         lora: the LoRA-update family (the capture gathers the factors of a model with adapters).
 
     Model-level metrics (layer ``"model"``) come from the snapshot's extras when present:
