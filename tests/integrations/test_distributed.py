@@ -487,12 +487,6 @@ def _spawn_two(target, store, seconds=180):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="known bug: the gloo timeout of topomon's group does not reliably end a gather_object that the "
-    "other (live) rank skips; seen hanging. The monitor never issues mismatched collectives by construction, "
-    "so this is the second line of defence only. Under investigation.",
-    strict=False,
-)
 def test_comm_gathers_in_rank_order_and_times_out_instead_of_hanging(tmp_path):
     results = _spawn_two(comm_check, tmp_path / "store", seconds=45)
     assert results[0]["gathered"] == [{"rank": 0}, {"rank": 1}] and results[1]["gathered"] is None
