@@ -5,12 +5,13 @@ gradients enabled (the training forward; a DPO reference forward or any no-grad 
 subsample the counted tokens of that micro-batch, and detach them to CPU float32. Under gradient
 checkpointing a layer's forward runs again in the backward recompute: only the first call counts.
 
-When the families need logits, a hook on the decoder body (the model without its LM head) also takes the
-final hidden states of the training forward and sends the captured positions of each micro-batch
-through the LM head (:func:`~topomon.capture.logit_stats.reduce_logits_from_hidden`, as probe mode
-does): per-token next-token statistics against the forward's ``labels`` when it has them (else its
-``input_ids``). It works whatever the trainer does with the logits (TRL's fused LM head computes
-none), and only ``O(tokens)`` numbers leave the device, in ``snapshot.extras["logits/<stat>"]``.
+When the families need logits, a hook on the decoder body (the model without its LM head) also
+takes the final hidden states of the training forward and sends the captured positions of each
+micro-batch through the LM head (:func:`~topomon.capture.logit_stats.reduce_logits_from_hidden`, as
+probe mode does; under FSDP the root's forward runs the head, and its logits are reduced): per-token
+next-token statistics against the forward's ``labels`` when it has them (else its ``input_ids``). It
+works whatever the trainer does with the logits (TRL's fused LM head computes none), and only
+``O(tokens)`` numbers leave the device, in ``snapshot.extras["logits/<stat>"]``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from topomon.capture.layers import unwrap_model
-from topomon.capture.logit_stats import reduce_logits_from_hidden
+from topomon.capture.logit_stats import reduce_logits, reduce_logits_from_hidden
 from topomon.capture.probe import _hidden, _runner
 from topomon.metrics.preprocess import subsample_indices
 from topomon.types import Snapshot
@@ -81,12 +82,11 @@ class PassiveCapture:
         self._handles.append(base.register_forward_pre_hook(self._pre, with_kwargs=True))
         if self.logits:
             getter = getattr(base, "get_output_embeddings", None)
-            head, body = getter() if callable(getter) else None, _runner(model, base)
-            if head is not None and body is not base:
-                self._head = head
-                self._handles.append(body.register_forward_hook(self._logits))
-            else:
-                self._warn("the model has no LM head apart from its decoder body")
+            self._head = getter() if callable(getter) else None
+            if self._head is None:
+                self._warn("the model has no output embeddings (LM head)")
+            else:  # the decoder body; the root under FSDP (whose forward runs the LM head itself)
+                self._handles.append(_runner(model, base).register_forward_hook(self._logits))
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_hook(lambda _m, _i, out, _n=name: self._take(_n, out)))
 
@@ -141,7 +141,7 @@ class PassiveCapture:
         self._seconds += time.perf_counter() - t0
 
     def _logits(self, _module: Any, _args: Any, out: Any) -> None:
-        """The training forward's final hidden states -> next-token statistics at the captured positions."""
+        """The training forward's final hidden states (or logits) -> statistics at the captured positions."""
         targets, self._targets = self._targets, None
         rows, cols = self._rows, self._cols
         if self._armed_step is None or rows is None or cols is None or not torch.is_grad_enabled():
@@ -151,8 +151,14 @@ class PassiveCapture:
             if targets is None:
                 raise ValueError("the training forward was given no input_ids")
             ids, mask, labels = targets
-            hidden = _hidden(out).detach()
-            stats = reduce_logits_from_hidden(hidden, self._head, ids, mask, labels=labels, at=(rows, cols))
+            logits = getattr(out, "logits", None)
+            if isinstance(logits, torch.Tensor):  # the FSDP root's output
+                stats = reduce_logits(logits.detach(), ids, mask, labels=labels, at=(rows, cols))
+            else:
+                hidden = _hidden(out).detach()
+                stats = reduce_logits_from_hidden(
+                    hidden, self._head, ids, mask, labels=labels, at=(rows, cols)
+                )
         except (TypeError, ValueError, RuntimeError) as e:  # e.g. embeddings given instead of ids
             self._warn(str(e))
             return

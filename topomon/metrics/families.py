@@ -197,13 +197,21 @@ class MetricFamily:
                 raise ValueError(f"`{what}` of family {self.name!r} names {extra}, not among its keys")
 
     def enabled(self, options: ComputeOptions) -> bool:
-        """Whether these options compute the family."""
+        """Whether these options compute the family.
+
+        A family that came in by name (``MonitorConfig.families``) is on only for options that name
+        it: a later stage of the same process without it does not compute it.
+        """
+        if self.name in _LOADED.values() and self.name not in {_LOADED.get(s) for s in options.families}:
+            return False
         return bool(self.is_on(options))
 
 
 # -- the registry
 
 _REGISTRY: dict[str, MetricFamily] = {}
+_LOADED: dict[str, str] = {}
+"""``"module:OBJECT"`` -> the name of the family it holds, for every spec :func:`load_families` loaded."""
 CUSTOM = "custom"
 
 
@@ -224,8 +232,10 @@ def register_family(fam: MetricFamily, *, replace: bool = False) -> MetricFamily
 
 
 def unregister_family(name: str) -> None:
-    """Remove a registered family (no error when absent)."""
+    """Remove a registered family (no error when absent), and forget the specs that loaded it."""
     _REGISTRY.pop(name, None)
+    for spec in [s for s, n in _LOADED.items() if n == name]:
+        del _LOADED[spec]
 
 
 def families() -> tuple[MetricFamily, ...]:
@@ -500,10 +510,6 @@ def worker_importable(spec: str) -> bool:
     without a ``__main__`` guard does not train again inside the worker).
     """
     return spec.split(":", 1)[0] not in ("__main__", "__mp_main__")
-
-
-_LOADED: dict[str, str] = {}
-"""``"module:OBJECT"`` -> the name of the family it holds, for every spec :func:`load_families` loaded."""
 
 
 def load_families(specs: Iterable[str]) -> tuple[MetricFamily, ...]:
