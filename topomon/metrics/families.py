@@ -218,6 +218,11 @@ CUSTOM = "custom"
 def register_family(fam: MetricFamily, *, replace: bool = False) -> MetricFamily:
     """Add a family to the registry (the engine computes it where its ``is_on`` says so).
 
+    The registry is this process's: a worker process (``worker="process"``, the default) does not
+    see a family registered here, and a monitor with one is a ``ConfigError`` before step 1. A user
+    family is named in ``MonitorConfig.families`` instead (:func:`load_families` registers it in the
+    training process and in the worker).
+
     Raises:
         ValueError: the name is taken (and not ``replace``), or a key belongs to another family.
     """
