@@ -93,8 +93,9 @@ class MonitorConfig:
         steps: the steps of "steps".
         spectral: compute the spectral metrics.
         topology: compute persistent homology metrics (on ``topology_layers`` only).
-        logits: next-token statistics of the probe set from the same forward (probe mode):
-            entropy, top-1 probability, accuracy, ECE, NLL (layer ``"model"``).
+        logits: next-token statistics from the same forward, entropy, top-1 probability, accuracy,
+            ECE, NLL (layer ``"model"``): of the probe set (probe mode), or of the training
+            forward's captured tokens against its labels (passive mode).
         trajectory: token trajectories through the captured layers: consecutive-layer cosine,
             straightness, path length, adjacent-layer CKA (layer ``"model"``).
         lora_metrics: the geometry of the LoRA update of a PEFT model (effective and stable rank,
@@ -137,6 +138,10 @@ class MonitorConfig:
         seed: seed of the probe subsample (fixed for the run).
         custom_metrics: your own per-layer metrics: name -> ``"module:function"``; the function
             takes the ``(n, d)`` points and returns a float or a dict of floats. It runs in the worker.
+        families: your own metric families (``topomon.metrics.families.MetricFamily``), each named
+            ``"module:OBJECT"`` in a module the worker process can import (not the training script):
+            topomon imports and registers them in the training process and in the worker
+            (docs/ARCHITECTURE.md, "Extending it").
         alerts: "default" (final-norm RankMe -15% / effective rank -25% from the stage start, and
             non-finite activations), a list of rule mappings (``topomon.alerts.rules_from_config``),
             or None for no alerts.
@@ -198,6 +203,7 @@ class MonitorConfig:
     overhead_budget: float | str | None = "auto"
     seed: int = 0
     custom_metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    families: tuple[str, ...] = ()
     alerts: Any = "default"
     webhook_url: str | None = dataclasses.field(default=None, repr=False)  # may hold a token
     trackers: tuple[str, ...] | None = None
@@ -210,6 +216,8 @@ class MonitorConfig:
             object.__setattr__(self, "steps", tuple(self.steps))
         if isinstance(self.actions, list):
             object.__setattr__(self, "actions", tuple(self.actions))
+        if isinstance(self.families, list):
+            object.__setattr__(self, "families", tuple(self.families))
         if isinstance(self.alpha_window, list):
             object.__setattr__(self, "alpha_window", tuple(self.alpha_window))
         self._validate()
@@ -359,6 +367,12 @@ class MonitorConfig:
                 raise ConfigError(
                     f"`custom_metrics` entries must be name: 'module:function', got {k!r}: {v!r}"
                 )
+        if not isinstance(self.families, tuple) or not all(
+            isinstance(v, str) and v.count(":") == 1 for v in self.families
+        ):
+            raise ConfigError(
+                f"`families` must be a list of 'module:OBJECT' (a MetricFamily), got {self.families!r}"
+            )
         if self.mode == "passive" and self.probes is not None:
             raise ConfigError("`probes` is only used in mode 'probe'; remove it or set mode='probe'")
 

@@ -321,7 +321,8 @@ def merge_passive(snaps: Sequence[Snapshot | None], *, max_points: int, seed: in
 
     Per layer, the ranks' points are concatenated in rank order, then a fixed subsample of
     ``max_points`` (:func:`~topomon.metrics.preprocess.subsample_indices` with ``seed + step``) keeps
-    the worker's cost that of one process. A layer missing on a rank is taken from the others.
+    the worker's cost that of one process. A layer missing on a rank is taken from the others. The
+    extras (per-token logit statistics) are concatenated in rank order.
 
     Args:
         snaps: per rank, its snapshot of the step, or None where no training forward ran.
@@ -353,7 +354,9 @@ def merge_passive(snaps: Sequence[Snapshot | None], *, max_points: int, seed: in
         points = np.concatenate(parts, axis=0)
         keep = subsample_indices(points.shape[0], max_points, seed + first.step)
         layers[name] = points[keep]
-    merged = Snapshot(step=first.step, stage=first.stage, layers=layers)
+    keys = sorted({k for s in present for k in s.extras})  # per-token statistics: every rank's, in order
+    extras = {k: np.concatenate([s.extras[k] for s in present if k in s.extras]) for k in keys}
+    merged = Snapshot(step=first.step, stage=first.stage, layers=layers, extras=extras)
     merged.meta.update(
         {
             "capture_seconds": max(float(s.meta.get("capture_seconds", 0.0)) for s in present),

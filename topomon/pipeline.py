@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 
 from topomon.alerts import AlertEngine, default_rules, rules_from_config
-from topomon.alerts.sinks import CallableSink, LogSink, MultiSink, WebhookSink
+from topomon.alerts.sinks import LogSink, WebhookSink
 from topomon.capture.layers import layer_name
 from topomon.config import ConfigError, MonitorConfig
 from topomon.metrics.families import array_names, explain_unknown, relative_keys
 from topomon.run import BASE_STAGE, RunDir
-from topomon.sinks.base import RecordSink, SinkFan
+from topomon.sinks.base import AlertsOnly, RecordSink, SinkFan
 from topomon.sinks.jsonl import JsonlWriter
 from topomon.sinks.tensorboard import TensorBoardSink
 from topomon.types import Alert, MetricRecord
@@ -57,7 +57,7 @@ def compute_options(
         layer_names: the captured layers, in capture order (the last one gets topology by default).
         n_blocks: decoder blocks of the model (resolves negative ``topology_layers``).
         lora_reference: earlier stages' LoRA subspace files (the LoRA family's overlap with them).
-        logits: whether the logits family is on; None: ``c.mode == "probe" and c.logits``.
+        logits: whether the logits family is on; None: ``c.logits``.
         lora: whether the LoRA family is on; None: ``c.lora_metrics`` (pass False for a model
             without LoRA adapters).
     """
@@ -81,11 +81,12 @@ def compute_options(
         alpha_window=c.alpha_window,
         seed=c.seed,
         custom_metrics=dict(c.custom_metrics),
+        families=tuple(c.families),
         threads=c.worker_threads,
         priority=c.worker_priority,
         trajectory=c.trajectory,
         lora_reference=tuple(lora_reference),
-        logits=(c.mode == "probe" and c.logits) if logits is None else bool(logits),
+        logits=c.logits if logits is None else bool(logits),
         lora=c.lora_metrics if lora is None else bool(lora),
     )
 
@@ -122,10 +123,10 @@ class ResultRouter:
     Args:
         run: the run directory.
         stage: this stage's name.
-        sinks: where records, scalars and alerts are shown (TensorBoard, trackers); each one's
-            failures are counted in :meth:`counters`, never raised.
+        sinks: where records, scalars and alerts are shown (TensorBoard, trackers) and where alerts
+            go besides ``alerts.jsonl`` (the log, the webhook, ``on_alert``: :class:`AlertsOnly`);
+            each one's failures are counted in :meth:`counters` (``sink_errors_<name>``), never raised.
         alert_engine: the alert engine, or None.
-        alert_sinks: where alerts go besides ``alerts.jsonl`` and ``sinks`` (log, webhook, callable).
         base_alias_step: the global step whose records are also the base model's baseline (the first
             capture of a new run), or None.
         relative_metrics: metrics that get ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves.
@@ -138,7 +139,6 @@ class ResultRouter:
         *,
         sinks: Sequence[RecordSink] = (),
         alert_engine: AlertEngine | None,
-        alert_sinks: MultiSink | None,
         base_alias_step: int | None,
         relative_metrics: Sequence[str] = RELATIVE_METRICS,
     ):
@@ -146,7 +146,6 @@ class ResultRouter:
         self.stage = stage
         self.sinks = SinkFan(sinks)
         self.alert_engine = alert_engine
-        self.alert_sinks = alert_sinks
         self.base_alias_step = base_alias_step
         self.relative_metrics = tuple(relative_metrics)
         self.metrics_log = JsonlWriter(run.metrics_path)
@@ -276,8 +275,6 @@ class ResultRouter:
             for a in alerts:
                 self.alerts_log.write([a.to_json()])  # durable first
                 self.sinks.write_alert(a)
-                if self.alert_sinks is not None:
-                    self.alert_sinks(a)
                 with self._lock:
                     self._pending_alerts.append(a)
                     if a.reason != "recovered":
@@ -363,12 +360,10 @@ class ResultRouter:
         self.alerts_log.write([obj])
 
     def close(self) -> None:
-        """Close the logs, the record sinks and the alert sinks."""
+        """Close the logs and the sinks."""
         self.metrics_log.close()
         self.alerts_log.close()
         self.sinks.close()
-        if self.alert_sinks is not None:
-            self.alert_sinks.close()
 
 
 def make_router(
@@ -415,17 +410,16 @@ def make_router(
             engine = AlertEngine(rules, options.metric_names())
         except ValueError as e:
             raise ConfigError(f"`alerts`: {e}") from None
-    alert_sinks: list[Any] = [LogSink()]
+    record_sinks.append(AlertsOnly("log", LogSink()))
     if c.webhook_url:
-        alert_sinks.append(WebhookSink(c.webhook_url))
+        record_sinks.append(AlertsOnly("webhook", WebhookSink(c.webhook_url)))
     if on_alert is not None:
-        alert_sinks.append(CallableSink(on_alert))
+        record_sinks.append(AlertsOnly("on_alert", on_alert))
     return ResultRouter(
         run,
         c.stage,
         sinks=record_sinks,
         alert_engine=engine,
-        alert_sinks=MultiSink(alert_sinks),
         base_alias_step=base_alias_step,
         relative_metrics=relative_keys(options),
     )

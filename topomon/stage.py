@@ -23,12 +23,13 @@ from topomon.capture.probes import load_probes
 from topomon.capture.strategy import CaptureStrategy, PassiveStrategy, ProbeStrategy
 from topomon.config import ConfigError, MonitorConfig
 from topomon.interventions.controller import Interventions
-from topomon.metrics.families import resolve_function
+from topomon.metrics.families import load_families, resolve_function, unshipped_families, worker_importable
 from topomon.metrics.preprocess import subsample_indices
 from topomon.pipeline import ResultRouter, record_from_json
 from topomon.run import BASE_STAGE, RunDir
 from topomon.sinks.base import RecordSink
 from topomon.types import Alert, MetricRecord, Snapshot
+from topomon.worker.engine import ComputeOptions
 from topomon.worker.executor import Executor
 
 logger = logging.getLogger("topomon")
@@ -41,6 +42,7 @@ __all__ = [
     "write_state",
     "read_state",
     "check_custom_metrics",
+    "check_worker_families",
     "stage_step_offset",
     "fresh_stage_name",
     "earlier_records",
@@ -135,7 +137,9 @@ def make_strategy(
     """
     indices, modules = capture_modules(c, model)
     if c.mode == "passive":
-        passive = PassiveCapture(modules, max_points=c.max_points, exclude_first=c.exclude_first, seed=c.seed)
+        passive = PassiveCapture(
+            modules, max_points=c.max_points, exclude_first=c.exclude_first, seed=c.seed, needs=needs
+        )
         return PassiveStrategy(passive, model, max_points=c.max_points, seed=c.seed)
     if plan is None:
         assert run is not None
@@ -159,17 +163,55 @@ def on_cpu(model: Any) -> bool:
         return False
 
 
+def _in_script(field: str, entry: str, spec: str) -> ConfigError:
+    fn = spec.split(":", 1)[1]
+    return ConfigError(
+        f"`{field}` {entry} is defined in the training script (__main__), which the worker process "
+        "(worker='process', the default) cannot import: move it into a module beside the script "
+        f"(e.g. my_metrics.py, then 'my_metrics:{fn}'), or set worker='thread'"
+    )
+
+
 def check_custom_metrics(c: MonitorConfig) -> None:
-    """Every custom metric imports here, before training.
+    """Every custom metric and user metric family imports here (families register), before training.
 
     Raises:
-        ConfigError: a custom metric's module or function cannot be found (named).
+        ConfigError: a custom metric's or family's module or object cannot be found (named), or one
+            lives in the training script while the worker is a process (which cannot import it).
     """
+    process = c.worker == "process"
     for name, spec in c.custom_metrics.items():
         try:
             resolve_function(spec)
         except ValueError as e:
             raise ConfigError(f"`custom_metrics` {name!r}: {e}") from None
+        if process and not worker_importable(spec):
+            raise _in_script("custom_metrics", f"{name!r}: {spec!r}", spec)
+    try:
+        load_families(c.families)
+    except ValueError as e:
+        raise ConfigError(f"`families`: {e}") from None
+    for spec in c.families:
+        if process and not worker_importable(spec):
+            raise _in_script("families", repr(spec), spec)
+
+
+def check_worker_families(c: MonitorConfig, options: ComputeOptions) -> None:
+    """Every enabled metric family is one the worker computes.
+
+    Raises:
+        ConfigError: under ``worker="process"``, a family registered in the training process only
+            (``register_family`` without naming it in ``families``): the worker would never compute it.
+    """
+    lost = unshipped_families(options) if c.worker == "process" else ()
+    if lost:
+        fam = lost[0]
+        raise ConfigError(
+            f"metric family {fam.name!r} is registered in the training process only: the worker process "
+            f"(worker='process', the default) imports families by name and would never compute its "
+            f"metrics {list(fam.keys)}; name it in `families` as 'module:OBJECT' (in a module the worker "
+            "can import, not the training script), or set worker='thread'"
+        )
 
 
 def fresh_stage_name(stage: str, recorded: set[str]) -> str:
@@ -388,9 +430,10 @@ def setup_stage(
         list(modules),
         len(decoder_layers(model)),
         run.earlier_lora(c.stage, like=info.get("like")),
-        logits=c.mode == "probe" and c.logits,
+        logits=c.logits,
         lora=c.lora_metrics and bool(lora_factors(model)),
     )
+    check_worker_families(c, options)
     needs = options.needs()
     strategy = make_strategy(c, model, needs=needs, tokenizer=tokenizer, probes=probes, run=run)
     # where this stage sits on the run's step axis, and what was already captured (resume)

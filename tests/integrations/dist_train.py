@@ -64,6 +64,10 @@ def comm_check(rank: int, store: str, queue: Any) -> None:
         while not os.path.exists(done) and time.monotonic() < deadline:
             time.sleep(0.1)
     queue.put((rank, result))
+    # put() hands the result to a feeder thread: without these two lines os._exit would end the
+    # process before the result reached the pipe (the parent then waits for it in vain)
+    queue.close()
+    queue.join_thread()
     os._exit(0)  # skip process-group teardown after the planted failure
 
 

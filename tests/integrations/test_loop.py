@@ -139,3 +139,74 @@ def test_an_alert_that_comes_back_after_the_last_step_is_said_not_to_have_acted(
     assert mon.actions == []
     assert mon.session.health()["alerts_after_end"] == 1.0
     assert "came back after training ended" in caplog.text
+
+
+def test_passive_mode_takes_the_logit_metrics_from_the_training_forward(tok, tmp_path):
+    # every token of the step's batch captured, the first one too: the mean next-token NLL over the
+    # captured positions is then exactly the training loss of that forward
+    model = tiny_causal_lm("llama", seed=0)
+    losses = {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with topomon.watch(
+        model,
+        tok,
+        output_dir=tmp_path,
+        mode="passive",
+        schedule="every",
+        every_n_steps=2,
+        worker="sync",
+        max_points=4096,
+        exclude_first=False,
+        topology=False,
+    ) as mon:
+        for step, batch in enumerate(batches(tok, 4), start=1):
+            loss = model(**batch).loss
+            losses[step] = loss.item()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(step)
+    model_recs = {r["step"]: r["metrics"] for r in _metrics(tmp_path / "topomon") if r["layer"] == "model"}
+    assert sorted(model_recs) == [2, 4] and mon.session.errors == 0
+    for step, m in model_recs.items():
+        assert m["logit_nll"] == pytest.approx(losses[step], rel=1e-4)
+        assert 0 <= m["logit_accuracy"] <= 1 and 0 < m["logit_entropy"] <= 6.3  # log(512) = 6.24
+
+
+def test_a_failing_webhook_and_a_raising_on_alert_are_counted_in_health_and_logged_once(
+    tok, tmp_path, caplog
+):
+    import logging
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: every delivery is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def on_alert(alert):
+        raise RuntimeError(f"pager down for {alert.rule}")
+
+    rules = [dict(ALWAYS[0], name=f"always_{i}") for i in range(3)]  # three alerts at the first capture
+    model = tiny_causal_lm("llama", seed=0)
+    caplog.set_level(logging.WARNING, logger="topomon")
+    with topomon.watch(
+        model,
+        tok,
+        output_dir=tmp_path,
+        schedule="every",
+        every_n_steps=2,
+        worker="sync",
+        topology=False,
+        alerts=rules,
+        webhook_url=f"http://127.0.0.1:{port}/hook",
+        on_alert=on_alert,
+    ) as mon:
+        train(model, tok, mon, steps=2)
+    h = mon.health()
+    assert h["alerts"] == 3
+    assert h["sink_errors_on_alert"] == 3 and h["sink_errors_webhook"] == 3
+    assert "sink_errors_log" not in h and "sink_errors_tensorboard" not in h
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([m for m in lines if "on_alert" in m and "pager down" in m]) == 1, lines
+    assert len([m for m in lines if "webhook" in m and "delivery failed" in m]) == 1, lines
+    assert not any(str(port) in m and "/hook" in m for m in lines)  # the path may be a secret

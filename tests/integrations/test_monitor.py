@@ -363,3 +363,28 @@ def test_configuration_errors_stop_before_the_first_step(model, tok, sft_data, t
             callbacks=[TopoMonitor(custom_metrics={"x": "nowhere:fn"})],
         )
         trainer.train()
+
+
+def test_passive_mode_takes_the_logit_metrics_from_the_training_forward_of_trl_sft(tok, sft_data, tmp_path):
+    """TRL's SFT forward returns no logits (a fused LM head): the statistics come from its final hidden
+    states, and over every token (no subsample, the first one too) they are TRL's own entropy and accuracy."""
+    from topomon.testing import tiny_causal_lm
+
+    mon = TopoMonitor(
+        mode="passive",
+        schedule="every",
+        every_n_steps=2,
+        worker="sync",
+        max_points=4096,
+        exclude_first=False,
+        topology=False,
+    )
+    trainer = run_sft(tiny_causal_lm("llama", seed=0), tok, sft_data, tmp_path, mon)
+    logged = {h["step"]: h for h in trainer.state.log_history if "entropy" in h}
+    recs = [r for r in read_jsonl(tmp_path / "topomon" / "metrics.jsonl") if r["kind"] == "metrics"]
+    model = {r["step"]: r["metrics"] for r in recs if r["layer"] == "model"}
+    assert sorted(model) == [2, 4] and mon.errors == 0
+    for step, m in model.items():
+        assert m["logit_entropy"] == pytest.approx(logged[step]["entropy"], rel=1e-4)
+        assert m["logit_accuracy"] == pytest.approx(logged[step]["mean_token_accuracy"], abs=1e-6)
+        assert 0 < m["logit_nll"] and 0 <= m["logit_ece"] <= 1

@@ -110,7 +110,7 @@ def test_metric_names_and_needs_follow_the_enabled_families_only():
 def test_compute_options_takes_the_logits_and_lora_switches_from_the_config_or_the_caller():
     assert compute_options(MonitorConfig(), ["final_norm"], 2).logits
     assert not compute_options(MonitorConfig(logits=False), ["final_norm"], 2).logits
-    assert not compute_options(MonitorConfig(mode="passive"), ["final_norm"], 2).logits
+    assert compute_options(MonitorConfig(mode="passive"), ["final_norm"], 2).logits
     assert not compute_options(MonitorConfig(lora_metrics=False), ["final_norm"], 2).lora
     assert not compute_options(MonitorConfig(), ["final_norm"], 2, lora=False).lora
     assert compute_options(MonitorConfig(logits=False), ["final_norm"], 2, logits=True).logits
@@ -289,3 +289,26 @@ def test_the_static_check_sees_what_the_old_code_did(tmp_path):
     found = family_mentions(old, {"rankme", "h1_total_persistence", "topo_drift"}, root=tmp_path)
     kinds = sorted(f.split(": ", 1)[1].split(" ")[0] for f in found)
     assert kinds == ["builds", "lists", "names", "names", "passes", "writes"], found
+
+
+def test_a_family_named_in_families_is_on_only_for_the_options_that_name_it():
+    from topomon.metrics.families import load_families
+
+    spec = "tests.metrics.user_family:ROWS"
+    try:
+        (fam,) = load_families([spec])
+        assert load_families([spec]) == (fam,) and family("user_rows") is fam  # registered once
+        named = ComputeOptions(topology=False, families=(spec,))
+        assert "user_rows" in named.metric_names()
+        rec = MetricEngine(named).process(Snapshot(0, "s", {"a": cloud()}))[0]
+        assert rec.metrics["user_rows"] == 60
+        # a later stage of the same process that does not name it: off, and said so
+        other = ComputeOptions(topology=False)
+        assert "user_rows" not in other.metric_names()
+        assert explain_unknown("user_rows", other) == (
+            "metric 'user_rows' belongs to the family 'user_rows', which is off: name it in `families`"
+        )
+    finally:
+        unregister_family("user_rows")
+    with pytest.raises(ValueError, match="must name a MetricFamily in module 'numpy', found nothing"):
+        load_families(["numpy:NO_SUCH_FAMILY"])

@@ -75,6 +75,7 @@ BAD: dict[str, list] = {
     "worker_priority": [None, "lowest", 19],
     "seed": [1.5, -1, 2**40],
     "custom_metrics": [["a:b"], {"x": "nocolon"}, {"": "a:b"}, {"x": 3}],
+    "families": ["a:b", ["nocolon"], [3], {"a": "b:c"}],
     "alerts": [5, "defualt", [1], [{"type": "drop"}], [{"type": "drop", "metric": "rankme", "colour": 1}]],
     "webhook_url": [5, "ftp://example.com/hook", "file:///etc/passwd", "http://", "example.com/hook"],
     "actions": ["stop", [1], [{"kind": "explode"}], [{"kind": "replay", "value": -1}]],

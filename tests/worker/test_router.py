@@ -23,7 +23,7 @@ def test_submissions_and_results_on_two_threads_lose_no_alert_check(tmp_path):
     run = RunDir(tmp_path)
     run.ensure()
     engine = CountingEngine()
-    router = ResultRouter(run, "sft", alert_engine=engine, alert_sinks=None, base_alias_step=None)
+    router = ResultRouter(run, "sft", alert_engine=engine, base_alias_step=None)
     n = 400
     errors = []
     started = threading.Barrier(2)
@@ -72,7 +72,7 @@ def test_an_alert_fired_before_a_checkpoint_but_not_yet_acted_on_survives_the_re
         run = RunDir(path)
         run.ensure()
         engine = AlertEngine([DropRule("rankme", layer="layer_0", threshold=0.2)], ["rankme"])
-        return ResultRouter(run, "sft", alert_engine=engine, alert_sinks=None, base_alias_step=None)
+        return ResultRouter(run, "sft", alert_engine=engine, base_alias_step=None)
 
     live = router(tmp_path / "a")
     live([MetricRecord(0, "sft", "layer_0", {"rankme": 10.0})])

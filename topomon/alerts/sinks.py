@@ -3,7 +3,9 @@
 A sink is any object with ``__call__(alert) -> None`` and ``close() -> None``
 (:class:`AlertSink`). Sinks only render: the rules decide. The webhook never blocks the training
 loop (a bounded queue feeds a daemon thread; a full queue drops and counts) and never logs
-credentials; :class:`MultiSink` fans out so that one failing sink never stops the others.
+credentials. The monitor puts them behind :class:`topomon.sinks.base.SinkFan` (as
+:class:`~topomon.sinks.base.AlertsOnly`), which counts every failure in its health under the sink's
+name; :class:`MultiSink` is a plain fan-out for use on their own.
 
 Example:
     >>> sink = MultiSink([LogSink(), CallableSink(print)])
@@ -142,7 +144,7 @@ class JsonlAlertSink:
 
 
 class CallableSink:
-    """Alerts passed to a function; its exceptions are caught and counted, never raised.
+    """Alerts passed to a function; its exceptions are caught, counted and logged once, never raised.
 
     Args:
         fn: called as ``fn(alert)``.
@@ -172,6 +174,10 @@ class CallableSink:
         except Exception as exc:
             self.errors += 1
             self.last_error = repr(exc)
+            if self.errors == 1:
+                _LOG.warning(
+                    "topomon: the alert callable %r failed (%r); counted, never raised", self.fn, exc
+                )
 
     def close(self) -> None:
         """Nothing to release."""
@@ -506,6 +512,9 @@ class TensorBoardAlertSink:
 class MultiSink:
     """Fan-out: every alert goes to every sink; one sink's failure never stops the others.
 
+    A sink's first failure is logged; all are counted. (The monitor itself puts its alert sinks
+    behind :class:`topomon.sinks.base.SinkFan`, which counts them in its health.)
+
     Args:
         sinks: the sinks.
 
@@ -531,6 +540,8 @@ class MultiSink:
         self.errors += 1
         self.errors_by_sink[i] += 1
         self.last_error = f"{type(self.sinks[i]).__name__}: {exc!r}"
+        if self.errors_by_sink[i] == 1:
+            _LOG.warning("topomon: the alert sink %s failed; counted, never raised", self.last_error)
 
     def __call__(self, alert: Alert) -> None:
         """Send ``alert`` to every sink, catching and counting their exceptions."""

@@ -4,10 +4,19 @@ Armed before a capture step, the hooks take the first forward of each chosen lay
 gradients enabled (the training forward; a DPO reference forward or any no-grad pass is skipped),
 subsample the counted tokens of that micro-batch, and detach them to CPU float32. Under gradient
 checkpointing a layer's forward runs again in the backward recompute: only the first call counts.
+
+When the families need logits, a hook on the decoder body (the model without its LM head) also
+takes the final hidden states of the training forward and sends the captured positions of each
+micro-batch through the LM head (:func:`~topomon.capture.logit_stats.reduce_logits_from_hidden`, as
+probe mode does; under FSDP the root's forward runs the head, and its logits are reduced): per-token
+next-token statistics against the forward's ``labels`` when it has them (else its ``input_ids``). It
+works whatever the trainer does with the logits (TRL's fused LM head computes none), and only
+``O(tokens)`` numbers leave the device, in ``snapshot.extras["logits/<stat>"]``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,11 +24,14 @@ import numpy as np
 import torch
 
 from topomon.capture.layers import unwrap_model
-from topomon.capture.probe import _hidden
+from topomon.capture.logit_stats import reduce_logits, reduce_logits_from_hidden
+from topomon.capture.probe import _hidden, _runner
 from topomon.metrics.preprocess import subsample_indices
 from topomon.types import Snapshot
 
 __all__ = ["PassiveCapture"]
+
+logger = logging.getLogger("topomon")
 
 
 class PassiveCapture:
@@ -30,15 +42,28 @@ class PassiveCapture:
         max_points: tokens kept per layer (a seeded random subset of the counted positions).
         exclude_first: skip the first non-pad position of each sequence.
         seed: base seed; the subset of a step is drawn with ``seed + step``.
+        needs: what the metric families need; with ``"logits"``, the training forward's logits are
+            reduced at the captured positions too.
     """
 
     def __init__(
-        self, modules: dict[str, torch.nn.Module], *, max_points: int, exclude_first: bool, seed: int
+        self,
+        modules: dict[str, torch.nn.Module],
+        *,
+        max_points: int,
+        exclude_first: bool,
+        seed: int,
+        needs: frozenset[str] = frozenset(),
     ):
         self.modules = modules
         self.max_points = max_points
         self.exclude_first = exclude_first
         self.seed = seed
+        self.logits = "logits" in needs
+        self._targets: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._stats: dict[str, list[np.ndarray]] = {}
+        self._head: Any = None
+        self._warned = False
         self._handles: list[Any] = []
         self._armed_step: int | None = None
         self._mask: torch.Tensor | None = None
@@ -55,6 +80,13 @@ class PassiveCapture:
         self.detach()
         base = unwrap_model(model)
         self._handles.append(base.register_forward_pre_hook(self._pre, with_kwargs=True))
+        if self.logits:
+            getter = getattr(base, "get_output_embeddings", None)
+            self._head = getter() if callable(getter) else None
+            if self._head is None:
+                self._warn("the model has no output embeddings (LM head)")
+            else:  # the decoder body; the root under FSDP (whose forward runs the LM head itself)
+                self._handles.append(_runner(model, base).register_forward_hook(self._logits))
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_hook(lambda _m, _i, out, _n=name: self._take(_n, out)))
 
@@ -72,6 +104,7 @@ class PassiveCapture:
         self._forwards = 0
         self._taken = set()
         self._parts = {}
+        self._stats = {}
         self._seconds = 0.0
 
     @property
@@ -103,7 +136,44 @@ class PassiveCapture:
             keep = torch.randperm(len(rows), generator=g)[: self.max_points].sort().values
             rows, cols = rows[keep], cols[keep]
         self._rows, self._cols = rows, cols
+        labels = kwargs.get("labels")
+        self._targets = (ids, kwargs.get("attention_mask"), labels) if isinstance(ids, torch.Tensor) else None
         self._seconds += time.perf_counter() - t0
+
+    def _logits(self, _module: Any, _args: Any, out: Any) -> None:
+        """The training forward's final hidden states (or logits) -> statistics at the captured positions."""
+        targets, self._targets = self._targets, None
+        rows, cols = self._rows, self._cols
+        if self._armed_step is None or rows is None or cols is None or not torch.is_grad_enabled():
+            return
+        t0 = time.perf_counter()
+        try:
+            if targets is None:
+                raise ValueError("the training forward was given no input_ids")
+            ids, mask, labels = targets
+            logits = getattr(out, "logits", None)
+            if isinstance(logits, torch.Tensor):  # the FSDP root's output
+                stats = reduce_logits(logits.detach(), ids, mask, labels=labels, at=(rows, cols))
+            else:
+                hidden = _hidden(out).detach()
+                stats = reduce_logits_from_hidden(
+                    hidden, self._head, ids, mask, labels=labels, at=(rows, cols)
+                )
+        except (TypeError, ValueError, RuntimeError) as e:  # e.g. embeddings given instead of ids
+            self._warn(str(e))
+            return
+        for k, v in stats.items():
+            self._stats.setdefault(k, []).append(v)
+        self._seconds += time.perf_counter() - t0
+
+    def _warn(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "topomon: passive mode cannot take the next-token statistics of the training forward "
+                "(%s): the logits family gets none; set logits=False, or use mode='probe'",
+                why,
+            )
 
     def _take(self, name: str, out: Any) -> None:
         if (
@@ -136,7 +206,9 @@ class PassiveCapture:
         for name, chunks in parts.items():
             points = np.concatenate(chunks, axis=0)
             layers[name] = points[subsample_indices(len(points), self.max_points, self.seed + step)]
-        snap = Snapshot(step=step, stage=stage, layers=layers)
+        stats, self._stats = self._stats, {}
+        extras = {f"logits/{k}": np.concatenate(v) for k, v in stats.items()}
+        snap = Snapshot(step=step, stage=stage, layers=layers, extras=extras)
         snap.meta.update(
             {
                 "capture_seconds": self._seconds,

@@ -3,8 +3,10 @@
 The engine, the router, the report and the config checks read these declarations; none of them
 names a family or a metric of one. A family is a :class:`MetricFamily` and a
 :class:`FamilyComputer` (one instance per engine: it computes the family and keeps its state across
-captures). Adding a family is one declaration plus :func:`register_family`; the user's
-``custom_metrics`` become one more family, built from the options (:func:`custom_family`).
+captures). Adding a family is one declaration in an importable module, named in
+``MonitorConfig.families`` as ``"module:OBJECT"`` (:func:`load_families` registers it in the training
+process and in the worker); the user's ``custom_metrics`` become one more family, built from the
+options (:func:`custom_family`).
 
 Example:
     >>> [f.name for f in families()]
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASE_KEYS",
+    "BUILTIN_FAMILIES",
     "MODEL_LAYER",
     "NEEDS",
     "SCOPES",
@@ -56,10 +59,13 @@ __all__ = [
     "family",
     "family_of",
     "headline_keys",
+    "load_families",
     "register_family",
     "relative_keys",
     "resolve_function",
     "unregister_family",
+    "unshipped_families",
+    "worker_importable",
 ]
 
 MODEL_LAYER = "model"
@@ -144,7 +150,7 @@ class MetricFamily:
         scope: ``"layer"`` (one value per captured layer) or ``"model"`` (layer ``"model"``).
         keys: the metric names it produces, in order.
         needs: what the capture must gather for it, among :data:`NEEDS`.
-        switch: how a user turns it on, for messages: ``"set logits=True (probe mode)"``.
+        switch: how a user turns it on, for messages: ``"set logits=True"``.
         is_on: whether it is on for some :class:`~topomon.worker.engine.ComputeOptions`.
         start: builds one engine's :class:`FamilyComputer` from the options (may raise ValueError).
         relative: keys that get ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves.
@@ -191,18 +197,31 @@ class MetricFamily:
                 raise ValueError(f"`{what}` of family {self.name!r} names {extra}, not among its keys")
 
     def enabled(self, options: ComputeOptions) -> bool:
-        """Whether these options compute the family."""
+        """Whether these options compute the family.
+
+        A family that came in by name (``MonitorConfig.families``) is on only for options that name
+        it: a later stage of the same process without it does not compute it.
+        """
+        if self.name in _LOADED.values() and self.name not in {_LOADED.get(s) for s in options.families}:
+            return False
         return bool(self.is_on(options))
 
 
 # -- the registry
 
 _REGISTRY: dict[str, MetricFamily] = {}
+_LOADED: dict[str, str] = {}
+"""``"module:OBJECT"`` -> the name of the family it holds, for every spec :func:`load_families` loaded."""
 CUSTOM = "custom"
 
 
 def register_family(fam: MetricFamily, *, replace: bool = False) -> MetricFamily:
     """Add a family to the registry (the engine computes it where its ``is_on`` says so).
+
+    The registry is this process's: a worker process (``worker="process"``, the default) does not
+    see a family registered here, and a monitor with one is a ``ConfigError`` before step 1. A user
+    family is named in ``MonitorConfig.families`` instead (:func:`load_families` registers it in the
+    training process and in the worker).
 
     Raises:
         ValueError: the name is taken (and not ``replace``), or a key belongs to another family.
@@ -218,8 +237,10 @@ def register_family(fam: MetricFamily, *, replace: bool = False) -> MetricFamily
 
 
 def unregister_family(name: str) -> None:
-    """Remove a registered family (no error when absent)."""
+    """Remove a registered family (no error when absent), and forget the specs that loaded it."""
     _REGISTRY.pop(name, None)
+    for spec in [s for s, n in _LOADED.items() if n == name]:
+        del _LOADED[spec]
 
 
 def families() -> tuple[MetricFamily, ...]:
@@ -273,7 +294,7 @@ def explain_unknown(metric: str, options: ComputeOptions) -> str | None:
     Example:
         >>> from topomon.worker.engine import ComputeOptions
         >>> explain_unknown("logit_entropy", ComputeOptions(logits=False))
-        "metric 'logit_entropy' belongs to the family 'logits', which is off: set logits=True (probe mode)"
+        "metric 'logit_entropy' belongs to the family 'logits', which is off: set logits=True"
     """
     fam = family_of(metric)
     if fam is None or fam.enabled(options):
@@ -459,23 +480,76 @@ class _Lora(FamilyComputer):
         return FamilyOutput(dict(zip(LORA.keys, values, strict=True)))
 
 
+def _import_spec(spec: str, what: str, form: str) -> tuple[str, str, Any]:
+    """``(module, name, object)`` of ``"package.module:name"`` (object None when the module lacks it).
+
+    Raises:
+        ValueError: a malformed spec or a module that cannot be imported (``what`` names it).
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"a {what} must be given as '{form}', got {spec!r}")
+    mod_name, name = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {mod_name!r} of {what} {spec!r}: {e}") from None
+    return mod_name, name, getattr(mod, name, None)
+
+
 def resolve_function(spec: str) -> Callable[..., Any]:
     """Import ``"package.module:function"``.
 
     Raises:
         ValueError: when the spec is malformed, the module cannot be imported or has no such callable.
     """
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"a custom metric must be given as 'module:function', got {spec!r}")
-    mod_name, fn_name = spec.split(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import module {mod_name!r} of custom metric {spec!r}: {e}") from None
-    fn = getattr(mod, fn_name, None)
+    mod_name, fn_name, fn = _import_spec(spec, "custom metric", "module:function")
     if not callable(fn):
         raise ValueError(f"module {mod_name!r} has no callable {fn_name!r} (custom metric {spec!r})")
     return fn
+
+
+def worker_importable(spec: str) -> bool:
+    """Whether a spawned worker process can import ``"module:name"``: not from the training script.
+
+    The worker never runs the training script (``__main__`` is hidden from it, so that a script
+    without a ``__main__`` guard does not train again inside the worker).
+    """
+    return spec.split(":", 1)[0] not in ("__main__", "__mp_main__")
+
+
+def load_families(specs: Iterable[str]) -> tuple[MetricFamily, ...]:
+    """Import the user's families named ``"module:OBJECT"`` and register each once.
+
+    The engine calls it with :attr:`ComputeOptions.families`, so a worker process imports the same
+    families as the training process (a family object cannot cross to it: it holds functions).
+    A module that registers its family itself at import is fine.
+
+    Raises:
+        ValueError: a malformed spec, a module that cannot be imported, an object that is not a
+            :class:`MetricFamily`, or a name or key that another family holds.
+    """
+    out = []
+    for spec in specs:
+        mod_name, name, fam = _import_spec(spec, "metric family", "module:OBJECT")
+        if not isinstance(fam, MetricFamily):
+            got = "nothing" if fam is None else type(fam).__name__
+            raise ValueError(f"{spec!r} must name a MetricFamily in module {mod_name!r}, found {got}")
+        if _REGISTRY.get(fam.name) is not fam:
+            register_family(fam)
+        _LOADED[spec] = fam.name
+        out.append(fam)
+    return tuple(out)
+
+
+def unshipped_families(options: ComputeOptions) -> tuple[MetricFamily, ...]:
+    """The enabled families a spawned worker would not compute: registered in this process only.
+
+    A worker process imports topomon's own families and those of ``options.families``; a family that
+    reached the registry any other way (``register_family`` in the training script) is known here
+    (alert rules on it pass) but never computed there.
+    """
+    shipped = {*BUILTIN_FAMILIES, CUSTOM, *(_LOADED.get(s) for s in options.families)}
+    return tuple(f for f in enabled_families(options) if f.name not in shipped)
 
 
 class _Custom(FamilyComputer):
@@ -564,7 +638,7 @@ LOGITS = MetricFamily(
     scope="model",
     keys=("logit_entropy", "logit_top1_prob", "logit_accuracy", "logit_ece", "logit_nll"),
     needs=frozenset({"logits"}),
-    switch="set logits=True (probe mode)",
+    switch="set logits=True",
     is_on=lambda o: o.logits,
     start=_Logits,
     higher_is_better={"logit_accuracy": True, "logit_ece": False, "logit_nll": False},
@@ -611,3 +685,6 @@ MASSIVE = MetricFamily(
 for _fam in (SPECTRAL, TOPOLOGY, LOGITS, TRAJECTORY, LORA, MASSIVE):
     register_family(_fam)
 del _fam
+
+BUILTIN_FAMILIES: frozenset[str] = frozenset(_REGISTRY)
+"""The names of topomon's own families (every worker has them)."""

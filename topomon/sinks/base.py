@@ -3,20 +3,21 @@
 A :class:`RecordSink` receives, on the collector thread, the records of each capture (at their
 capture step), plain scalars (relative curves, the monitor's health counters, intervention values)
 and the alerts. TensorBoard is one; the trackers (W&B, MLflow, trackio) and a Lightning logger are
-others. :class:`SinkFan` calls them all; a sink that raises is counted and logged once, never raised
-into training, and the others still receive everything.
+others; the alert sinks (the log, the webhook, the ``on_alert`` callable) join them as
+:class:`AlertsOnly`. :class:`SinkFan` calls them all; a sink that raises is counted and logged once,
+never raised into training, and the others still receive everything.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from topomon.types import Alert, MetricRecord
 
-__all__ = ["RecordSink", "SinkFan"]
+__all__ = ["AlertsOnly", "RecordSink", "SinkFan"]
 
 logger = logging.getLogger("topomon")
 
@@ -42,6 +43,54 @@ class RecordSink(Protocol):
 
     def close(self) -> None:
         """Flush and release (idempotent)."""
+
+
+class AlertsOnly:
+    """An alert sink (``sink(alert)``, optionally ``close()``) as a :class:`RecordSink` of alerts only.
+
+    A sink that delivers on a thread of its own (:class:`~topomon.alerts.sinks.WebhookSink`) counts
+    its failures itself, as ``failed`` and ``dropped``: they are this sink's ``failures`` and
+    ``abandoned``, which :meth:`SinkFan.counters` adds to the calls that raised.
+
+    Args:
+        name: the name in health counters and messages (``"webhook"``, ``"on_alert"``).
+        sink: called with each alert.
+
+    Example:
+        >>> fan = SinkFan([AlertsOnly("on_alert", print)])
+    """
+
+    def __init__(self, name: str, sink: Callable[[Alert], Any]):
+        if not callable(sink):
+            raise TypeError(f"the alert sink {name!r} must be callable, got {type(sink).__name__}")
+        self.name = name
+        self.sink = sink
+
+    def write_records(self, records: list[MetricRecord], *, figures: bool) -> None:
+        """Records are not for this sink."""
+
+    def write_scalars(self, values: Mapping[str, float], step: int, prefix: str) -> None:
+        """Scalars are not for this sink."""
+
+    def write_alert(self, alert: Alert) -> None:
+        """Deliver the alert (an exception reaches the fan, which counts it)."""
+        self.sink(alert)
+
+    def close(self) -> None:
+        """Close the sink, when it has ``close``."""
+        close = getattr(self.sink, "close", None)
+        if callable(close):
+            close()
+
+    @property
+    def failures(self) -> int:
+        """Deliveries the sink's own thread counted as failed."""
+        return int(getattr(self.sink, "failed", 0))
+
+    @property
+    def abandoned(self) -> int:
+        """Alerts the sink dropped (its queue full, or left at close)."""
+        return int(getattr(self.sink, "dropped", 0))
 
 
 class SinkFan:

@@ -24,6 +24,7 @@ from topomon.metrics.families import (
     FamilyInput,
     MetricFamily,
     enabled_families,
+    load_families,
     resolve_function,
 )
 from topomon.metrics.preprocess import DEFAULT_TREATMENT, prepare_points
@@ -57,6 +58,8 @@ class ComputeOptions:
         seed: seed of the fixed topology subsample.
         custom_metrics: metric name -> "module:function" taking ``(n, d)`` points and returning a
             float or a dict of floats (names prefixed with the metric name).
+        families: the user's metric families, ``"module:OBJECT"`` each (``MonitorConfig.families``):
+            the engine imports and registers them, in the worker process too.
         threads: threads of the worker: BLAS/OpenMP (applied by the executor) and giotto-ph's.
         priority: CPU priority of the worker process, "idle", "low" or "normal" (applied by the
             process executor).
@@ -64,7 +67,8 @@ class ComputeOptions:
             layer: pooling "all" in probe mode, or passive mode).
         lora_reference: ``.npz`` files of earlier stages' LoRA update subspaces (the LoRA family's
             overlap with earlier stages).
-        logits: the next-token statistics family (the capture reduces the logits: probe mode).
+        logits: the next-token statistics family (the capture reduces the logits: the probe
+            forward's, or the training forward's in passive mode).
         lora: the LoRA-update family (the capture gathers the factors of a model with adapters).
 
     Model-level metrics (layer ``"model"``) come from the snapshot's extras when present:
@@ -85,6 +89,7 @@ class ComputeOptions:
     alpha_window: tuple[int, int] = (6, 100)
     seed: int = 0
     custom_metrics: Mapping[str, str] = field(default_factory=dict)
+    families: tuple[str, ...] = ()
     threads: int = 1
     priority: str = "low"
     trajectory: bool = True
@@ -130,6 +135,7 @@ class MetricEngine:
 
     def __init__(self, options: ComputeOptions):
         self.options = options
+        load_families(options.families)  # in a worker process, the user's families register here
         fams = [(f, f.start(options)) for f in enabled_families(options)]  # custom: ValueError here
         self._families = fams
         self._layer_families = [(f, c) for f, c in fams if f.scope == "layer"]
