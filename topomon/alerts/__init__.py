@@ -16,19 +16,23 @@ Example:
     ([], ['drop'])
 """
 
-from topomon.alerts.base import Rule
+from topomon.alerts.base import TRAINER_LAYER, Rule
+from topomon.alerts.composite import CompositeRule
 from topomon.alerts.decisions import (
     BASELINES,
     DIRECTIONS,
     SEVERITIES,
+    SIDED_DIRECTIONS,
     Decision,
     TrendStats,
     evaluate_drop,
+    evaluate_k_of_n,
     evaluate_nonfinite,
     evaluate_spike,
     evaluate_threshold,
     evaluate_trend,
     hysteresis_step,
+    parts_within,
     relative_change,
     robust_zscore,
     trend_statistics,
@@ -64,6 +68,8 @@ __all__ = [
     "TrendRule",
     "ThresholdRule",
     "NonFiniteRule",
+    "CompositeRule",
+    "TRAINER_LAYER",
     "RULE_TYPES",
     "rules_from_config",
     "default_rules",
@@ -72,6 +78,7 @@ __all__ = [
     "TrendStats",
     "BASELINES",
     "DIRECTIONS",
+    "SIDED_DIRECTIONS",
     "SEVERITIES",
     "relative_change",
     "evaluate_drop",
@@ -81,6 +88,8 @@ __all__ = [
     "evaluate_trend",
     "evaluate_threshold",
     "evaluate_nonfinite",
+    "evaluate_k_of_n",
+    "parts_within",
     "hysteresis_step",
     # the alert record and where alerts go
     "Alert",

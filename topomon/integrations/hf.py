@@ -166,6 +166,17 @@ class TopoMonitor(TrainerCallback):
         """Capture when the schedule says so; act on alerts (checkpoint and stop through ``control``)."""
         self.session.step_end(int(state.global_step), model, control)
 
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """The trainer's logged values to the rules on layer ``"trainer"``; actions set ``control`` now.
+
+        ``logs`` holds ``loss``, ``grad_norm``, ``learning_rate``, TRL's ``entropy`` ... (and
+        ``eval_*`` after an evaluation); the Trainer saves and stops right after its log.
+        """
+        if logs:
+            self.session.log(int(state.global_step), logs, control)
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """LoRA update decorrelation adds its gradient here (after clipping, before the step)."""
         self.session.pre_optimizer_step()
