@@ -158,3 +158,17 @@ def test_a_plain_loop_passes_its_logs_and_a_stop_acts_on_them(tok, tmp_path, cap
     assert len(losses) < 12  # stopped at the step the rule fired
     assert a["value"] == pytest.approx(sum(losses[-2:]) / 2)
     assert "reads the trainer's 'gradnorm': no log gave it (did you mean ['grad_norm']?)" in caplog.text
+
+
+def test_lightning_feeds_what_the_module_logs_and_a_stop_acts_on_it(tok, tmp_path):
+    from tests.integrations.test_lightning import LitLM, fit
+    from topomon.integrations.lightning import TopoMonitorCallback
+
+    rule = {**LOSS_DOWN, "metric": "train_loss", "threshold": 0.03}
+    mon = TopoMonitorCallback(
+        every_n_steps=100, worker="sync", alerts=[rule], actions=[{"kind": "stop", "rules": ["loss_down"]}]
+    )
+    trainer = fit(LitLM(tiny_causal_lm("llama", seed=0), tok, lr=5e-3), tok, tmp_path, [mon], max_steps=12)
+    (a,) = [x for x in read_jsonl(tmp_path / "topomon" / "alerts.jsonl") if x["kind"] == "alert"]
+    assert (a["rule"], a["layer"], a["metric"], a["reason"]) == ("loss_down", "trainer", "train_loss", "drop")
+    assert trainer.global_step == a["step"] < 12  # the stop acted at the step the rule fired
