@@ -172,3 +172,26 @@ def test_lightning_feeds_what_the_module_logs_and_a_stop_acts_on_it(tok, tmp_pat
     (a,) = [x for x in read_jsonl(tmp_path / "topomon" / "alerts.jsonl") if x["kind"] == "alert"]
     assert (a["rule"], a["layer"], a["metric"], a["reason"]) == ("loss_down", "trainer", "train_loss", "drop")
     assert trainer.global_step == a["step"] < 12  # the stop acted at the step the rule fired
+
+
+def test_offline_probe_replays_the_checkpoints_trainer_logs_to_the_same_alert(tok, sft_data, tmp_path):
+    from topomon.offline import probe_checkpoints
+
+    run_dir = tmp_path / "run"
+    mon = TopoMonitor(
+        run_dir=str(run_dir), stage="sft", every_n_steps=100, worker="sync", layers=[-1], alerts=[LOSS_DOWN]
+    )
+    model = tiny_causal_lm("llama", num_layers=4, hidden_size=32, seed=0)
+    out = tmp_path / "out"
+    run_sft(
+        model, tok, sft_data, out, mon, max_steps=6, save_strategy="steps", save_steps=3, learning_rate=5e-3
+    )
+    probe_checkpoints(
+        [str(out / "checkpoint-3"), str(out / "checkpoint-6")], str(run_dir), like="sft", progress=False
+    )
+    alerts = [a for a in read_jsonl(run_dir / "alerts.jsonl") if a["kind"] == "alert"]
+    live, offline = ([a for a in alerts if a["stage"] == s] for s in ("sft", "probe"))
+    assert len(live) == 1 and [(a["rule"], a["step"], a["layer"]) for a in offline] == [
+        ("loss_down", live[0]["step"], "trainer")
+    ]
+    assert offline[0]["value"] == pytest.approx(live[0]["value"], rel=1e-6)
