@@ -386,3 +386,17 @@ def test_the_rl_syntax_two_sided_entropy_on_probe_and_trainer_and_reward():
     engine = AlertEngine(rules_from_config(list(c.alerts)), known_metrics=["logit_entropy"])
     assert engine.trainer_metrics == ("entropy", "reward", "rewards/accuracy_reward/mean")
     assert TRAINER_LAYER == "trainer"
+
+
+def test_the_readme_example_builds_and_checks_against_the_probe_metrics():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Alerts and interventions", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    c = MonitorConfig.from_dict(yaml.safe_load(block))
+    rules = rules_from_config(list(c.alerts))
+    engine = AlertEngine(rules, known_metrics=["rankme", "logit_nll", "logit_entropy"])
+    assert engine.trainer_metrics == ("loss",)
+    assert [r.kind for r in rules] == ["drop", "drop", "drop", "composite"]
+    assert c.actions[0]["rules"] == ["collapse_confirmed"]
