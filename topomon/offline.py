@@ -150,7 +150,7 @@ def probe_checkpoints(
     bar = tqdm(
         list(zip(checkpoints, step_of, strict=True)), desc="topomon probe", unit="ckpt", disable=not progress
     )
-    logged = -1  # the last trainer log step fed to the rules
+    fed = 0  # trainer log entries fed to the rules so far
     try:
         for path, step in bar:
             bar.set_postfix_str(os.path.basename(os.path.normpath(path)))
@@ -159,12 +159,16 @@ def probe_checkpoints(
                 session.begin(
                     model, tokenizer=tok, baseline=False, info={"offline": True, "like": like}, sinks=sinks
                 )
-            for entry in trainer_logs(path):  # the trainer's values up to this checkpoint, then its capture
-                if logged < entry["step"] <= step:
-                    session.log(
-                        entry["step"] - session.step_offset, {k: v for k, v in entry.items() if k != "step"}
-                    )
-                    logged = entry["step"]
+            # the trainer's values up to this checkpoint, then its capture: a run's log history only
+            # grows, so a later checkpoint's starts with the entries fed already (an evaluation's
+            # entry shares its step with the training log before it)
+            history = trainer_logs(path)
+            while fed < len(history) and history[fed]["step"] <= step:
+                entry = history[fed]
+                session.log(
+                    entry["step"] - session.step_offset, {k: v for k, v in entry.items() if k != "step"}
+                )
+                fed += 1
             session.capture(model, step)
             if session.errors:
                 raise RuntimeError(f"topomon probe failed on {path}: {session.last_error}")

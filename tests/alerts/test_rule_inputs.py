@@ -399,4 +399,7 @@ def test_the_readme_example_builds_and_checks_against_the_probe_metrics():
     engine = AlertEngine(rules, known_metrics=["rankme", "logit_nll", "logit_entropy"])
     assert engine.trainer_metrics == ("loss",)
     assert [r.kind for r in rules] == ["drop", "drop", "drop", "composite"]
+    # what a check of the layers against the captured ones reads, through nested parts
+    assert rules[3].series == (("final_norm", "rankme"), ("model", "logit_nll"), ("trainer", "loss"))
+    assert rules[0].series == (("trainer", "loss"),)
     assert c.actions[0]["rules"] == ["collapse_confirmed"]

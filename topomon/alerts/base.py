@@ -91,6 +91,14 @@ class Rule:
         """The trainer's log keys this rule reads (layer ``"trainer"``; known only once logged)."""
         return ()
 
+    @property
+    def series(self) -> tuple[tuple[str, str], ...]:
+        """Every ``(layer, metric)`` this rule reads (a composite: its parts' series).
+
+        A layer is a captured layer's name, ``"*"``, ``"mean"``, ``"model"`` or :data:`TRAINER_LAYER`.
+        """
+        return tuple((self.layer, m) for m in (*self.metrics, *self.trainer_metrics))
+
     def config(self) -> dict[str, Any]:
         """The constructor arguments as a plain dict with ``type``: ``rules_from_config`` input.
 

@@ -3,11 +3,12 @@
 A :class:`CompositeRule` holds parts (rules of any type, composites included) and fires when at
 least ``k`` of them saw their condition within ``within`` steps of each other
 (:func:`~topomon.alerts.decisions.evaluate_k_of_n`). The parts keep their own baselines and
-histories, but never fire on their own: the composite has one cooldown, one hysteresis and raises
-ONE alert whose message names every part that counted. Parts may mix captured metrics and the
-trainer's logged values (layer ``"trainer"``), which arrive at different times (a capture's result
-comes back from the worker later than the loss of the same step): a part counts by the step its
-condition held at, not by when it arrived.
+histories, but never fire on their own (their ``cooldown`` and ``severity`` are not used): the
+composite has one cooldown, one hysteresis and raises ONE alert whose message names every part
+that counted. Parts may mix captured metrics and the trainer's logged values (layer
+``"trainer"``), which arrive at different times (a capture's result comes back from the worker
+later than the loss of the same step): a part counts by the step its condition held at, not by
+when it arrived.
 
 Example:
     >>> rule = CompositeRule(
@@ -137,6 +138,11 @@ class CompositeRule(Rule):
     def trainer_metrics(self) -> tuple[str, ...]:
         """The trainer's log keys of every part."""
         return _unique([m for r in self._parts for m in r.trainer_metrics])
+
+    @property
+    def series(self) -> tuple[tuple[str, str], ...]:
+        """The ``(layer, metric)`` series of every part."""
+        return tuple(dict.fromkeys(s for r in self._parts for s in r.series))
 
     def _metric_label(self) -> str:
         return "+".join(_unique([m for r in self._parts for m in (*r.metrics, *r.trainer_metrics)]))
