@@ -67,7 +67,8 @@ class Rule:
 
     Attributes:
         name: unique name of the rule (used in alerts and state dicts).
-        cooldown: captures after a firing during which the rule cannot fire again.
+        cooldown: updates of a series after a firing during which the rule cannot fire again (captures
+            for a captured metric, logs for a trainer value).
         severity: severity of the alerts it raises.
     """
 
