@@ -344,6 +344,13 @@ def test_a_drop_state_saved_before_windows_existed_still_loads():
     )
     (a,) = rule.update([rec(5, "final_norm", rankme=30.0)])
     assert a.reference == 40.0
+    # "base" falls back to the first value ever seen, which an old state holds without its stage
+    base = DropRule("rankme", layer="final_norm", baseline="base")
+    base.load_state_dict(
+        {"kind": "drop", "keys": {"final_norm": {"stage": "sft", "first": 50.0, "last": 45.0}}}
+    )
+    (a,) = base.update([rec(5, "final_norm", "dpo", rankme=40.0)])
+    assert (a.reference, a.reason) == (50.0, "drop")
 
 
 def test_new_rules_round_trip_through_config_and_yaml(tmp_path):

@@ -172,9 +172,9 @@ class DropRule(_SeriesRule):
                 st["stage_start"] = float(sum(st["head"]) / len(st["head"]))
             st["tail"] = [*st["tail"], value][-w:]
             st["last"] = float(sum(st["tail"]) / len(st["tail"]))
-            if st["first_stage"] is None:
+            if st["first"] is None:  # (a state saved before windows has ``first`` and no ``first_stage``)
                 st["first_stage"] = stage
-            if st["first_stage"] == stage and len(st["head"]) <= w:
+            if st["first_stage"] == stage:  # the head of the first stage seen, while it fills
                 st["first"] = st["stage_start"]
             if stage == self.base_stage:
                 st["base"] = st["stage_start"]
