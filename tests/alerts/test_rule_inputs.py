@@ -7,6 +7,8 @@ import math
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from topomon.alerts import (
     TRAINER_LAYER,
@@ -56,6 +58,19 @@ def test_two_sided_drop_decision_names_the_side():
     # one-sided rules keep their meaning: a rise never fires a drop rule
     assert not evaluate_drop(14.0, 10.0, 0.3, "drop").fired
     assert evaluate_drop(14.0, 10.0, 0.3, "rise").reason == "rise"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.floats(-1e6, 1e6, allow_nan=False),
+    st.floats(-1e6, 1e6, allow_nan=False).filter(lambda r: r != 0),
+    st.floats(1e-3, 10),
+)
+def test_both_fires_exactly_when_one_side_does_and_names_it(value, ref, threshold):
+    both = evaluate_drop(value, ref, threshold, "both")
+    drop, rise = (evaluate_drop(value, ref, threshold, d) for d in ("drop", "rise"))
+    assert both.fired == (drop.fired or rise.fired)
+    assert both.reason == ("drop" if drop.fired else "rise" if rise.fired else "ok")
 
 
 def test_two_sided_trend_follows_the_slope():
@@ -410,3 +425,13 @@ def test_the_readme_example_builds_and_checks_against_the_probe_metrics():
     assert rules[3].series == (("final_norm", "rankme"), ("model", "logit_nll"), ("trainer", "loss"))
     assert rules[0].series == (("trainer", "loss"),)
     assert c.actions[0]["rules"] == ["collapse_confirmed"]
+
+
+def test_spike_and_trend_rules_read_trainer_streams_too():
+    spike = SpikeRule("grad_norm", layer="trainer", z=6.0, direction="rise", min_history=4)
+    norms = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 9.0]
+    out = feed(spike, norms, metric="grad_norm")
+    assert list(out) == [6] and out[6][0].reason == "spike" and out[6][0].layer == "trainer"
+    trend = TrendRule("reward", layer="trainer", n=4, threshold=0.2, direction="drop")
+    out = feed(trend, [1.0, 1.0, 0.9, 0.8, 0.7, 0.6], metric="reward")
+    assert list(out) == [3] and out[3][0].reason == "trend"  # 1.0, 1.0, 0.9, 0.8: -22% fitted
