@@ -70,7 +70,7 @@ def test_both_fires_exactly_when_one_side_does_and_names_it(value, ref, threshol
     both = evaluate_drop(value, ref, threshold, "both")
     drop, rise = (evaluate_drop(value, ref, threshold, d) for d in ("drop", "rise"))
     assert both.fired == (drop.fired or rise.fired)
-    assert both.reason == ("drop" if drop.fired else "rise" if rise.fired else "ok")
+    assert both.reason == ("drop" if drop.fired else "rise" if rise.fired else drop.reason)  # ok, undefined
 
 
 def test_two_sided_trend_follows_the_slope():
