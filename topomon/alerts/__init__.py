@@ -3,7 +3,9 @@
 Modules: :mod:`~topomon.alerts.decisions` (pure functions returning a :class:`Decision`),
 :mod:`~topomon.alerts.base` (the :class:`Rule` base: state, cooldown, hysteresis),
 :mod:`~topomon.alerts.rules` (the concrete rules, :func:`rules_from_config`,
-:func:`default_rules`), :mod:`~topomon.alerts.engine` (:class:`AlertEngine`) and
+:func:`default_rules`), :mod:`~topomon.alerts.composite` (:class:`CompositeRule`: any-of, k-of-n,
+all-of within a window), :mod:`~topomon.alerts.engine` (:class:`AlertEngine`: captures' records and
+the trainer's logged values, layer :data:`TRAINER_LAYER`) and
 :mod:`~topomon.alerts.sinks` (where alerts go). Importing this package loads numpy and the
 standard library only.
 
