@@ -49,6 +49,8 @@ RULES = [
     },
     # SFT logs no reward: never judged, so said at the end
     {"type": "drop", "layer": "trainer", "metric": "reward", "threshold": 0.3},
+    # in the summary the Trainer logs after its loop: judged, but too late for its stop action
+    {"type": "threshold", "layer": "trainer", "metric": "train_runtime", "above": 0.0, "name": "after_loop"},
 ]
 
 
@@ -63,7 +65,7 @@ def sft_run(tmp_path_factory, tok, sft_data):
         topology=False,
         max_points=128,
         alerts=RULES,
-        actions=[{"kind": "checkpoint", "rules": ["loss_down"]}],
+        actions=[{"kind": "checkpoint", "rules": ["loss_down"]}, {"kind": "stop", "rules": ["after_loop"]}],
     )
     model = tiny_causal_lm("llama", num_layers=4, hidden_size=32, seed=0)
     trainer = run_sft(model, tok, sft_data, out, mon, max_steps=8, learning_rate=5e-3)
@@ -111,6 +113,13 @@ def test_a_composite_of_loss_and_probe_nll_fires_once_naming_both(sft_run):
     assert "[loss] step" in a["message"] and "[nll] step" in a["message"]
     parts = {r: fired(sft_run, r)[0]["step"] for r in ("loss_down", "nll_down")}
     assert a["step"] == max(parts.values()) and abs(parts["loss_down"] - parts["nll_down"]) <= 2
+
+
+def test_an_alert_on_the_summary_after_the_loop_is_reported_late_not_acted_on(sft_run):
+    (a,) = fired(sft_run, "after_loop")
+    assert a["step"] == 8 and sft_run["trainer"].state.global_step == 8
+    assert [x["action"] for x in sft_run["lines"] if x["kind"] == "action"] == ["checkpoint"]  # no stop
+    assert sft_run["mon"].session.alerts_after_end == 1
 
 
 def test_a_rule_no_trainer_log_feeds_is_counted_at_the_end(sft_run):
