@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 losses.append(float(totals[0] / totals[1]))
-                signals = mon.step(step)  # captures when due, applies the actions the alerts decided
+                # captures when due, applies the actions the alerts decided; the loss feeds rules on
+                # layer "trainer" ({"type": "drop", "layer": "trainer", "metric": "loss", ...})
+                signals = mon.step(step, logs={"loss": losses[-1]})
                 captured = "  captured" if step in mon.captures else ""
                 say(f"step {step:3d}/{a.steps}  loss {losses[-1]:.4f}{captured}")
                 if signals.should_save and main_process:

@@ -143,8 +143,10 @@ class MonitorConfig:
             topomon imports and registers them in the training process and in the worker
             (docs/ARCHITECTURE.md, "Extending it").
         alerts: "default" (final-norm RankMe -15% / effective rank -25% from the stage start, and
-            non-finite activations), a list of rule mappings (``topomon.alerts.rules_from_config``),
-            or None for no alerts.
+            non-finite activations), a list of rule mappings (``topomon.alerts.rules_from_config``:
+            ``drop`` / ``spike`` / ``trend`` / ``threshold`` / ``nonfinite`` / ``composite``; a
+            ``layer`` of the captured ones, ``"model"`` for model-level metrics such as ``logit_nll``,
+            or ``"trainer"`` for what the trainer logs, such as ``loss``), or None for no alerts.
         webhook_url: POST every alert as JSON to this http(s) URL (never blocks training).
         trackers: the experiment trackers that also get every curve, figure and alert, into the run
             the trainer (or you) started: None follows the trainer's ``report_to``, ``[]`` is none,

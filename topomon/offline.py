@@ -4,11 +4,15 @@
 :class:`~topomon.session.MonitorSession` the live monitor runs (same probe texts, token plan,
 layers, seed and metric families, logits and LoRA included), computing in this process, and writes
 into the run directory like a live stage (``metrics.jsonl``, TensorBoard, diagrams, alerts).
-Captures of the same model give the same numbers live and offline.
+Captures of the same model give the same numbers live and offline. A Trainer ``checkpoint-<N>``
+folder's ``trainer_state.json`` holds what the trainer logged up to step N (``log_history``): those
+values feed the rules on layer ``"trainer"`` before the checkpoint's capture, in step order, as they
+did live; without them such a rule is named at the end as never judged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -31,6 +35,20 @@ def checkpoint_step(path: str, default: int) -> int:
     """The step of a ``checkpoint-<N>`` folder (else ``default``)."""
     m = re.search(r"checkpoint-(\d+)$", os.path.normpath(path))
     return int(m.group(1)) if m else default
+
+
+def trainer_logs(path: str) -> list[dict[str, Any]]:
+    """What the trainer logged up to a checkpoint: ``log_history`` of its ``trainer_state.json``.
+
+    Returns:
+        The entries that carry a ``step``, in order; empty when the folder has no readable state.
+    """
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as fh:
+            history = json.load(fh).get("log_history") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [h for h in history if isinstance(h, dict) and isinstance(h.get("step"), int)]
 
 
 def stage_config(run: RunDir, like: str | None) -> MonitorConfig | None:
@@ -132,6 +150,7 @@ def probe_checkpoints(
     bar = tqdm(
         list(zip(checkpoints, step_of, strict=True)), desc="topomon probe", unit="ckpt", disable=not progress
     )
+    fed = 0  # trainer log entries fed to the rules so far
     try:
         for path, step in bar:
             bar.set_postfix_str(os.path.basename(os.path.normpath(path)))
@@ -140,6 +159,16 @@ def probe_checkpoints(
                 session.begin(
                     model, tokenizer=tok, baseline=False, info={"offline": True, "like": like}, sinks=sinks
                 )
+            # the trainer's values up to this checkpoint, then its capture: a run's log history only
+            # grows, so a later checkpoint's starts with the entries fed already (an evaluation's
+            # entry shares its step with the training log before it)
+            history = trainer_logs(path)
+            while fed < len(history) and history[fed]["step"] <= step:
+                entry = history[fed]
+                session.log(
+                    entry["step"] - session.step_offset, {k: v for k, v in entry.items() if k != "step"}
+                )
+                fed += 1
             session.capture(model, step)
             if session.errors:
                 raise RuntimeError(f"topomon probe failed on {path}: {session.last_error}")

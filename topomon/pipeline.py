@@ -271,14 +271,25 @@ class ResultRouter:
             self.sinks.write_scalars(health, step, HEALTH_PREFIX)
         if self.alert_engine is not None:
             # the base copies are a reference, not a stage: alerts are about this stage's records
-            alerts = self.alert_engine.update(records)
-            for a in alerts:
-                self.alerts_log.write([a.to_json()])  # durable first
-                self.sinks.write_alert(a)
-                with self._lock:
-                    self._pending_alerts.append(a)
-                    if a.reason != "recovered":
-                        self.alerts_fired += 1
+            self._emit(self.alert_engine.update(records))
+
+    def trainer_log(self, step: int, logs: dict[str, Any]) -> None:
+        """The trainer's logged values at ``step`` to the alert rules (training thread; cheap).
+
+        Their alerts go where a capture's go (``alerts.jsonl`` first, the sinks, the queue the
+        actions read); the values themselves are the trainer's to log, not written here.
+        """
+        if self.alert_engine is not None:
+            self._emit(self.alert_engine.update_trainer(step, self.stage, logs))
+
+    def _emit(self, alerts: list[Alert]) -> None:
+        for a in alerts:
+            self.alerts_log.write([a.to_json()])  # durable first
+            self.sinks.write_alert(a)
+            with self._lock:
+                self._pending_alerts.append(a)
+                if a.reason != "recovered":
+                    self.alerts_fired += 1
 
     def _relative(self, records: list[MetricRecord], ref: dict[str, float]) -> dict[str, float]:
         out = {}

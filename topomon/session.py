@@ -551,6 +551,34 @@ class MonitorSession:
             )
 
     @guarded
+    def log(self, local_step: int, logs: Mapping[str, Any], control: Any = None) -> list[Any]:
+        """The trainer's own logged values at ``local_step``: the input of rules on layer ``"trainer"``.
+
+        Every adapter calls this one method with what its loop logs (a Hugging Face / TRL
+        ``on_log``'s ``logs``, a Lightning Trainer's ``callback_metrics``, a plain loop's
+        ``mon.step(step, logs=...)``): ``loss``, ``grad_norm``, ``learning_rate``, TRL's
+        ``entropy``, ``reward``, ``rewards/...``, ``mean_token_accuracy`` ..., under their own keys.
+        The main process judges them at once, on this thread (cheap: a few numbers per rule); their
+        alerts are written and queued like a capture's. With ``control`` the queued alerts are acted
+        on now (collective: every rank calls ``log`` at the same steps, as a Trainer's ``on_log``
+        does), else at the next :meth:`step_end`.
+
+        Args:
+            local_step: the loop's step count of the log.
+            logs: log key -> value; numbers (and 0-d tensors) are read, anything else is skipped.
+            control: where ``checkpoint`` / ``stop`` actions set their flags, or None.
+
+        Returns:
+            The actions taken now (empty without ``control``).
+        """
+        if not self._started:
+            return []
+        step = self.step_offset + int(local_step)
+        if self._router is not None and logs:
+            self._router.trainer_log(step, dict(logs))
+        return self._act(control, step) if control is not None else []
+
+    @guarded
     def pre_optimizer_step(self) -> None:
         """After gradient clipping, before the optimiser step: LoRA decorrelation adds its gradient."""
         if self._started:
@@ -639,6 +667,7 @@ class MonitorSession:
         if self._router is not None and self.run is not None:
             health = self.health()
             health["flushed"] = float(flushed)
+            health["alert_inputs_missing"] = float(self._warn_missing_inputs())
             self._router.write_health(self.config.stage, health, self.captures[-1] if self.captures else 0)
             self._router.close()
             end = last_step if last_step is not None else max(self.captures, default=self.step_offset)
@@ -647,6 +676,19 @@ class MonitorSession:
             self.comm.close()
         if not flushed:
             logger.warning("topomon: some metrics were still being computed at train end and were abandoned")
+
+    def _warn_missing_inputs(self) -> int:
+        """Rules on trainer keys no log gave in this training: a warning each, and their count."""
+        engine = self._router.alert_engine if self._router is not None else None
+        missing = engine.missing_trainer_inputs() if engine is not None else []
+        for line in missing:
+            logger.warning(
+                "topomon: %s; the rule never judged anything in stage %r (the adapter passes the "
+                "trainer's logs to MonitorSession.log; a plain loop: mon.step(step, logs={...}))",
+                line,
+                self.config.stage,
+            )
+        return len(missing)
 
     def summary(self) -> str:
         """A one-screen summary of the last training: captures, alerts, actions, cost, where to look."""

@@ -85,8 +85,10 @@ class Alert:
         step: global step of the record that fired the rule.
         stage: stage name.
         rule: the rule's name.
-        metric: the metric watched.
-        layer: the layer watched (or ``"*"`` for an aggregate over layers).
+        metric: the metric watched (a trainer log key for layer ``"trainer"``; a composite rule's
+            parts' metrics joined by ``+``).
+        layer: the layer watched: a captured layer, ``"mean"``, ``"model"``, ``"trainer"`` (the
+            trainer's logged values), or a composite rule's parts' layers joined by ``+``.
         value: the value that fired the rule.
         reference: the value it was compared with (baseline, threshold, ...), NaN if none.
         reason: a short machine-readable reason (``"drop"``, ``"spike"``, ``"trend"``, ...).

@@ -522,7 +522,7 @@ def test_engine_validation_messages():
         ({"threshold": -0.1}, r"`threshold` .* got -0.1"),
         ({"threshold": math.nan}, r"`threshold` .* got nan"),
         ({"threshold": "0.15"}, r"`threshold` .* got '0.15'"),
-        ({"direction": "down"}, r"`direction` must be one of \['drop', 'rise'\], got 'down'"),
+        ({"direction": "down"}, r"`direction` must be one of \['drop', 'rise', 'both'\], got 'down'"),
         (
             {"baseline": "start"},
             r"`baseline` must be one of \['stage_start', 'base', 'previous_stage_end'\], got 'start'",
@@ -571,7 +571,8 @@ def test_rules_from_config_round_trip_and_errors():
         rules_from_config([{"type": "drop"}])
     with pytest.raises(
         ValueError,
-        match=r"must be one of \['drop', 'spike', 'trend', 'threshold', 'nonfinite'\], got 'dropp'",
+        match=r"must be one of \['drop', 'spike', 'trend', 'threshold', 'nonfinite', 'composite'\], "
+        r"got 'dropp'",
     ):
         rules_from_config([{"type": "dropp", "metric": "rankme"}])
     with pytest.raises(ValueError, match="`threshold`"):

@@ -3,7 +3,9 @@
 Modules: :mod:`~topomon.alerts.decisions` (pure functions returning a :class:`Decision`),
 :mod:`~topomon.alerts.base` (the :class:`Rule` base: state, cooldown, hysteresis),
 :mod:`~topomon.alerts.rules` (the concrete rules, :func:`rules_from_config`,
-:func:`default_rules`), :mod:`~topomon.alerts.engine` (:class:`AlertEngine`) and
+:func:`default_rules`), :mod:`~topomon.alerts.composite` (:class:`CompositeRule`: any-of, k-of-n,
+all-of within a window), :mod:`~topomon.alerts.engine` (:class:`AlertEngine`: captures' records and
+the trainer's logged values, layer :data:`TRAINER_LAYER`) and
 :mod:`~topomon.alerts.sinks` (where alerts go). Importing this package loads numpy and the
 standard library only.
 
@@ -16,19 +18,23 @@ Example:
     ([], ['drop'])
 """
 
-from topomon.alerts.base import Rule
+from topomon.alerts.base import TRAINER_LAYER, Rule
+from topomon.alerts.composite import CompositeRule
 from topomon.alerts.decisions import (
     BASELINES,
     DIRECTIONS,
     SEVERITIES,
+    SIDED_DIRECTIONS,
     Decision,
     TrendStats,
     evaluate_drop,
+    evaluate_k_of_n,
     evaluate_nonfinite,
     evaluate_spike,
     evaluate_threshold,
     evaluate_trend,
     hysteresis_step,
+    parts_within,
     relative_change,
     robust_zscore,
     trend_statistics,
@@ -64,6 +70,8 @@ __all__ = [
     "TrendRule",
     "ThresholdRule",
     "NonFiniteRule",
+    "CompositeRule",
+    "TRAINER_LAYER",
     "RULE_TYPES",
     "rules_from_config",
     "default_rules",
@@ -72,6 +80,7 @@ __all__ = [
     "TrendStats",
     "BASELINES",
     "DIRECTIONS",
+    "SIDED_DIRECTIONS",
     "SEVERITIES",
     "relative_change",
     "evaluate_drop",
@@ -81,6 +90,8 @@ __all__ = [
     "evaluate_trend",
     "evaluate_threshold",
     "evaluate_nonfinite",
+    "evaluate_k_of_n",
+    "parts_within",
     "hysteresis_step",
     # the alert record and where alerts go
     "Alert",

@@ -1,7 +1,13 @@
 """The base of the stateful alert rules: per-key state, cooldown, hysteresis, ``state_dict``.
 
 :class:`Rule` holds what every rule shares; :class:`_SeriesRule` is a rule on one metric of one
-layer (or of each layer, or of their mean). The concrete rules are in :mod:`topomon.alerts.rules`.
+layer (or of each layer, or of their mean). The concrete rules are in :mod:`topomon.alerts.rules`,
+the composite rule in :mod:`topomon.alerts.composite`.
+
+A rule sees series by ``(layer, metric)``: a captured layer's metric (``"final_norm"``,
+``"rankme"``), a model-level metric (layer ``"model"``: ``logit_nll``, ``logit_entropy`` ...), or a
+value the trainer logs (layer :data:`TRAINER_LAYER`, ``"trainer"``: ``loss``, ``grad_norm``,
+``learning_rate``, TRL's ``entropy``, ``reward`` ..., under the trainer's own key).
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ from topomon._validate import check_choice, check_int, check_number, check_str
 from topomon.alerts.decisions import Decision, _as_float, _is_number, hysteresis_step
 from topomon.types import Alert, MetricRecord
 
-__all__ = ["Rule"]
+__all__ = ["Rule", "TRAINER_LAYER"]
+
+TRAINER_LAYER = "trainer"
+"""The layer name of the trainer's own logged values (``MonitorSession.log``): a rule with
+``layer="trainer"`` watches the trainer's ``loss``, ``grad_norm``, ``entropy`` ... under their log keys.
+The aggregates ``"*"`` and ``"mean"`` never include it."""
 
 
 def _init_params(cls: type) -> list[str]:
@@ -31,6 +42,15 @@ class _Obs(NamedTuple):
     recovered: bool
     value: float
     reference: float
+
+
+class _Cond(NamedTuple):
+    """One series' observation in one update: what :meth:`Rule._transition` (or a composite) judges."""
+
+    key: str
+    metric: str
+    obs: _Obs | None
+    record: MetricRecord
 
 
 def _opt_float(x: Any) -> float | None:
@@ -47,7 +67,8 @@ class Rule:
 
     Attributes:
         name: unique name of the rule (used in alerts and state dicts).
-        cooldown: captures after a firing during which the rule cannot fire again.
+        cooldown: updates of a series after a firing during which the rule cannot fire again (captures
+            for a captured metric, logs for a trainer value).
         severity: severity of the alerts it raises.
     """
 
@@ -63,8 +84,21 @@ class Rule:
     # -- to override
     @property
     def metrics(self) -> tuple[str, ...]:
-        """The metric names this rule reads (checked against the engine's known metrics)."""
+        """The captured metric names this rule reads (checked against the engine's known metrics)."""
         raise NotImplementedError
+
+    @property
+    def trainer_metrics(self) -> tuple[str, ...]:
+        """The trainer's log keys this rule reads (layer ``"trainer"``; known only once logged)."""
+        return ()
+
+    @property
+    def series(self) -> tuple[tuple[str, str], ...]:
+        """Every ``(layer, metric)`` this rule reads (a composite: its parts' series).
+
+        A layer is a captured layer's name, ``"*"``, ``"mean"``, ``"model"`` or :data:`TRAINER_LAYER`.
+        """
+        return tuple((self.layer, m) for m in (*self.metrics, *self.trainer_metrics))
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments as a plain dict with ``type``: ``rules_from_config`` input.
@@ -101,7 +135,10 @@ class Rule:
             if m not in known:
                 close = difflib.get_close_matches(m, known, n=3)
                 hint = f" (did you mean {close}?)" if close else ""
-                raise ValueError(f"rule {self.name!r}: unknown metric {m!r}{hint}; known metrics: {known}")
+                raise ValueError(
+                    f"rule {self.name!r}: unknown metric {m!r}{hint}; known metrics: {known}; a value the "
+                    f"trainer logs (loss, grad_norm, entropy ...) is read with layer {TRAINER_LAYER!r}"
+                )
 
     def reset(self) -> None:
         """Forget all baselines, histories and fired states."""
@@ -151,16 +188,26 @@ class Rule:
             severity=severity,
         )
 
+    def _conditions(self, records: Sequence[MetricRecord]) -> list[_Cond]:
+        """Observe the series these records hold (updating baselines and histories), without firing."""
+        raise NotImplementedError
+
     def update(self, records: Sequence[MetricRecord]) -> list[Alert]:
-        """Feed the records of one capture; return the alerts raised (fired or recovered).
+        """Feed the records of one capture (or one trainer log); return the alerts raised.
 
         Args:
-            records: all records of one capture (one per layer, plus ``"model"``).
+            records: all records of one capture (one per layer, plus ``"model"``), or the one
+                record (layer ``"trainer"``) of a trainer log.
 
         Returns:
-            The alerts.
+            The alerts (fired or recovered), in key order.
         """
-        raise NotImplementedError
+        alerts = []
+        for c in self._conditions(records):
+            alert = self._transition(self._state(c.key), c.obs, c.key, c.metric, c.record)
+            if alert is not None:
+                alerts.append(alert)
+        return alerts
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able state (no NaN: absent values are None) to resume exactly."""
@@ -213,8 +260,13 @@ class _SeriesRule(Rule):
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        """The metric watched, as a 1-tuple."""
-        return (self.metric,)
+        """The captured metric watched, as a 1-tuple (empty for a trainer stream)."""
+        return () if self.layer == TRAINER_LAYER else (self.metric,)
+
+    @property
+    def trainer_metrics(self) -> tuple[str, ...]:
+        """The trainer's log key watched, as a 1-tuple (empty for a captured metric)."""
+        return (self.metric,) if self.layer == TRAINER_LAYER else ()
 
     def _default_name(self) -> str:
         return f"{self.kind}:{self.metric}@{self.layer}"
@@ -225,6 +277,8 @@ class _SeriesRule(Rule):
     def _series(self, records: Sequence[MetricRecord], metric: str) -> list[tuple[str, float, MetricRecord]]:
         """The (key, value, record) triples this capture gives for ``metric``."""
         have = [r for r in records if metric in r.metrics]
+        if self.layer in ("*", "mean"):  # aggregates over captured layers, never the trainer's logs
+            have = [r for r in have if r.layer != TRAINER_LAYER]
         if self.layer == "*":
             return [(r.layer, _as_float(r.metrics[metric]), r) for r in have]
         if self.layer == "mean":
@@ -235,21 +289,11 @@ class _SeriesRule(Rule):
             return [("mean", float(np.mean(finite)) if finite else math.nan, have[0])]
         return [(r.layer, _as_float(r.metrics[metric]), r) for r in have if r.layer == self.layer]
 
-    def update(self, records: Sequence[MetricRecord]) -> list[Alert]:
-        """Feed the records of one capture; return the alerts raised (fired or recovered).
-
-        Args:
-            records: all records of one capture (one per layer, plus ``"model"``).
-
-        Returns:
-            The alerts, in key order.
-        """
-        (metric,) = self.metrics
-        alerts = []
-        for key, value, record in self._series(records, metric):
-            st = self._state(key)
-            obs = self._observe(st, value, record.stage, f"{key} {metric}")
-            alert = self._transition(st, obs, key, metric, record)
-            if alert is not None:
-                alerts.append(alert)
-        return alerts
+    def _conditions(self, records: Sequence[MetricRecord]) -> list[_Cond]:
+        metric = self.metric
+        return [
+            _Cond(
+                key, metric, self._observe(self._state(key), value, record.stage, f"{key} {metric}"), record
+            )
+            for key, value, record in self._series(records, metric)
+        ]

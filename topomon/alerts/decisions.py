@@ -26,6 +26,7 @@ __all__ = [
     "TrendStats",
     "BASELINES",
     "DIRECTIONS",
+    "SIDED_DIRECTIONS",
     "SEVERITIES",
     "relative_change",
     "evaluate_drop",
@@ -35,13 +36,16 @@ __all__ = [
     "evaluate_trend",
     "evaluate_threshold",
     "evaluate_nonfinite",
+    "evaluate_k_of_n",
+    "parts_within",
     "hysteresis_step",
 ]
 
 BASELINES = ("stage_start", "base", "previous_stage_end")
 DIRECTIONS = ("drop", "rise")
+SIDED_DIRECTIONS = ("drop", "rise", "both")
+"""Directions of a rule that may watch both sides (``"both"``: a drop or a rise beyond the threshold)."""
 SEVERITIES = ("info", "warning", "critical")
-_SPIKE_DIRECTIONS = ("drop", "rise", "both")
 _AGGREGATES = ("*", "mean")
 _MAD_TO_SIGMA = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a Gaussian -> its standard deviation
 _MEANAD_TO_SIGMA = math.sqrt(math.pi / 2)  # mean absolute deviation of a Gaussian -> sigma
@@ -92,6 +96,13 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if math.isfinite(x) else str(x)
 
 
+def _directional(z: float, direction: str) -> float:
+    """A signed change (or score) seen from ``direction``: positive when it moved that way."""
+    if direction == "both":
+        return abs(z)
+    return z if direction == "rise" else -z
+
+
 # ----------------------------------------------------------------------------- pure decisions
 
 
@@ -127,20 +138,23 @@ def evaluate_drop(
 ) -> Decision:
     """Relative change from a baseline beyond a threshold.
 
-    Fires when ``-relative_change(value, baseline) > threshold`` (direction ``"drop"``) or
-    ``relative_change(value, baseline) > threshold`` (``"rise"``).
+    Fires when ``-relative_change(value, baseline) > threshold`` (direction ``"drop"``),
+    ``relative_change(value, baseline) > threshold`` (``"rise"``) or
+    ``|relative_change(value, baseline)| > threshold`` (``"both"``: harm either way, such as an
+    entropy that collapses or explodes).
 
     Args:
         value: current value.
         baseline: reference value (e.g. the value at the start of the stage).
         threshold: fraction > 0 (0.15 = 15%).
-        direction: ``"drop"`` or ``"rise"``.
+        direction: one of :data:`SIDED_DIRECTIONS`: ``"drop"``, ``"rise"`` or ``"both"``.
         label: what the value is, for the message (``"final_norm rankme"``).
         baseline_name: what the baseline is, for the message (``"stage start"``).
 
     Returns:
-        The decision; ``reason`` is ``direction`` when fired, ``"ok"`` when not, ``"undefined"``
-        when the relative change is undefined (non-finite value or baseline, or baseline 0).
+        The decision; ``reason`` is the side that fired (``"drop"`` or ``"rise"``, also for
+        ``"both"``), ``"ok"`` when not, ``"undefined"`` when the relative change is undefined
+        (non-finite value or baseline, or baseline 0).
 
     Raises:
         ValueError: on a bad ``threshold`` or ``direction``.
@@ -150,7 +164,7 @@ def evaluate_drop(
         True
     """
     threshold = check_number("threshold", threshold, 0, low_open=True)
-    direction = check_choice("direction", direction, DIRECTIONS)
+    direction = check_choice("direction", direction, SIDED_DIRECTIONS)
     change = relative_change(value, baseline)
     if not math.isfinite(change):
         return Decision(
@@ -159,14 +173,15 @@ def evaluate_drop(
             f"{label}: relative change from the {baseline_name} is undefined "
             f"(value {_fmt(_as_float(value))}, {baseline_name} {_fmt(_as_float(baseline))})",
         )
-    moved = -change if direction == "drop" else change
-    fired = moved > threshold
+    fired = _directional(change, direction) > threshold
+    side = "drop" if change < 0 else "rise"
     verb = "dropped" if change < 0 else "rose"
+    rule = f"{direction} > {threshold:.1%}" if direction != "both" else f"drop or rise > {threshold:.1%}"
     message = (
         f"{label} {verb} {abs(change):.1%} from the {baseline_name} "
-        f"({_fmt(float(baseline))} -> {_fmt(float(value))}); threshold: {direction} > {threshold:.1%}"
+        f"({_fmt(float(baseline))} -> {_fmt(float(value))}); threshold: {rule}"
     )
-    return Decision(fired, direction if fired else "ok", message)
+    return Decision(fired, side if fired else "ok", message)
 
 
 def robust_zscore(x: float, history: Sequence[float] | np.ndarray, *, floor: float = 0.0) -> float:
@@ -213,12 +228,6 @@ def robust_zscore(x: float, history: Sequence[float] | np.ndarray, *, floor: flo
     return (xf - med) / scale
 
 
-def _directional(z: float, direction: str) -> float:
-    if direction == "both":
-        return abs(z)
-    return z if direction == "rise" else -z
-
-
 def evaluate_spike(
     change: float,
     history: Sequence[float] | np.ndarray,
@@ -255,7 +264,7 @@ def evaluate_spike(
         'spike'
     """
     z = check_number("z", z, 0, low_open=True)
-    direction = check_choice("direction", direction, _SPIKE_DIRECTIONS)
+    direction = check_choice("direction", direction, SIDED_DIRECTIONS)
     min_history = check_int("min_history", min_history, 2)
     h = np.asarray(history, dtype=np.float64)
     if h.ndim != 1:
@@ -322,12 +331,13 @@ def evaluate_trend(
 
     Fires when the least-squares slope has the sign of ``direction``, the fitted relative change
     over the window (:func:`trend_statistics`) exceeds ``threshold`` in that direction, and at most
-    ``max_reversals`` successive steps went the other way.
+    ``max_reversals`` successive steps went the other way. With ``"both"`` the direction is the
+    slope's sign, and the message names it.
 
     Args:
         values: the last ``n`` values of the metric, shape ``(n,)``, ``n >= 2``.
         threshold: fraction > 0.
-        direction: ``"drop"`` or ``"rise"``.
+        direction: ``"drop"``, ``"rise"`` or ``"both"``.
         max_reversals: steps against the direction tolerated (>= 0).
         label: what the value is, for the message.
 
@@ -342,19 +352,20 @@ def evaluate_trend(
         True
     """
     threshold = check_number("threshold", threshold, 0, low_open=True)
-    direction = check_choice("direction", direction, DIRECTIONS)
+    direction = check_choice("direction", direction, SIDED_DIRECTIONS)
     max_reversals = check_int("max_reversals", max_reversals, 0)
     st = trend_statistics(values)
     n = len(values)
     if not math.isfinite(st.relative_change):
         return Decision(False, "undefined", f"{label}: no trend defined over {n} values")
-    sign = -1.0 if direction == "drop" else 1.0
-    reversals = st.rises if direction == "drop" else st.drops
+    side = direction if direction != "both" else ("drop" if st.slope < 0 else "rise")
+    sign = -1.0 if side == "drop" else 1.0
+    reversals = st.rises if side == "drop" else st.drops
     moved = sign * st.relative_change
     fired = sign * st.slope > 0 and moved > threshold and reversals <= max_reversals
     message = (
-        f"{label} moved {st.relative_change:+.1%} (least-squares fit) over the last {n} captures, "
-        f"{reversals} step(s) against the trend; threshold: {direction} > {threshold:.1%}"
+        f"{label} moved {st.relative_change:+.1%} (least-squares fit) over the last {n} values, "
+        f"{reversals} step(s) against the trend; threshold: {side} > {threshold:.1%}"
     )
     return Decision(fired, "trend" if fired else "ok", message)
 
@@ -441,6 +452,68 @@ def evaluate_nonfinite(
     if parts:
         return Decision(True, "nonfinite", "; ".join(parts))
     return Decision(False, "ok", "all watched values finite")
+
+
+def parts_within(fired_at: Mapping[str, int | None], step: int, within: int | None) -> list[str]:
+    """The parts whose condition last held within ``within`` steps of ``step`` (None: at any step).
+
+    Example:
+        >>> parts_within({"geometry": 8, "loss": 30, "nll": None}, step=10, within=4)
+        ['geometry']
+    """
+    return [
+        name
+        for name, s in fired_at.items()
+        if s is not None and (within is None or abs(int(step) - int(s)) <= within)
+    ]
+
+
+def evaluate_k_of_n(
+    fired_at: Mapping[str, int | None],
+    step: int,
+    k: int,
+    within: int | None = None,
+    *,
+    messages: Mapping[str, str] | None = None,
+) -> Decision:
+    """At least ``k`` of ``n`` conditions held within ``within`` steps of ``step``.
+
+    The decision of a composite rule: any-of is ``k = 1``, all-of is ``k = n``. A part counts when
+    its condition last held at a step ``s`` with ``|step - s| <= within`` (any step of the stage
+    when ``within`` is None): a geometric drop seen at step 8 is confirmed by a loss rise logged at
+    step 10 when ``within >= 2``, whichever arrives first.
+
+    Args:
+        fired_at: part name -> the last step its condition held (None: not in this stage).
+        step: the step being judged.
+        k: parts needed, ``1 <= k <= n``.
+        within: the window in steps (>= 0), or None for the whole stage.
+        messages: part name -> what it saw when it fired, joined into the message.
+
+    Returns:
+        The decision; ``reason`` is ``"composite"`` when fired, else ``"ok"``. The message names
+        every part that counts (with its step and message), then the count.
+
+    Raises:
+        ValueError: on a bad ``k`` or ``within``.
+
+    Example:
+        >>> evaluate_k_of_n({"geometry": 8, "loss": 10}, step=10, k=2, within=4).fired
+        True
+    """
+    n = len(fired_at)
+    k = check_int("k", k, 1)
+    if k > n:
+        raise ValueError(f"`k` must be <= the number of parts ({n}), got {k}")
+    if within is not None:
+        within = check_int("within", within, 0)
+    active = parts_within(fired_at, step, within)
+    msgs = messages or {}
+    parts = "; ".join(f"[{a}] step {fired_at[a]}: {msgs.get(a, 'fired')}" for a in active)
+    span = "in this stage" if within is None else f"within {within} steps of step {step}"
+    head = f"{len(active)} of {n} parts fired {span} ({k} needed)"
+    fired = len(active) >= k
+    return Decision(fired, "composite" if fired else "ok", f"{head}: {parts}" if parts else head)
 
 
 def hysteresis_step(*, armed: bool, firing: bool, recovered: bool, cooling: bool) -> str:

@@ -1,4 +1,8 @@
-"""The alert engine: runs a set of rules over the records of each capture.
+"""The alert engine: runs a set of rules over the records of each capture and each trainer log.
+
+Captures' records arrive on the collector thread, the trainer's logged values on the training
+thread (:meth:`AlertEngine.update_trainer`): the engine serialises the two under one lock, so a
+composite rule mixing both sees one consistent state.
 
 Example:
     >>> from topomon.alerts import DropRule
@@ -9,14 +13,27 @@ Example:
 
 from __future__ import annotations
 
+import difflib
+import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from topomon.alerts.base import Rule
+from topomon.alerts.base import TRAINER_LAYER, Rule
+from topomon.alerts.decisions import _is_number
 from topomon.types import Alert, MetricRecord
 
 __all__ = ["AlertEngine"]
+
+
+def _scalar(v: Any) -> float | None:
+    """A logged value as a float (a number, or a 0-d tensor or array), else None."""
+    if _is_number(v):
+        return float(v)
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+        x = v.item()
+        return float(x) if _is_number(x) else None
+    return None
 
 
 class AlertEngine:
@@ -52,6 +69,56 @@ class AlertEngine:
                     f"`rules[{i}]`: duplicate rule name {rule.name!r}; give each rule a unique `name`"
                 )
             seen.add(rule.name)
+        self.trainer_keys: set[str] = set()  # every key a trainer log gave a number for
+        self.trainer_logs = 0
+        self._lock = threading.Lock()
+
+    @property
+    def trainer_metrics(self) -> tuple[str, ...]:
+        """The trainer's log keys the rules read (layer ``"trainer"``)."""
+        return tuple(dict.fromkeys(m for r in self.rules for m in r.trainer_metrics))
+
+    def update_trainer(self, step: int, stage: str, logs: Mapping[str, Any]) -> list[Alert]:
+        """Feed one log of the trainer (its ``loss``, ``grad_norm``, ``entropy`` ...) to the rules.
+
+        The numbers of ``logs`` become one record of layer ``"trainer"`` (keys verbatim: TRL's
+        ``rewards/chosen`` stays ``rewards/chosen``); anything else (strings, lists) is skipped.
+
+        Args:
+            step: the global step of the log.
+            stage: the stage name.
+            logs: the trainer's logged values.
+
+        Returns:
+            The alerts raised (empty when no rule reads the trainer's values).
+        """
+        values = {str(k): x for k, v in logs.items() if (x := _scalar(v)) is not None}
+        with self._lock:
+            self.trainer_logs += 1
+            self.trainer_keys.update(values)
+            if not values or not self.trainer_metrics:
+                return []
+            record = MetricRecord(int(step), str(stage), TRAINER_LAYER, values)
+            return self._update([record])
+
+    def missing_trainer_inputs(self) -> list[str]:
+        """One sentence per rule reading a trainer key that no log has given (yet).
+
+        Example: ``"rule 'drop:loss@trainer' reads the trainer's 'loss', which no log gave (keys
+        logged: ['grad_norm', 'train_loss'])"``.
+        """
+        with self._lock:
+            have = sorted(self.trainer_keys)
+            out = []
+            for rule in self.rules:
+                for m in rule.trainer_metrics:
+                    if m in self.trainer_keys:
+                        continue
+                    close = difflib.get_close_matches(m, have, n=3)
+                    hint = f" (did you mean {close}?)" if close else ""
+                    got = f"keys logged: {have}" if have else "no trainer log reached the monitor"
+                    out.append(f"rule {rule.name!r} reads the trainer's {m!r}: no log gave it{hint} ({got})")
+            return out
 
     def update(self, records: Sequence[MetricRecord]) -> list[Alert]:
         """Feed all records of one capture (several captures are processed in order of step).
@@ -73,15 +140,25 @@ class AlertEngine:
             if not isinstance(r, MetricRecord):
                 raise TypeError(f"`records[{i}]` must be a MetricRecord, got {type(r).__name__}")
             groups.setdefault((int(r.step), r.stage), []).append(r)
+        with self._lock:
+            return self._update(*groups.values())
+
+    def _update(self, *groups: list[MetricRecord]) -> list[Alert]:
         alerts: list[Alert] = []
-        for group in groups.values():
+        for group in groups:
             for rule in self.rules:
                 alerts.extend(rule.update(group))
         return alerts
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain JSON-able state of every rule, by rule name."""
-        return {"version": 1, "rules": {r.name: r.state_dict() for r in self.rules}}
+        """Plain JSON-able state of every rule, by rule name, and the trainer keys seen."""
+        with self._lock:
+            return {
+                "version": 1,
+                "rules": {r.name: r.state_dict() for r in self.rules},
+                "trainer_keys": sorted(self.trainer_keys),
+                "trainer_logs": self.trainer_logs,
+            }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the state saved by :meth:`state_dict`.
@@ -93,11 +170,16 @@ class AlertEngine:
             state: a dict from :meth:`state_dict`.
         """
         saved = dict(state.get("rules", {}) or {})
-        for rule in self.rules:
-            if rule.name in saved:
-                rule.load_state_dict(saved[rule.name])
-            else:
-                rule.reset()
+        with self._lock:
+            for rule in self.rules:
+                if rule.name in saved:
+                    rule.load_state_dict(saved[rule.name])
+                else:
+                    rule.reset()
+            keys = state.get("trainer_keys")
+            self.trainer_keys = {str(k) for k in keys} if isinstance(keys, list) else set()
+            n = state.get("trainer_logs")
+            self.trainer_logs = int(n) if isinstance(n, (int, float)) else 0
         unknown = sorted(set(saved) - {r.name for r in self.rules})
         if unknown:
             warnings.warn(

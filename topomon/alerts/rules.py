@@ -24,11 +24,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from topomon._validate import check_choice, check_int, check_number, check_str
-from topomon.alerts.base import Rule, _Obs, _opt_float, _SeriesRule
+from topomon.alerts.base import TRAINER_LAYER, Rule, _Cond, _Obs, _opt_float, _SeriesRule
+from topomon.alerts.composite import CompositeRule
 from topomon.alerts.decisions import (
-    _SPIKE_DIRECTIONS,
     BASELINES,
-    DIRECTIONS,
+    SIDED_DIRECTIONS,
     Decision,
     _as_float,
     _check_bounds,
@@ -42,7 +42,7 @@ from topomon.alerts.decisions import (
     robust_zscore,
     trend_statistics,
 )
-from topomon.types import Alert, MetricRecord
+from topomon.types import MetricRecord
 
 __all__ = [
     "RULE_TYPES",
@@ -52,33 +52,41 @@ __all__ = [
     "TrendRule",
     "ThresholdRule",
     "NonFiniteRule",
+    "CompositeRule",
     "rules_from_config",
     "default_rules",
 ]
 
 
 class DropRule(_SeriesRule):
-    """Relative change of a metric from a baseline read off the stream itself.
+    """Relative change of a metric from a baseline read off the stream itself (a drop, a rise or both).
 
-    Baselines (per layer key): ``"stage_start"`` is the first finite value of the current stage;
-    ``"base"`` the first finite value of stage ``base_stage``, falling back to the first finite value
-    seen; ``"previous_stage_end"`` the last finite value of the previous stage, falling back to
-    the stage start during the first stage. Fires when the change exceeds ``threshold`` in
-    ``direction``; re-arms (and reports ``"recovered"``) once it is back within
-    ``threshold * rearm_fraction``. A new stage moves a ``"stage_start"`` baseline, so a rule fired
-    in one stage typically recovers at the next stage's first capture.
+    With ``window = w`` the rule compares means of ``w`` finite values (for noisy streams such as the
+    trainer's loss): the mean of the last ``w`` values against the mean of the stage's first ``w``
+    (``"stage_start"``); ``"base"`` is the mean of the first ``w`` values of stage ``base_stage``,
+    falling back to those of the first stage seen; ``"previous_stage_end"`` the mean of the last
+    ``w`` values of the previous stage, falling back to the stage start during the first stage.
+    It decides from the ``w``-th value of a stage on (``w = 1``: every value against the first).
+    Fires when the change exceeds ``threshold`` in ``direction`` (``"both"``: either way; the
+    alert's ``reason`` says which side, ``"drop"`` or ``"rise"``); re-arms (and reports
+    ``"recovered"``) once it is back within ``threshold * rearm_fraction``. A new stage moves a
+    ``"stage_start"`` baseline, so a rule fired in one stage typically recovers at the next stage's
+    first decision.
 
     Args:
-        metric: metric name (``"rankme"``).
-        layer: a layer name, ``"*"`` (each layer separately) or ``"mean"`` (mean over the layers of
-            one capture).
+        metric: metric name (``"rankme"``), or the trainer's log key with ``layer="trainer"``
+            (``"loss"``).
+        layer: a layer name, ``"*"`` (each layer separately), ``"mean"`` (mean over the layers of
+            one capture), ``"model"`` (model-level metrics: ``logit_nll`` ...) or ``"trainer"``
+            (the trainer's logged values).
         threshold: fraction > 0 (0.15 = 15%).
         baseline: one of :data:`BASELINES`.
-        direction: ``"drop"`` or ``"rise"``.
+        direction: ``"drop"``, ``"rise"`` or ``"both"``.
         cooldown: captures after a firing during which it cannot fire again.
         rearm_fraction: in [0, 1]; hysteresis.
         severity: ``"warning"`` or ``"critical"``.
         base_stage: name of the stage that holds the base model.
+        window: values averaged on each side of the comparison (>= 1).
         name: rule name (default ``"drop:<metric>@<layer>"``).
 
     Raises:
@@ -86,6 +94,7 @@ class DropRule(_SeriesRule):
 
     Example:
         >>> rule = DropRule("rankme", layer="final_norm", threshold=0.15)
+        >>> loss = DropRule("loss", layer="trainer", direction="rise", threshold=0.5, window=4)
     """
 
     kind = "drop"
@@ -101,12 +110,14 @@ class DropRule(_SeriesRule):
         rearm_fraction: float = 0.5,
         severity: str = "warning",
         base_stage: str = "base",
+        window: int = 1,
         name: str | None = None,
     ) -> None:
         self.threshold = check_number("threshold", threshold, 0, low_open=True)
         self.baseline = check_choice("baseline", baseline, BASELINES)
-        self.direction = check_choice("direction", direction, DIRECTIONS)
+        self.direction = check_choice("direction", direction, SIDED_DIRECTIONS)
         self.base_stage = check_str("base_stage", base_stage)
+        self.window = check_int("window", window, 1)
         if self.direction == "drop" and self.threshold >= 1.0:
             warnings.warn(
                 f"DropRule({metric!r}): `threshold`={threshold!r} >= 1 never fires for a positive metric "
@@ -125,35 +136,54 @@ class DropRule(_SeriesRule):
     def _new_state(self) -> dict[str, Any]:
         return {
             "stage": None,
-            "stage_start": None,
-            "last": None,
+            "stage_start": None,  # the mean of ``head``
+            "last": None,  # the mean of ``tail``
             "prev_end": None,
             "base": None,
             "first": None,
+            "first_stage": None,
+            "head": [],  # the stage's first ``window`` finite values
+            "tail": [],  # its last ``window`` finite values
         }
 
     def _load_key_state(self, saved: Mapping[str, Any]) -> dict[str, Any]:
-        stage = saved.get("stage")
+        stage, first_stage = saved.get("stage"), saved.get("first_stage")
+        floats = {k: _opt_float(saved.get(k)) for k in ("stage_start", "last", "prev_end", "base", "first")}
+        # states saved before ``window`` existed hold the stage start and the last value only
+        head = _float_list(saved.get("head"), self.window)
+        tail = _float_list(saved.get("tail"), self.window)
         return {
             "stage": stage if isinstance(stage, str) else None,
-            **{k: _opt_float(saved.get(k)) for k in ("stage_start", "last", "prev_end", "base", "first")},
+            **floats,
+            "first_stage": first_stage if isinstance(first_stage, str) else None,
+            "head": head if "head" in saved else [v for v in [floats["stage_start"]] if v is not None],
+            "tail": tail if "tail" in saved else [v for v in [floats["last"]] if v is not None],
         }
 
     def _observe(self, st: dict[str, Any], value: float, stage: str, label: str) -> _Obs | None:
+        w = self.window
         if st["stage"] != stage:
             if st["stage"] is not None and st["last"] is not None:
                 st["prev_end"] = st["last"]
-            st["stage"], st["stage_start"], st["last"] = stage, None, None
+            st["stage"], st["stage_start"], st["last"], st["head"], st["tail"] = stage, None, None, [], []
         if math.isfinite(value):
-            if st["stage_start"] is None:
-                st["stage_start"] = value
-            st["last"] = value
-            if st["first"] is None:
-                st["first"] = value
-            if stage == self.base_stage and st["base"] is None:
-                st["base"] = value
+            if len(st["head"]) < w:
+                st["head"] = [*st["head"], value]
+                st["stage_start"] = float(sum(st["head"]) / len(st["head"]))
+            st["tail"] = [*st["tail"], value][-w:]
+            st["last"] = float(sum(st["tail"]) / len(st["tail"]))
+            if st["first"] is None:  # (a state saved before windows has ``first`` and no ``first_stage``)
+                st["first_stage"] = stage
+            if st["first_stage"] == stage:  # the head of the first stage seen, while it fills
+                st["first"] = st["stage_start"]
+            if stage == self.base_stage:
+                st["base"] = st["stage_start"]
+        if len(st["tail"]) < w:
+            return None
+        if w > 1:
+            value, label = st["last"], f"{label} (mean of the last {w})"
         if self.baseline == "stage_start":
-            ref, ref_name = st["stage_start"], "stage start"
+            ref, ref_name = st["stage_start"], "stage start" if w == 1 else f"stage's first {w}"
         elif self.baseline == "base":
             ref, ref_name = (
                 (st["base"], "base model") if st["base"] is not None else (st["first"], "first capture")
@@ -171,8 +201,15 @@ class DropRule(_SeriesRule):
         decision = evaluate_drop(
             value, ref, self.threshold, self.direction, label=label, baseline_name=ref_name
         )
-        moved = -change if self.direction == "drop" else change
+        moved = _directional(change, self.direction)
         return _Obs(decision, moved <= self.threshold * self.rearm_fraction, value, ref)
+
+
+def _float_list(saved: Any, n: int) -> list[float]:
+    """The finite numbers of a saved list (the last ``n``); anything else gives an empty list."""
+    if not isinstance(saved, list):
+        return []
+    return [float(v) for v in saved if _opt_float(v) is not None][-n:]
 
 
 class SpikeRule(_SeriesRule):
@@ -223,7 +260,7 @@ class SpikeRule(_SeriesRule):
         self.z = check_number("z", z, 0, low_open=True)
         self.min_history = check_int("min_history", min_history, 2)
         self.window = check_int("window", window, self.min_history)
-        self.direction = check_choice("direction", direction, _SPIKE_DIRECTIONS)
+        self.direction = check_choice("direction", direction, SIDED_DIRECTIONS)
         self.rel_floor = check_number("rel_floor", rel_floor, 0)
         super().__init__(
             metric,
@@ -238,11 +275,10 @@ class SpikeRule(_SeriesRule):
         return {"last": None, "changes": []}
 
     def _load_key_state(self, saved: Mapping[str, Any]) -> dict[str, Any]:
-        changes = saved.get("changes", [])
-        changes = (
-            [float(c) for c in changes if _opt_float(c) is not None] if isinstance(changes, list) else []
-        )
-        return {"last": _opt_float(saved.get("last")), "changes": changes[-self.window :]}
+        return {
+            "last": _opt_float(saved.get("last")),
+            "changes": _float_list(saved.get("changes"), self.window),
+        }
 
     def _observe(self, st: dict[str, Any], value: float, stage: str, label: str) -> _Obs | None:
         if not math.isfinite(value):
@@ -281,7 +317,7 @@ class TrendRule(_SeriesRule):
         layer: a layer name, ``"*"`` or ``"mean"``.
         n: window length in captures (>= 3).
         threshold: fraction > 0 (total relative change over the window).
-        direction: ``"drop"`` or ``"rise"``.
+        direction: ``"drop"``, ``"rise"`` or ``"both"`` (the slope's sign picks the side).
         max_reversals: steps against the direction tolerated in the window (>= 0).
         cooldown: captures after a firing during which it cannot fire again.
         rearm_fraction: in [0, 1]; hysteresis.
@@ -312,7 +348,7 @@ class TrendRule(_SeriesRule):
     ) -> None:
         self.n = check_int("n", n, 3)
         self.threshold = check_number("threshold", threshold, 0, low_open=True)
-        self.direction = check_choice("direction", direction, DIRECTIONS)
+        self.direction = check_choice("direction", direction, SIDED_DIRECTIONS)
         self.max_reversals = check_int("max_reversals", max_reversals, 0)
         super().__init__(
             metric,
@@ -327,10 +363,11 @@ class TrendRule(_SeriesRule):
         return {"stage": None, "values": []}
 
     def _load_key_state(self, saved: Mapping[str, Any]) -> dict[str, Any]:
-        values = saved.get("values", [])
-        values = [float(v) for v in values if _opt_float(v) is not None] if isinstance(values, list) else []
         stage = saved.get("stage")
-        return {"stage": stage if isinstance(stage, str) else None, "values": values[-self.n :]}
+        return {
+            "stage": stage if isinstance(stage, str) else None,
+            "values": _float_list(saved.get("values"), self.n),
+        }
 
     def _observe(self, st: dict[str, Any], value: float, stage: str, label: str) -> _Obs | None:
         if st["stage"] != stage:
@@ -347,7 +384,7 @@ class TrendRule(_SeriesRule):
         rel = trend_statistics(window).relative_change
         if decision.reason == "undefined" or not math.isfinite(rel):
             return None
-        moved = -rel if self.direction == "drop" else rel
+        moved = _directional(rel, self.direction)
         return _Obs(decision, moved <= self.threshold * self.rearm_fraction, value, window[0])
 
 
@@ -474,36 +511,36 @@ class NonFiniteRule(Rule):
         super().__init__(name=name, cooldown=cooldown, severity=severity, layer=layer)
 
     @property
-    def metrics(self) -> tuple[str, ...]:
-        """The watched metrics and the count metric."""
+    def _names(self) -> tuple[str, ...]:
         return self.watch + ((self.count_metric,) if self.count_metric else ())
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The watched metrics and the count metric (empty on the trainer's logs)."""
+        return () if self.layer == TRAINER_LAYER else self._names
+
+    @property
+    def trainer_metrics(self) -> tuple[str, ...]:
+        """The watched log keys with ``layer="trainer"`` (a NaN loss), else empty."""
+        return self._names if self.layer == TRAINER_LAYER else ()
 
     def _default_name(self) -> str:
         return f"{self.kind}@{self.layer}"
 
-    def update(self, records: Sequence[MetricRecord]) -> list[Alert]:
-        """Feed the records of one capture; return the alerts raised (fired or recovered).
-
-        Args:
-            records: all records of one capture.
-
-        Returns:
-            The alerts, in record order.
-        """
-        alerts = []
-        names = set(self.metrics)
+    def _conditions(self, records: Sequence[MetricRecord]) -> list[_Cond]:
+        out = []
+        names = set(self._names)
         for r in records:
-            if (self.layer != "*" and r.layer != self.layer) or not names.intersection(r.metrics):
+            mine = r.layer == self.layer or (self.layer == "*" and r.layer != TRAINER_LAYER)
+            if not mine or not names.intersection(r.metrics):
                 continue
             d = evaluate_nonfinite(r.metrics, self.watch, self.count_metric)
             bad = [m for m in self.watch if m in r.metrics and not math.isfinite(_as_float(r.metrics[m]))]
             metric = bad[0] if bad else (self.count_metric or self.watch[0])
             value = _as_float(r.metrics.get(metric, math.nan))
             obs = _Obs(Decision(d.fired, d.reason, f"{r.layer}: {d.message}"), not d.fired, value, math.nan)
-            alert = self._transition(self._state(r.layer), obs, r.layer, metric, r)
-            if alert is not None:
-                alerts.append(alert)
-        return alerts
+            out.append(_Cond(r.layer, metric, obs, r))
+        return out
 
 
 RULE_TYPES: dict[str, type[Rule]] = {
@@ -512,6 +549,15 @@ RULE_TYPES: dict[str, type[Rule]] = {
     "trend": TrendRule,
     "threshold": ThresholdRule,
     "nonfinite": NonFiniteRule,
+    "composite": CompositeRule,
+}
+
+# types people write for what a drop rule's ``direction`` says
+_TYPE_HINTS = {
+    "rise": "a rise is {'type': 'drop', 'direction': 'rise'}",
+    "change": "a change either way is {'type': 'drop', 'direction': 'both'}",
+    "any": "any-of is {'type': 'composite', 'parts': [...], 'k': 1}",
+    "all": "all-of is {'type': 'composite', 'parts': [...]}",
 }
 
 
@@ -543,7 +589,8 @@ def rules_from_config(items: Sequence[Mapping[str, Any]]) -> list[Rule]:
             raise TypeError(f"`items[{i}]` must be a dict, got {type(item).__name__}")
         kind = item.get("type")
         if kind not in RULE_TYPES:
-            raise ValueError(f"`items[{i}]['type']` must be one of {list(RULE_TYPES)}, got {kind!r}")
+            hint = f" ({_TYPE_HINTS[kind]})" if kind in _TYPE_HINTS else ""
+            raise ValueError(f"`items[{i}]['type']` must be one of {list(RULE_TYPES)}, got {kind!r}{hint}")
         cls = RULE_TYPES[kind]
         params = dict(inspect.signature(cls).parameters)
         allowed = ["type", *params]

@@ -171,6 +171,20 @@ class TopoMonitor(TrainerCallback):
         """Capture when the schedule says so; act on alerts (checkpoint and stop through ``control``)."""
         self.session.step_end(int(state.global_step), model, control)
 
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """The trainer's logged values to the rules on layer ``"trainer"``; actions set ``control`` now.
+
+        ``logs`` holds ``loss``, ``grad_norm``, ``learning_rate``, TRL's ``entropy`` ... (and
+        ``eval_*`` after an evaluation); the Trainer saves and stops right after its log. The summary
+        the Trainer logs once its loop is over (``train_runtime``, ``train_loss`` ...) is judged too,
+        but nothing can act on it any more: its alerts are reported at the end as come too late.
+        """
+        if logs:
+            over = "train_runtime" in logs  # transformers' speed_metrics("train", ...) after the loop
+            self.session.log(int(state.global_step), logs, None if over else control)
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """LoRA update decorrelation adds its gradient here (after clipping, before the step)."""
         self.session.pre_optimizer_step()

@@ -330,6 +330,7 @@ class TopoMonitorCallback(Callback):
         self._signals = Signals()
         self._step = 0
         self._resume: dict[str, Any] | None = None
+        self._logged: dict[str, float] = {}  # the last value of each logged key fed to the session
 
     def __getattr__(self, name: str) -> Any:
         if name in _SESSION_VIEWS and "session" in self.__dict__:
@@ -367,6 +368,7 @@ class TopoMonitorCallback(Callback):
                 step,
             )
         self._model, self._step, self._signals = model, step, Signals()
+        self._logged = {}
         self.sink = None
         self.session.begin(
             model,
@@ -414,15 +416,39 @@ class TopoMonitorCallback(Callback):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """After an optimiser step: capture when due; act on alerts (stop, checkpoint via the Trainer)."""
+        """After an optimiser step: the logged values to the rules, capture when due, act on alerts.
+
+        The values are the Trainer's ``callback_metrics`` (what ``self.log(...)`` gave, under its
+        keys: ``train_loss``, or ``train_loss_step`` with ``on_epoch=True`` too), judged by rules on
+        layer ``"trainer"``; checkpoint and stop actions act through the Trainer.
+        """
         step = int(trainer.global_step)
         if step == self._step:  # accumulating gradients: no optimiser step in this batch
             return
         self._step = step
+        self.session.log(step, self._new_logs(trainer))
         self.session.step_end(step, self._model, self._signals)
         self._apply(trainer)
         self.session.step_begin(step)  # passive mode: arms the hooks for the next step
         self._flush()
+
+    def _new_logs(self, trainer: Any) -> dict[str, float]:
+        """The scalars of ``callback_metrics`` that changed since the last optimiser step.
+
+        Lightning keeps showing a value until it is logged again (an epoch-level or validation
+        metric stays for every later step): fed again and again, it would fill a rule's window with
+        copies, and a spike rule would see a run of zero changes. Only the values that changed go.
+        """
+        out = {}
+        for k, v in trainer.callback_metrics.items():
+            try:
+                x = float(v.item() if hasattr(v, "item") else v)
+            except (TypeError, ValueError, RuntimeError):  # not a scalar
+                continue
+            if self._logged.get(k) != x:  # NaN != NaN: a NaN goes every time
+                out[k] = x
+        self._logged.update(out)
+        return out
 
     def _apply(self, trainer: Any) -> None:
         """Honour what the actions set: a checkpoint now, a stop before the next step."""

@@ -9,7 +9,7 @@ One object, a context manager that always stops the worker, and one call per opt
             mon.before_optimizer_step()  # only needed for a lora_decorrelation action
             optimizer.step()
             optimizer.zero_grad()
-            signals = mon.step(step)  # captures when the schedule says so, applies the actions due
+            signals = mon.step(step, logs={"loss": loss.item()})  # captures when due, applies actions
             if signals.should_save:
                 save_checkpoint(step)
             if signals.should_training_stop:
@@ -109,11 +109,13 @@ class Watch:
         self._check("before_optimizer_step")
         self.session.pre_optimizer_step()
 
-    def step(self, step: int | None = None) -> Signals:
+    def step(self, step: int | None = None, logs: Mapping[str, Any] | None = None) -> Signals:
         """After an optimiser step: capture when due, apply the actions the alerts decided.
 
         Args:
             step: the number of optimiser steps done so far (default: one more than the last call).
+            logs: what the loop logs at this step (``{"loss": loss.item(), "grad_norm": ...}``): the
+                values that rules on layer ``"trainer"`` watch, judged before this step's actions.
 
         Returns:
             ``should_save`` / ``should_training_stop``: what a ``checkpoint`` / ``stop`` action asks.
@@ -124,6 +126,8 @@ class Watch:
         self._check("step")
         self._step = self._step + 1 if step is None else int(step)
         signals = Signals()
+        if logs:
+            self.session.log(self._step, logs)
         self.session.step_end(self._step, self.model, signals)
         self.session.step_begin(self._step)  # passive mode: arms the hooks for the next step
         return signals
