@@ -14,7 +14,6 @@ sample), and a label-shuffle null for the best of the AUC table's metric/layer p
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -36,6 +35,8 @@ from study import (  # noqa: E402
     auc,
     early_change,
     harm_step,
+    load_stages,
+    publish,
     score,
     spike_first,
     topomon_first,
@@ -308,22 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     HARM.update(HARMS[a.harm])
     folder = os.path.join(a.out, "stages")
-    stages = []
-    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, f)) as fh:
-            stages.append(json.load(fh))
+    stages = load_stages(folder)
     stages = [r for r in stages if not r["tiny"]] or stages
     if not stages:
         print(f"no saved stages in {folder}", file=sys.stderr)
         return 1
     sz = Sizes(stages[0]["tiny"])
     text = f"Harm definition: {a.harm} {HARMS[a.harm]}\n\n" + report(stages, sz, a.shuffles)
-    path = os.path.join(a.out, f"fair-{a.harm}.md")
-    with open(path, "w") as fh:
-        fh.write(text + "\n")
-    print(text)
-    print(f"\ntables: {path}")
-    return 0
+    return publish(os.path.join(a.out, f"fair-{a.harm}.md"), text)
 
 
 if __name__ == "__main__":

@@ -67,11 +67,11 @@ def _encode(tok: Any, prompt: str, completion: str, max_len: int) -> tuple[list[
     return (head + tail)[:max_len], min(len(head), max_len)
 
 
-def _token_stats(model: Any, tok: Any, rows: list[tuple[str, str]], max_len: int = 128) -> dict[str, float]:
-    """Mean NLL of the completion tokens, and their top-1 confidence / correctness (for ECE)."""
+def item_stats(model: Any, tok: Any, rows: list[tuple[str, str]], max_len: int = 128) -> list[dict[str, Any]]:
+    """Per row: the completion tokens' summed NLL and count, and their top-1 confidences and hits."""
     import torch
 
-    nll, conf, hit = [], [], []
+    out = []
     model.eval()
     with torch.no_grad():
         for prompt, completion in rows:
@@ -79,16 +79,28 @@ def _token_stats(model: Any, tok: Any, rows: list[tuple[str, str]], max_len: int
             if len(ids) - start < 1 or len(ids) < 2:
                 continue
             x = torch.tensor([ids])
-            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
-            target = x[0, 1:]
-            sl = slice(max(start - 1, 0), None)
-            lp = logp[sl]
-            t = target[sl]
-            nll.extend((-lp.gather(1, t[:, None])[:, 0]).tolist())
-            p, arg = lp.exp().max(-1)
-            conf.extend(p.tolist())
-            hit.extend((arg == t).float().tolist())
-    return {"nll": sum(nll) / len(nll), "conf": conf, "hit": hit}  # type: ignore[dict-item]
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)[max(start - 1, 0) :]
+            t = x[0, 1:][max(start - 1, 0) :]
+            p, arg = logp.exp().max(-1)
+            out.append(
+                {
+                    "nll": float(-logp.gather(1, t[:, None]).sum()),
+                    "n": len(t),
+                    "conf": p.tolist(),
+                    "hit": (arg == t).float().tolist(),
+                }
+            )
+    return out
+
+
+def _token_stats(model: Any, tok: Any, rows: list[tuple[str, str]], max_len: int = 128) -> dict[str, Any]:
+    """Mean NLL of the completion tokens, and their top-1 confidence / correctness (for ECE)."""
+    items = item_stats(model, tok, rows, max_len)
+    return {
+        "nll": sum(i["nll"] for i in items) / sum(i["n"] for i in items),
+        "conf": [c for i in items for c in i["conf"]],
+        "hit": [h for i in items for h in i["hit"]],
+    }
 
 
 def ece(conf: list[float], hit: list[float], bins: int = 15) -> float:
@@ -159,6 +171,48 @@ def measure(model: Any, tok: Any, sets: dict[str, Any], sz: Sizes, seed: int) ->
     return out
 
 
+# ---------------------------------------------------------------- files
+def save_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a reader never sees half a file; two writers may race)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh)
+    os.replace(tmp, path)
+
+
+def load_stages(folder: str) -> list[dict[str, Any]]:
+    """Every saved stage's JSON in ``folder``, by file name (none when the folder is missing)."""
+    out = []
+    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, f)) as fh:
+            out.append(json.load(fh))
+    return out
+
+
+def publish(path: str, text: str) -> int:
+    """Write a report's markdown to ``path``, print it and where it went; returns 0 (an exit code)."""
+    with open(path, "w") as fh:
+        fh.write(text + "\n")
+    print(text)
+    print(f"\ntables: {path}")
+    return 0
+
+
+def stage_outputs(run_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The metric records and the alerts of stage ``"stage"`` in a study run's topomon folder."""
+    from topomon.run import RunDir
+
+    run = RunDir(run_dir)
+    lines, _ = run.records()
+    alerts = []
+    if os.path.exists(run.alerts_path):
+        with open(run.alerts_path) as fh:
+            alerts = [json.loads(x) for x in fh if x.strip()]
+    records = [r for r in lines if r.get("kind") == "metrics" and r.get("stage") == "stage"]
+    return records, [a for a in alerts if a.get("kind", "alert") == "alert" and a.get("stage") == "stage"]
+
+
 # ---------------------------------------------------------------- one stage
 def _load(tiny: bool) -> tuple[Any, Any]:
     if tiny:
@@ -181,7 +235,6 @@ def run_stage(cfg: tuple[str, str, str], seed: int, out: str, sz: Sizes) -> dict
     from trl import SFTConfig, SFTTrainer
 
     from topomon import TopoMonitor
-    from topomon.run import RunDir
 
     data, mode, rate = cfg
     name = stage_name(cfg, seed)
@@ -196,10 +249,7 @@ def run_stage(cfg: tuple[str, str, str], seed: int, out: str, sz: Sizes) -> dict
             base = json.load(fh)
     else:
         base = measure(model, tok, sets, sz, seed)
-        os.makedirs(os.path.dirname(base_path), exist_ok=True)
-        with open(base_path + f".{os.getpid()}.tmp", "w") as fh:  # two workers may measure one base
-            json.dump(base, fh)
-        os.replace(base_path + f".{os.getpid()}.tmp", base_path)
+        save_json(base_path, base)  # two workers may measure one base
     rows = [dict(zip(("prompt", "completion"), render(tok, p, r), strict=True)) for p, r in sets["train"]]
     measured: dict[int, dict[str, float]] = {}
 
@@ -257,12 +307,7 @@ def run_stage(cfg: tuple[str, str, str], seed: int, out: str, sz: Sizes) -> dict
     )
     tr.train()
     logs = tr.state.log_history
-    run = RunDir(run_dir)
-    lines, _ = run.records()
-    alerts = []
-    if os.path.exists(run.alerts_path):
-        with open(run.alerts_path) as fh:
-            alerts = [json.loads(x) for x in fh if x.strip()]
+    records, alerts = stage_outputs(run_dir)
     res = {
         "name": name,
         "data": data,
@@ -275,15 +320,11 @@ def run_stage(cfg: tuple[str, str, str], seed: int, out: str, sz: Sizes) -> dict
         "checkpoints": {str(k): v for k, v in sorted(measured.items())},
         "loss": [[r["step"], r["loss"]] for r in logs if "loss" in r],
         "grad_norm": [[r["step"], r["grad_norm"]] for r in logs if "grad_norm" in r],
-        "records": [r for r in lines if r.get("kind") == "metrics" and r.get("stage") == "stage"],
-        "live_alerts": [a for a in alerts if a.get("kind", "alert") == "alert" and a.get("stage") == "stage"],
+        "records": records,
+        "live_alerts": alerts,
         "seconds": round(time.time() - t0, 1),
     }
-    path = os.path.join(out, "stages", f"{name}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(res, fh)
-    os.replace(path + ".tmp", path)
+    save_json(os.path.join(out, "stages", f"{name}.json"), res)
     return res
 
 
@@ -723,12 +764,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"[{i}/{len(todo)}] {res['name']}: harm step {harm_step(res)}, {res['seconds']} s", flush=True
             )
     folder = os.path.join(a.out, "stages")
-    results = []
-    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, f)) as fh:
-            r = json.load(fh)
-        if r["tiny"] == sz.tiny:
-            results.append(r)
+    results = [r for r in load_stages(folder) if r["tiny"] == sz.tiny]
     if not results:
         print(f"no saved stages in {folder}", file=sys.stderr)
         return 1

@@ -15,18 +15,66 @@ extra family, its false alarms, is what study 2 measures). The held-out seeds ar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fair import HEADER, TUNABLE, First, Stage, released, row, tune  # noqa: E402
-from study import HARM, HARMS, score  # noqa: E402
+from study import HARM, HARMS, load_stages, publish, score  # noqa: E402
 
 LOSS = "training-loss drop (4-step mean vs step 1)"
 NLL = "probe logit_nll rise"
+
+
+def v2_rules() -> list[dict[str, Any]]:
+    """Detector v2 as topomon alert rules (``MonitorConfig.alerts``): one any-of composite whose parts
+    are the default geometric rules as released, the probe NLL rise and the training-loss drop, at
+    the knobs part 3 registered; the non-finite rule stays on as in every configuration."""
+    return [
+        {
+            "type": "composite",
+            "name": "v2",
+            "k": 1,
+            "parts": [
+                {
+                    "type": "drop",
+                    "layer": "final_norm",
+                    "metric": "rankme",
+                    "threshold": 0.15,
+                    "name": "rankme",
+                },
+                {
+                    "type": "drop",
+                    "layer": "final_norm",
+                    "metric": "rankme_pca",
+                    "threshold": 0.25,
+                    "name": "rankme_pca",
+                },
+                {
+                    "type": "drop",
+                    "layer": "model",
+                    "metric": "logit_nll",
+                    "direction": "rise",
+                    "threshold": 0.02,
+                    "name": "probe_nll",
+                },
+                {
+                    "type": "drop",
+                    "layer": "trainer",
+                    "metric": "loss",
+                    "threshold": 0.70,
+                    "window": 4,
+                    "reference_window": 1,
+                    "reference_floor": 0.0,
+                    "name": "training_loss",
+                },
+            ],
+        },
+        {"type": "nonfinite"},
+    ]
 
 
 def k_of(k: int, *parts: First) -> First:
@@ -94,18 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--harm", choices=sorted(HARMS), default="amended")
     a = p.parse_args(argv)
     HARM.update(HARMS[a.harm])
-    folder = os.path.join(a.out, "stages")
-    stages = []
-    for f in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, f)) as fh:
-            stages.append(json.load(fh))
+    stages = load_stages(os.path.join(a.out, "stages"))
     text = f"Harm definition: {a.harm} {HARMS[a.harm]}\n\n" + report(stages)
-    path = os.path.join(a.out, f"v2-choice-{a.harm}.md")
-    with open(path, "w") as fh:
-        fh.write(text + "\n")
-    print(text)
-    print(f"\ntables: {path}")
-    return 0
+    return publish(os.path.join(a.out, f"v2-choice-{a.harm}.md"), text)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,10 @@ class DropRule(_SeriesRule):
     falling back to those of the first stage seen; ``"previous_stage_end"`` the mean of the last
     ``w`` values of the previous stage, falling back to the stage start during the first stage.
     It decides from the ``w``-th value of a stage on (``w = 1``: every value against the first).
+    ``reference_window = r`` takes the baseline's mean over ``r`` values instead of ``w`` (``window=4,
+    reference_window=1``: the mean of the last 4 against the stage's first value). With
+    ``reference_floor`` set, the rule decides only while the reference is above it (a relative drop
+    from a reference at or below 0, such as a GRPO policy loss, means nothing).
     Fires when the change exceeds ``threshold`` in ``direction`` (``"both"``: either way; the
     alert's ``reason`` says which side, ``"drop"`` or ``"rise"``); re-arms (and reports
     ``"recovered"``) once it is back within ``threshold * rearm_fraction``. A new stage moves a
@@ -87,6 +91,8 @@ class DropRule(_SeriesRule):
         severity: ``"warning"`` or ``"critical"``.
         base_stage: name of the stage that holds the base model.
         window: values averaged on each side of the comparison (>= 1).
+        reference_window: values averaged for the baseline (>= 1; default ``window``).
+        reference_floor: the rule is silent while the reference is at or below this value.
         name: rule name (default ``"drop:<metric>@<layer>"``).
 
     Raises:
@@ -111,6 +117,8 @@ class DropRule(_SeriesRule):
         severity: str = "warning",
         base_stage: str = "base",
         window: int = 1,
+        reference_window: int | None = None,
+        reference_floor: float | None = None,
         name: str | None = None,
     ) -> None:
         self.threshold = check_number("threshold", threshold, 0, low_open=True)
@@ -118,6 +126,12 @@ class DropRule(_SeriesRule):
         self.direction = check_choice("direction", direction, SIDED_DIRECTIONS)
         self.base_stage = check_str("base_stage", base_stage)
         self.window = check_int("window", window, 1)
+        self.reference_window = (
+            self.window if reference_window is None else check_int("reference_window", reference_window, 1)
+        )
+        self.reference_floor = (
+            None if reference_floor is None else check_number("reference_floor", reference_floor)
+        )
         if self.direction == "drop" and self.threshold >= 1.0:
             warnings.warn(
                 f"DropRule({metric!r}): `threshold`={threshold!r} >= 1 never fires for a positive metric "
@@ -142,7 +156,7 @@ class DropRule(_SeriesRule):
             "base": None,
             "first": None,
             "first_stage": None,
-            "head": [],  # the stage's first ``window`` finite values
+            "head": [],  # the stage's first ``reference_window`` finite values
             "tail": [],  # its last ``window`` finite values
         }
 
@@ -150,7 +164,7 @@ class DropRule(_SeriesRule):
         stage, first_stage = saved.get("stage"), saved.get("first_stage")
         floats = {k: _opt_float(saved.get(k)) for k in ("stage_start", "last", "prev_end", "base", "first")}
         # states saved before ``window`` existed hold the stage start and the last value only
-        head = _float_list(saved.get("head"), self.window)
+        head = _float_list(saved.get("head"), self.reference_window)
         tail = _float_list(saved.get("tail"), self.window)
         return {
             "stage": stage if isinstance(stage, str) else None,
@@ -167,7 +181,7 @@ class DropRule(_SeriesRule):
                 st["prev_end"] = st["last"]
             st["stage"], st["stage_start"], st["last"], st["head"], st["tail"] = stage, None, None, [], []
         if math.isfinite(value):
-            if len(st["head"]) < w:
+            if len(st["head"]) < self.reference_window:
                 st["head"] = [*st["head"], value]
                 st["stage_start"] = float(sum(st["head"]) / len(st["head"]))
             st["tail"] = [*st["tail"], value][-w:]
@@ -183,7 +197,8 @@ class DropRule(_SeriesRule):
         if w > 1:
             value, label = st["last"], f"{label} (mean of the last {w})"
         if self.baseline == "stage_start":
-            ref, ref_name = st["stage_start"], "stage start" if w == 1 else f"stage's first {w}"
+            r = self.reference_window
+            ref, ref_name = st["stage_start"], "stage start" if r == 1 else f"stage's first {r}"
         elif self.baseline == "base":
             ref, ref_name = (
                 (st["base"], "base model") if st["base"] is not None else (st["first"], "first capture")
@@ -195,6 +210,8 @@ class DropRule(_SeriesRule):
                 else (st["stage_start"], "stage start")
             )
         ref = math.nan if ref is None else ref
+        if self.reference_floor is not None and not ref > self.reference_floor:
+            return None
         change = relative_change(value, ref)
         if not math.isfinite(change):
             return None
