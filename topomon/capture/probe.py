@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from topomon.capture.layers import decoder_layers, final_norm, layer_name, unwrap_model
+from topomon.capture.layers import model_layout
 from topomon.capture.logit_stats import reduce_logits, reduce_logits_from_hidden
 from topomon.metrics.preprocess import subsample_indices
 from topomon.types import Snapshot
@@ -205,7 +205,7 @@ class ProbeCapture:
     Args:
         plan: the token plan (fixed for the run).
         layer_indices: decoder block indices to capture.
-        include_final_norm: also capture the final norm output.
+        include_final_norm: also capture the LM head's input (``"final_norm"``: the final norm's output).
         logits: also reduce the next-token predictions on the probe set to per-token statistics
             (entropy, top-1 probability, correctness, NLL) in ``snapshot.extras["logits/..."]``,
             from the same forward, by chunks through the LM head (never ``B * T * V`` at once).
@@ -225,13 +225,7 @@ class ProbeCapture:
 
     def modules(self, model: Any) -> dict[str, torch.nn.Module]:
         """The modules hooked at a capture, by layer name."""
-        blocks = decoder_layers(model)
-        mods: dict[str, torch.nn.Module] = {layer_name(i): blocks[i] for i in self.layer_indices}
-        if self.include_final_norm:
-            norm = final_norm(model)
-            if norm is not None:
-                mods["final_norm"] = norm
-        return mods
+        return model_layout(model).capture_modules(self.layer_indices, self.include_final_norm)
 
     @torch.no_grad()
     def capture(self, model: Any, step: int, stage: str, meta: dict[str, Any] | None = None) -> Snapshot:
@@ -269,10 +263,11 @@ class ProbeCapture:
         bad = [i for i in indices if i is not None and not (isinstance(i, int) and 0 <= i < n)]
         if bad:
             raise ValueError(f"indices must be batch indices in [0, {n}) or None, got {bad[0]!r}")
-        base = unwrap_model(model)
+        layout = model_layout(model)
+        base = layout.model
         runner = _runner(model, base)
         device = next(base.parameters()).device
-        mods = self.modules(model)
+        mods = layout.capture_modules(self.layer_indices, self.include_final_norm)
         current: dict[str, Any] = {"select": None, "points": {}}
 
         def take(name: str, h: torch.Tensor) -> None:
@@ -289,8 +284,7 @@ class ProbeCapture:
             # stays on the device until the last batch: one copy and one synchronisation per capture
             current["points"][name] = pts.detach().to(torch.float32)
 
-        getter = getattr(base, "get_output_embeddings", None) if self.logits else None
-        head = getter() if callable(getter) else None
+        head = layout.head if self.logits else None
         pad = self.plan.batches[0][0][:1, :1]
         out: list[dict[str, np.ndarray] | None] = []
         was_training = model.training
