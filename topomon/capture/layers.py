@@ -36,6 +36,7 @@ __all__ = [
     "decoder_layers",
     "resolve_layer_indices",
     "layer_name",
+    "text_layer_count",
     "FINAL_NORM",
 ]
 

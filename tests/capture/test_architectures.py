@@ -1,0 +1,187 @@
+"""Every architecture people fine-tune: the language model's blocks and the LM head's input, checked.
+
+The zoo builds every causal-LM and image-text-to-text class of the installed transformers on the meta
+device; a representative set is built tiny and run for real, its captured points compared with the
+model's own ``output_hidden_states``; trainer runs show the default rules live, passive capture and
+LoRA on a VLM; a rule on a layer that is not captured is an error before the first step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from tests.capture import conftest
+from tests.capture.tiny_zoo import REPRESENTATIVE, tiny_model
+from topomon.alerts import default_rules
+from topomon.capture.layers import FINAL_NORM, model_layout
+from topomon.capture.probe import ProbeCapture, plan_tokens
+from topomon.config import ConfigError, MonitorConfig
+from topomon.pipeline import rules_on_layers
+from topomon.stage import capture_modules
+from topomon.testing import sample_texts, tiny_tokenizer
+
+# where the language model's blocks are; the LM head's input is the output of the blocks' owner
+BLOCKS = {
+    "llama": "model.layers",
+    "qwen3_moe": "model.layers",
+    "gemma3": "model.language_model.layers",
+    "paligemma": "model.language_model.layers",
+    "qwen2_5_vl": "model.language_model.layers",
+    "mistral3": "model.language_model.layers",
+    "phi": "model.layers",
+    "phi3": "model.layers",
+    "falcon_h1": "model.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "olmo2": "model.layers",
+    "gpt_oss": "model.layers",
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.mark.slow
+def test_zoo_every_decoder_lm_and_vlm_resolves():
+    from topomon.capture.zoo import counts, run_zoo
+
+    entries = run_zoo()
+    by_type = {(e.kind, e.model_type): e for e in entries}
+    per_kind = counts(entries)
+    for kind, per in per_kind.items():
+        conftest.SUMMARY.append(
+            f"architecture zoo, {kind}: {sum(per.values())} classes: "
+            + ", ".join(f"{v} {k}" for k, v in per.items())
+        )
+    failing = [e for e in entries if e.status == "failing"]
+    assert not failing, "\n".join(f"{e.model_type} {e.class_name}: {e.detail}" for e in failing)
+    # the models of the issue: no final norm found before, or the wrong blocks
+    for t in ("gemma3", "gemma4", "phi", "persimmon", "mpt", "mamba", "mamba2", "falcon_mamba", "falcon_h1"):
+        assert by_type["causal-lm", t].status == "resolved", by_type["causal-lm", t]
+    for t in ("jamba", "zamba2", "nemotron_h", "lfm2", "recurrent_gemma", "xglm", "qwen3_moe", "gpt_oss"):
+        assert by_type["causal-lm", t].status == "resolved", by_type["causal-lm", t]
+    vlm = {
+        "paligemma": "model.language_model.layers",
+        "mllama": "model.language_model.layers",
+        "qwen3_vl_moe": "model.language_model.layers",
+        "qwen2_5_omni_thinker": "model.language_model.layers",
+        "instructblip": "language_model.model.decoder.layers",
+        "llama4": "language_model.model.layers",
+        "smolvlm": "model.text_model.layers",
+    }
+    for t, path in vlm.items():
+        e = by_type["image-text-to-text", t]
+        assert e.status == "resolved" and e.detail.startswith(f"{path} ("), e
+    for t in ("qwen2_5_vl", "qwen3_vl", "gemma3", "mistral3", "idefics3", "llava", "internvl"):
+        assert by_type["image-text-to-text", t].status == "resolved", by_type["image-text-to-text", t]
+    # counts of this transformers (5.25): most classes resolve; skipped ones cannot be built here
+    assert per_kind["causal-lm"]["resolved"] >= 140 and per_kind["image-text-to-text"]["resolved"] >= 75
+
+
+def _reference(model, plan, n):
+    """Per layer, the points of ``output_hidden_states`` at the plan's positions, and the LM head's input."""
+    layout = model_layout(model)
+    seen = []
+    handle = layout.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    ref: dict[str, list[np.ndarray]] = {}
+    try:
+        with torch.no_grad():
+            for (ids, att), sel in zip(plan.batches, plan.select, strict=True):
+                hs = model(
+                    input_ids=ids, attention_mask=att, output_hidden_states=True, use_cache=False
+                ).hidden_states
+                assert len(hs) == n + 1
+                r, p = sel[:, 0], sel[:, 1]
+                # hidden_states[i + 1]: block i's output; the last one: the final norm's (the LM head's input)
+                for i in range(n - 1):
+                    ref.setdefault(f"layer_{i}", []).append(hs[i + 1][r, p].numpy())
+                ref.setdefault(FINAL_NORM, []).append(hs[-1][r, p].numpy())
+                ref.setdefault("head_input", []).append(seen[-1][r, p].numpy())
+    finally:
+        handle.remove()
+    return {k: np.concatenate(v) for k, v in ref.items()}
+
+
+@pytest.mark.parametrize("model_type", list(REPRESENTATIVE))
+def test_captured_points_equal_the_models_own_hidden_states(model_type, tok):
+    model = tiny_model(model_type)
+    layout = model_layout(model)
+    n = layout.n_layers
+    assert layout.block_path == BLOCKS[model_type] and n == 3
+    plan = plan_tokens(
+        tok,
+        sample_texts(8),
+        max_length=24,
+        batch_size=4,
+        pooling="all",
+        max_points=64,
+        exclude_first=True,
+        seed=0,
+    )
+    snap = ProbeCapture(plan, list(range(n)), include_final_norm=True, logits=True).capture(model, 0, "s")
+    ref = _reference(model, plan, n)
+    diffs = {
+        k: float(np.max(np.abs(snap.layers[k] - ref[k])))
+        for k in (*(f"layer_{i}" for i in range(n - 1)), FINAL_NORM)
+    }
+    diffs["final_norm vs LM head input"] = float(np.max(np.abs(snap.layers[FINAL_NORM] - ref["head_input"])))
+    conftest.SUMMARY.append(
+        f"{model_type}: max |captured - output_hidden_states| "
+        + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+    )
+    assert max(diffs.values()) < 1e-5, diffs
+    assert snap.layers[FINAL_NORM].shape == (64, model.config.get_text_config().hidden_size)
+    assert 0 < len(snap.extras["logits/nll"]) <= 64  # the LM head ran on counted positions with a next token
+    # the default rules watch final_norm, which is captured: they are live
+    _, modules = capture_modules(MonitorConfig(), model)
+    assert modules[FINAL_NORM] is layout.decoder and list(modules)[-1] == FINAL_NORM
+    assert [r.layer for r in rules_on_layers(default_rules(), list(modules), default=True)][:2] == [
+        FINAL_NORM
+    ] * 2
+
+
+def test_a_rule_on_a_layer_not_captured_names_the_captured_layers():
+    layers = ["layer_0", "layer_3", FINAL_NORM]
+    rules = default_rules()
+    bad = [{"type": "threshold", "metric": "rankme", "layer": "layer_7", "above": 0.0}]
+    from topomon.alerts import rules_from_config
+
+    with pytest.raises(
+        ConfigError, match=r"'layer_7', which is not captured; the captured layers are \['layer_0'"
+    ):
+        rules_on_layers(rules_from_config(bad), layers, default=False)
+    # '*', 'mean' and 'model' are always valid
+    ok = [dict(bad[0], layer=x) for x in ("*", "mean", "model", "layer_3")]
+    assert len(rules_on_layers(rules_from_config(ok), layers, default=False)) == 4
+    assert rules_on_layers(rules, layers, default=True) == rules
+
+
+def test_default_rules_fall_back_to_the_deepest_captured_layer_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="topomon"):
+        rules = rules_on_layers(default_rules(), ["layer_1", "layer_3"], default=True)
+    assert [r.layer for r in rules] == ["layer_3", "layer_3", "*"]
+    assert [r.name for r in rules][:2] == ["drop:rankme@layer_3", "drop:rankme_pca@layer_3"]
+    assert "final_norm is not captured; the default alert rules watch layer_3 instead" in caplog.text
+    # an explicit rule on final_norm is not moved: it is an error
+    with pytest.raises(ConfigError, match="not captured"):
+        rules_on_layers(default_rules(), ["layer_1", "layer_3"], default=False)
+
+
+def test_lora_targets_are_the_language_models_linear_layers_only():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("gemma3")
+    target = model_layout(model).lora_target_modules(["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=target))
+    adapted = [
+        n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and n.endswith(("q_proj", "v_proj"))
+    ]
+    assert len(adapted) == 6 and all(".language_model.layers." in n for n in adapted)
+    assert any("vision_tower" in n and n.endswith("q_proj") for n, _ in model.named_modules())
+    with pytest.raises(ValueError, match="not linear layers of the blocks"):
+        model_layout(model).lora_target_modules(["patch_embedding"])
