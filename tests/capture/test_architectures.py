@@ -185,3 +185,117 @@ def test_lora_targets_are_the_language_models_linear_layers_only():
     assert any("vision_tower" in n and n.endswith("q_proj") for n, _ in model.named_modules())
     with pytest.raises(ValueError, match="not linear layers of the blocks"):
         model_layout(model).lora_target_modules(["patch_embedding"])
+
+
+ALWAYS = {"type": "threshold", "metric": "rankme", "layer": FINAL_NORM, "above": 0.0, "name": "always"}
+
+
+class _Steps:
+    """Counts the training steps that ran (to show that an error came before the first one)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Cb(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                outer.n += 1
+
+        self.n = 0
+        self.callback = Cb()
+
+
+def _train(model, tok, out, monitor, steps=4, callbacks=()):
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    data = Dataset.from_dict(dict(tok(sample_texts(32, seed=3), truncation=True, max_length=32)))
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=7,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        processing_class=tok,
+        callbacks=[*callbacks, monitor],
+    )
+    trainer.train()
+    return trainer
+
+
+def _lines(path, kind):
+    import json
+
+    with open(path) as fh:
+        return [r for r in map(json.loads, fh) if r.get("kind") == kind]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["phi", "gemma3"])
+def test_rules_on_final_norm_fire_in_a_trainer_run(model_type, tok, tmp_path):
+    """Phi had no final norm found and Gemma 3 had its vision tower monitored: a rule on final_norm fires."""
+    from topomon import TopoMonitor
+
+    mon = TopoMonitor(
+        stage="sft", schedule="every", every_n_steps=2, max_points=96, topology=False, alerts=[ALWAYS]
+    )
+    _train(tiny_model(model_type).train(), tok, tmp_path, mon)
+    recs = _lines(tmp_path / "topomon" / "metrics.jsonl", "metrics")
+    assert {r["layer"] for r in recs if r["stage"] == "sft"} == {
+        "layer_0",
+        "layer_1",
+        "layer_2",
+        FINAL_NORM,
+        "model",
+    }
+    alerts = _lines(tmp_path / "topomon" / "alerts.jsonl", "alert")
+    assert [(a["rule"], a["layer"]) for a in alerts][:1] == [("always", FINAL_NORM)]
+
+
+@pytest.mark.slow
+def test_passive_capture_of_a_lora_vlm_watches_its_language_model(tok, tmp_path):
+    """Qwen2.5-VL with LoRA on its language model's attention, passive capture, the default rules."""
+    from peft import LoraConfig, get_peft_model
+
+    from topomon import TopoMonitor
+
+    model = tiny_model("qwen2_5_vl").train()
+    target = model_layout(model).lora_target_modules(["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target))
+    mon = TopoMonitor(
+        stage="sft", mode="passive", schedule="every", every_n_steps=2, max_points=96, topology=False
+    )
+    assert mon.config.alerts == "default"
+    _train(peft_model, tok, tmp_path, mon)
+    recs = [r for r in _lines(tmp_path / "topomon" / "metrics.jsonl", "metrics") if r["stage"] == "sft"]
+    # passive: no baseline at step 0; captures at steps 2 and 4, on the language model's blocks
+    assert sorted({r["step"] for r in recs}) == [2, 4]
+    norm = [r for r in recs if r["layer"] == FINAL_NORM]
+    assert len(norm) == 2 and all(r["metrics"]["rankme"] > 1 and r["metrics"]["n_points"] == 96 for r in norm)
+    modules = model_layout(peft_model).capture_modules([0, 1, 2], True)
+    assert modules[FINAL_NORM] is peft_model.get_base_model().model.language_model
+
+
+@pytest.mark.slow
+def test_a_rule_on_a_layer_not_captured_raises_before_step_1(tok, tmp_path):
+    from topomon import TopoMonitor
+    from topomon.testing import tiny_causal_lm
+
+    steps = _Steps()
+    rule = dict(ALWAYS, layer="layer_2", name="missing")  # layers=[0, 3] captured only
+    mon = TopoMonitor(stage="sft", layers=[0, 3], alerts=[rule], topology=False)
+    with pytest.raises(ConfigError, match=r"'layer_2', which is not captured; the captured layers are"):
+        _train(tiny_causal_lm(num_layers=4), tok, tmp_path, mon, callbacks=[steps.callback])
+    assert steps.n == 0
