@@ -145,6 +145,54 @@ def test_captured_points_equal_the_models_own_hidden_states(model_type, tok):
     ] * 2
 
 
+@pytest.mark.parametrize("model_type,lora", [("gemma3", True), ("phi", False), ("falcon_h1", False)])
+def test_passive_points_equal_the_training_forwards_hidden_states(model_type, lora, tok):
+    """Passive capture hooks the training forward itself: same equality, through PEFT too."""
+    from topomon.capture.passive import PassiveCapture
+
+    model = tiny_model(model_type).train()
+    layout = model_layout(model)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=layout.lora_target_modules()))
+    modules = model_layout(model).capture_modules([0, 1, 2], True)
+    cap = PassiveCapture(modules, max_points=10_000, exclude_first=True, seed=0)  # every counted token
+    cap.attach(model)
+    batch = tok(sample_texts(4, seed=5), padding=True, truncation=True, max_length=24, return_tensors="pt")
+    torch.manual_seed(0)
+    try:
+        cap.arm(2)
+        out = model(**batch, labels=batch["input_ids"], output_hidden_states=True)
+        out.loss.backward()
+        snap = cap.collect("s")
+    finally:
+        cap.detach()
+    assert snap is not None
+    mask = batch["attention_mask"].bool().clone()
+    mask[:, 0] = False  # right padding: the first counted position is 0
+    rows, cols = mask.nonzero(as_tuple=True)
+    hs = [h.detach() for h in out.hidden_states]
+    ref = {"layer_0": hs[1], "layer_1": hs[2], FINAL_NORM: hs[-1]}
+    diffs = {k: float((torch.from_numpy(snap.layers[k]) - v[rows, cols]).abs().max()) for k, v in ref.items()}
+    conftest.SUMMARY.append(
+        f"{model_type} passive{' + LoRA' if lora else ''}: max |captured - output_hidden_states| "
+        + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+    )
+    assert max(diffs.values()) < 1e-5 and len(snap.layers[FINAL_NORM]) == len(rows), diffs
+
+
+def test_blocks_that_cannot_be_identified_are_a_clear_error():
+    model = tiny_model("phi")
+    model.config.num_hidden_layers = 5  # no list of 5 blocks anywhere
+    with pytest.raises(ValueError, match=r"cannot find the blocks of PhiForCausalLM: no list of 5 modules"):
+        model_layout(model)
+    with pytest.raises(ConfigError, match="topomon cannot monitor this model"):
+        capture_modules(MonitorConfig(), model)
+    with pytest.raises(ValueError, match="it has no transformers `config` and none of model.layers"):
+        model_layout(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_a_rule_on_a_layer_not_captured_names_the_captured_layers():
     layers = ["layer_0", "layer_3", FINAL_NORM]
     rules = default_rules()
