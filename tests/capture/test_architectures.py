@@ -9,6 +9,7 @@ LoRA on a VLM; a rule on a layer that is not captured is an error before the fir
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -347,3 +348,21 @@ def test_a_rule_on_a_layer_not_captured_raises_before_step_1(tok, tmp_path):
     with pytest.raises(ConfigError, match=r"'layer_2', which is not captured; the captured layers are"):
         _train(tiny_causal_lm(num_layers=4), tok, tmp_path, mon, callbacks=[steps.callback])
     assert steps.n == 0
+
+
+def test_the_diversity_regulariser_acts_on_a_vlms_language_model(tok):
+    from topomon.interventions.diversity import DiversityRegularizer
+
+    model = tiny_model("gemma3").train()
+    reg = DiversityRegularizer(model, layers=[-1], weight=0.5, max_tokens=16)
+    try:
+        batch = tok(
+            sample_texts(4, seed=6), padding=True, truncation=True, max_length=24, return_tensors="pt"
+        )
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        assert reg.layers == [2] and math.isfinite(reg.last_value) and reg.n_applied >= 1
+        # its hooks sit on the language model's last block, never on the vision tower
+        hooked = [n for n, m in model.named_modules() if m._forward_hooks]
+        assert hooked == ["model.language_model.layers.2"], hooked
+    finally:
+        reg.remove()
