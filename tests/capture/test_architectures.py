@@ -36,10 +36,17 @@ BLOCKS = {
     "phi": "model.layers",
     "phi3": "model.layers",
     "falcon_h1": "model.layers",
+    "mamba": "backbone.layers",
+    "jamba": "model.layers",
     "gpt_neox": "gpt_neox.layers",
     "olmo2": "model.layers",
     "gpt_oss": "model.layers",
 }
+
+
+# where block i's output is in output_hidden_states: at i + 1 after the embeddings, but Mamba's tuple
+# starts with block 0's output (modeling_mamba.py: appended after each block, then the final norm's)
+FIRST_BLOCK = {"mamba": 0}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +91,7 @@ def test_zoo_every_decoder_lm_and_vlm_resolves():
     assert per_kind["causal-lm"]["resolved"] >= 140 and per_kind["image-text-to-text"]["resolved"] >= 75
 
 
-def _reference(model, plan, n):
+def _reference(model, plan, n, first):
     """Per layer, the points of ``output_hidden_states`` at the plan's positions, and the LM head's input."""
     layout = model_layout(model)
     seen = []
@@ -100,7 +107,7 @@ def _reference(model, plan, n):
                 r, p = sel[:, 0], sel[:, 1]
                 # hidden_states[i + 1]: block i's output; the last one: the final norm's (the LM head's input)
                 for i in range(n - 1):
-                    ref.setdefault(f"layer_{i}", []).append(hs[i + 1][r, p].numpy())
+                    ref.setdefault(f"layer_{i}", []).append(hs[i + first][r, p].numpy())
                 ref.setdefault(FINAL_NORM, []).append(hs[-1][r, p].numpy())
                 ref.setdefault("head_input", []).append(seen[-1][r, p].numpy())
     finally:
@@ -125,7 +132,7 @@ def test_captured_points_equal_the_models_own_hidden_states(model_type, tok):
         seed=0,
     )
     snap = ProbeCapture(plan, list(range(n)), include_final_norm=True, logits=True).capture(model, 0, "s")
-    ref = _reference(model, plan, n)
+    ref = _reference(model, plan, n, FIRST_BLOCK.get(model_type, 1))
     diffs = {
         k: float(np.max(np.abs(snap.layers[k] - ref[k])))
         for k in (*(f"layer_{i}" for i in range(n - 1)), FINAL_NORM)
