@@ -209,7 +209,7 @@ def last_token_states(
     blocks = layout.blocks
     indices = list(range(len(blocks))) if layers is None else resolve_layer_indices(list(layers), len(blocks))
     base = layout.model
-    runner = getattr(base, "base_model", base)
+    runner = layout.body
     restore_pad = tokenizer.pad_token is None
     if restore_pad:
         if tokenizer.eos_token is None:

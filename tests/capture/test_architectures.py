@@ -373,3 +373,25 @@ def test_the_diversity_regulariser_acts_on_a_vlms_language_model(tok):
         assert hooked == ["model.language_model.layers.2"], hooked
     finally:
         reg.remove()
+
+
+@pytest.mark.parametrize(
+    "model_type,body",
+    [
+        ("gemma3", "model"),  # the outer body builds masks and position ids, without the LM head
+        ("llama4", "language_model.model"),  # no base model: the language model's body
+        ("instructblip", "language_model.model.decoder"),  # its outer forward needs pixel_values
+    ],
+)
+def test_the_probe_forward_runs_a_body_without_the_lm_head(model_type, body):
+    import transformers
+
+    cls = getattr(
+        transformers,
+        transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type],
+    )
+    with torch.device("meta"):
+        model = cls(cls.config_class())
+    layout = model_layout(model)
+    assert layout.body is model.get_submodule(body) and layout.head is not None
+    assert not any(m is layout.head for m in layout.body.modules())

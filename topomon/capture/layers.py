@@ -91,6 +91,9 @@ class ModelLayout:
         head: the LM head (``get_output_embeddings()``), or None.
         block_path: the blocks' name in ``model`` (``"model.language_model.layers"``).
         decoder_path: the decoder's name in ``model`` (``""`` for none).
+        body: what a text-only forward without the LM head runs (the probe forward): the model's base
+            model when it has one (a VLM's outer body builds its position ids and masks), else the
+            language model's body (a VLM without one: Llama 4, BLIP-2, InstructBLIP), else the model.
         n_layers: the number of blocks.
     """
 
@@ -100,6 +103,7 @@ class ModelLayout:
     head: torch.nn.Module | None
     block_path: str
     decoder_path: str
+    body: torch.nn.Module
 
     @property
     def n_layers(self) -> int:
@@ -209,12 +213,18 @@ def _head(base: torch.nn.Module, chain: Sequence[torch.nn.Module]) -> torch.nn.M
     return None
 
 
+def _base_model(base: torch.nn.Module) -> torch.nn.Module | None:
+    body = getattr(base, "base_model", None)
+    return body if isinstance(body, torch.nn.Module) and body is not base else None
+
+
 def _plain_layout(base: torch.nn.Module) -> ModelLayout:
     for path in _LAYER_PATHS:
         layers = _get_path(base, path)
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
             norm = next((p for p in _NORM_PATHS if isinstance(_get_path(base, p), torch.nn.Module)), "")
-            return ModelLayout(base, layers, _get_path(base, norm) if norm else None, None, path, norm)
+            norm_module = _get_path(base, norm) if norm else None
+            return ModelLayout(base, layers, norm_module, None, path, norm, _base_model(base) or base)
     raise ValueError(
         f"cannot find the decoder blocks of {type(base).__name__}: it has no transformers `config` "
         f"and none of {', '.join(_LAYER_PATHS)}; pass a transformers PreTrainedModel"
@@ -280,7 +290,8 @@ def model_layout(model: Any) -> ModelLayout:
     decoder_path = names.get(id(decoder), "") if decoder is not None else ""
     if decoder is base or not decoder_path:  # the blocks sit on the model itself: no body to hook
         decoder, decoder_path = None, ""
-    return ModelLayout(base, found[1], decoder, _head(base, chain), block_path, decoder_path)
+    body = _base_model(base) or decoder or base
+    return ModelLayout(base, found[1], decoder, _head(base, chain), block_path, decoder_path, body)
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from topomon.capture.layers import model_layout
+from topomon.capture.layers import ModelLayout, model_layout
 from topomon.capture.logit_stats import reduce_logits, reduce_logits_from_hidden
 from topomon.metrics.preprocess import subsample_indices
 from topomon.types import Snapshot
@@ -161,15 +161,14 @@ def _is_fsdp(module: Any) -> bool:
     return isinstance(module, (FSDPModule, FullyShardedDataParallel))
 
 
-def _runner(model: Any, base: torch.nn.Module) -> Any:
-    """What probe batches run through: the decoder body (no LM head), or the root under FSDP.
+def _runner(model: Any, layout: ModelLayout) -> Any:
+    """What probe batches run through: the body without the LM head, or the root under FSDP.
 
     FSDP's root forward gathers the parameters; a submodule called on its own would see only its shard.
     """
-    if _is_fsdp(model) or _is_fsdp(base):
+    if _is_fsdp(model) or _is_fsdp(layout.model):
         return model
-    body = getattr(base, "base_model", None)
-    return body if isinstance(body, torch.nn.Module) and body is not base else base
+    return layout.body
 
 
 def _to_host(parts: list[dict[str, Any] | None]) -> list[dict[str, np.ndarray] | None]:
@@ -265,7 +264,7 @@ class ProbeCapture:
             raise ValueError(f"indices must be batch indices in [0, {n}) or None, got {bad[0]!r}")
         layout = model_layout(model)
         base = layout.model
-        runner = _runner(model, base)
+        runner = _runner(model, layout)
         device = next(base.parameters()).device
         mods = layout.capture_modules(self.layer_indices, self.include_final_norm)
         current: dict[str, Any] = {"select": None, "points": {}}

@@ -1,10 +1,10 @@
 """The architecture zoo: :func:`~topomon.capture.layers.model_layout` on every causal LM and VLM class.
 
 Every class of the installed transformers' causal-LM mapping and image-text-to-text mapping is built on
-the meta device from its model type's default config (no memory, no weights: seconds in all), and its
+the meta device from its default config (``config_class()``; no memory, no weights), and its
 layout is checked: the blocks are a ``ModuleList`` of the text config's layer count, and the LM head's
 input (``final_norm``) is a module other than the model itself. Run ``python -m topomon.capture.zoo``
-for the table and the counts; ``tests/capture/test_zoo.py`` asserts that none fails.
+for the table and the counts; ``tests/capture/test_architectures.py`` asserts that none fails.
 
 Out of scope, listed here with the reason: encoder-decoder models (``is_encoder_decoder``), encoder-only
 families that transformers also offers as a causal LM (BERT and its kin: their LM head runs a transform
