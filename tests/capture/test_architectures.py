@@ -17,6 +17,7 @@ import torch
 
 from tests.capture import conftest
 from tests.capture.tiny_zoo import REPRESENTATIVE, tiny_model
+from tests.capture.tiny_zoo import text_settings as tiny_zoo_text
 from topomon.alerts import default_rules
 from topomon.capture.layers import FINAL_NORM, model_layout
 from topomon.capture.probe import ProbeCapture, plan_tokens
@@ -395,3 +396,52 @@ def test_the_probe_forward_runs_a_body_without_the_lm_head(model_type, body):
     layout = model_layout(model)
     assert layout.body is model.get_submodule(body) and layout.head is not None
     assert not any(m is layout.head for m in layout.body.modules())
+
+
+def test_next_token_metrics_come_from_the_models_own_logits_when_it_rescales_before_its_head(tok, caplog):
+    """MiniCPM3 divides its last hidden state before the LM head: the probe then runs the whole model."""
+    import transformers
+
+    from topomon.capture.logit_stats import reduce_logits
+    from topomon.capture.probe import head_reads_body_output
+
+    cfg = transformers.MiniCPM3Config(
+        **{
+            k: v
+            for k, v in tiny_zoo_text().items()
+            if k in ("hidden_size", "intermediate_size", "vocab_size")
+        },
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        pad_token_id=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.MiniCPM3ForCausalLM(cfg).eval()
+    layout = model_layout(model)
+    assert not head_reads_body_output(layout, torch.tensor([[5, 6]]))
+    assert head_reads_body_output(model_layout(tiny_model("llama")), torch.tensor([[5, 6]]))
+    plan = plan_tokens(
+        tok,
+        sample_texts(6),
+        max_length=24,
+        batch_size=3,
+        pooling="all",
+        max_points=48,
+        exclude_first=True,
+        seed=0,
+    )
+    with caplog.at_level(logging.WARNING, logger="topomon"):
+        snap = ProbeCapture(plan, [0, 1], logits=True).capture(model, 0, "s")
+    assert "MiniCPM3ForCausalLM transforms its last hidden state before its LM head" in caplog.text
+    with torch.no_grad():
+        ref = [
+            reduce_logits(model(input_ids=i, attention_mask=a).logits, i, a, at=(s[:, 0], s[:, 1]))["nll"]
+            for (i, a), s in zip(plan.batches, plan.select, strict=True)
+        ]
+    np.testing.assert_allclose(snap.extras["logits/nll"], np.concatenate(ref), rtol=1e-5, atol=1e-6)

@@ -71,6 +71,11 @@ _VISION = {
 }
 
 
+def text_settings() -> dict[str, Any]:
+    """The tiny text-model settings (a copy)."""
+    return dict(_TEXT)
+
+
 def _shrink(cfg: Any, values: dict[str, Any]) -> None:
     for k, v in values.items():
         if hasattr(cfg, k) and getattr(cfg, k) is not None:

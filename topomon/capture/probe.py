@@ -9,6 +9,7 @@ differ by more than any SFT step).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from topomon.capture.logit_stats import reduce_logits, reduce_logits_from_hidden
 from topomon.metrics.preprocess import subsample_indices
 from topomon.types import Snapshot
 
-__all__ = ["TokenPlan", "plan_tokens", "ProbeCapture", "hooked_outputs"]
+__all__ = ["TokenPlan", "plan_tokens", "ProbeCapture", "hooked_outputs", "head_reads_body_output"]
+
+logger = logging.getLogger("topomon")
 
 
 @dataclass
@@ -198,6 +201,38 @@ def _to_host(parts: list[dict[str, Any] | None]) -> list[dict[str, np.ndarray] |
     return out
 
 
+@torch.no_grad()
+def head_reads_body_output(layout: ModelLayout, ids: torch.Tensor) -> bool:
+    """Whether ``layout.head``'s input equals the body's output (``final_norm``), by one short forward.
+
+    In almost every causal LM the head reads the body's last hidden state as it is; a few scale or
+    project it first (MiniCPM3, Inkling, NeoMMe), and then the next-token statistics cannot be computed
+    from ``final_norm``.
+
+    Args:
+        layout: the model's layout.
+        ids: ``(1, t)`` token ids on the model's device.
+    """
+    if layout.head is None or layout.decoder is None:
+        return False
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, h: torch.Tensor) -> None:  # a hook that returns nothing changes nothing
+        seen.setdefault(name, h)
+
+    handles = [
+        layout.head.register_forward_pre_hook(lambda _m, args: keep("head", args[0])),
+        layout.decoder.register_forward_hook(lambda _m, _a, out: keep("body", _hidden(out))),
+    ]
+    try:
+        layout.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    head, body = seen.get("head"), seen.get("body")
+    return head is not None and body is not None and head.shape == body.shape and torch.equal(head, body)
+
+
 class ProbeCapture:
     """Runs the probe set through a model and returns a :class:`Snapshot` of the chosen layers.
 
@@ -221,6 +256,7 @@ class ProbeCapture:
         self.layer_indices = list(layer_indices)
         self.include_final_norm = include_final_norm
         self.logits = logits
+        self._head_reads_body: dict[int, bool] = {}
 
     def modules(self, model: Any) -> dict[str, torch.nn.Module]:
         """The modules hooked at a capture, by layer name."""
@@ -289,6 +325,8 @@ class ProbeCapture:
         was_training = model.training
         model.eval()
         try:
+            if head is not None and runner is layout.body and not self._reads_body(layout, pad.to(device)):
+                runner = base  # the model transforms the body's output first: it computes its own logits
             with hooked_outputs(mods, take):
                 for i in indices:
                     sel = self.plan.select[i] if i is not None else None
@@ -322,6 +360,20 @@ class ProbeCapture:
             current["select"] = None
             model.train(was_training)
         return _to_host(out)
+
+    def _reads_body(self, layout: ModelLayout, ids: torch.Tensor) -> bool:
+        """Whether the LM head reads the body's output as it is (checked once per model, warned if not)."""
+        key = id(layout.model)
+        if key not in self._head_reads_body:
+            same = head_reads_body_output(layout, ids)
+            if not same:
+                logger.warning(
+                    "topomon: %s transforms its last hidden state before its LM head; the probe forward "
+                    "runs the whole model (the head on every position) for the next-token metrics",
+                    type(layout.model).__name__,
+                )
+            self._head_reads_body[key] = same
+        return self._head_reads_body[key]
 
     def snapshot(
         self,
