@@ -10,7 +10,9 @@ Discovery goes by what the model says of itself, not by attribute names:
   the model, outside vision and audio towers, and the decoder is its owner;
 - ``"final_norm"`` is the decoder's output (its last hidden state): what the causal LM hands to its
   LM head, i.e. the input of the LM head, which is the final norm's output in every model that has a
-  final norm (Llama ``model.norm``, Phi ``final_layernorm``, Mamba ``norm_f``, GPT-2 ``ln_f``, ...).
+  final norm (Llama ``model.norm``, Phi ``final_layernorm``, Mamba ``norm_f``, GPT-2 ``ln_f``, ...);
+  a few models rescale it before the head (MiniCPM3; see
+  :func:`~topomon.capture.probe.head_reads_body_output`).
   Hooking the decoder rather than the head keeps the probe forward's saving: the LM head runs on the
   counted positions only (:func:`~topomon.capture.logit_stats.reduce_logits_from_hidden`).
 
