@@ -2,9 +2,10 @@
 
 Every class of the installed transformers' causal-LM mapping and image-text-to-text mapping is built on
 the meta device from its default config (``config_class()``; no memory, no weights), and its
-layout is checked: the blocks are a ``ModuleList`` of the text config's layer count, and the LM head's
-input (``final_norm``) is a module other than the model itself. Run ``python -m topomon.capture.zoo``
-for the table and the counts; ``tests/capture/test_architectures.py`` asserts that none fails.
+layout is checked: the blocks are a ``ModuleList`` of the text config's layer count, inside the body
+whose output is the LM head's input (``final_norm``), a body that does not hold the head itself.
+Run ``python -m topomon.capture.zoo`` for the table and the counts;
+``tests/capture/test_architectures.py`` asserts that none fails.
 
 Out of scope, listed here with the reason: encoder-decoder models (``is_encoder_decoder``), encoder-only
 families that transformers also offers as a causal LM (BERT and its kin: their LM head runs a transform
@@ -135,6 +136,10 @@ def check_class(kind: str, model_type: str, class_name: str) -> ZooEntry:
         return entry("failing", f"{layout.block_path} holds {layout.n_layers} blocks, the text config {n}")
     if layout.decoder is None:
         return entry("failing", f"{layout.block_path}: no module whose output is the LM head's input")
+    if any(m is layout.head for m in layout.decoder.modules()):
+        return entry("failing", f"{layout.decoder_path} holds the LM head: its output would be logits")
+    if not layout.block_path.startswith(layout.decoder_path + "."):
+        return entry("failing", f"the blocks {layout.block_path} are not inside {layout.decoder_path}")
     return entry("resolved", f"{layout.block_path} ({n}), final_norm = output of {layout.decoder_path}")
 
 
