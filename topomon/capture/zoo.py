@@ -114,19 +114,27 @@ def check_class(kind: str, model_type: str, class_name: str) -> ZooEntry:
         return entry("out_of_scope", OUT_OF_SCOPE[model_type])
     try:
         cls = getattr(transformers, class_name)
-        # the class's own config class (a text config for a *ForCausalLM of a multimodal family)
-        own = getattr(cls, "config_class", None)
-        config = own() if own is not None else transformers.AutoConfig.for_model(model_type)
-    except Exception as e:  # noqa: BLE001 - an optional dependency or a broken default: reported
+    except Exception as e:  # noqa: BLE001 - an optional dependency missing: reported
         return entry("skipped", _why(e))
-    if _is_encoder_decoder(config):
-        return entry("out_of_scope", "an encoder-decoder family (config.is_encoder_decoder)")
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = cls(config)
-    except Exception as e:  # noqa: BLE001
-        return entry("skipped", f"cannot build from the default config: {_why(e)}")
+    # the class's own config class (a text config for a *ForCausalLM of a multimodal family), else the
+    # model type's; either default may be one transformers itself cannot build a model from
+    makers = [getattr(cls, "config_class", None), lambda: transformers.AutoConfig.for_model(model_type)]
+    model, errors = None, []
+    for make in makers:
+        if make is None:
+            continue
+        try:
+            config = make()
+            if _is_encoder_decoder(config):
+                return entry("out_of_scope", "an encoder-decoder family (config.is_encoder_decoder)")
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = cls(config)
+            break
+        except Exception as e:  # noqa: BLE001 - reported
+            errors.append(_why(e))
+    if model is None:
+        return entry("skipped", f"cannot build from the default config: {errors[0]}")
     try:
         layout = model_layout(model)
     except ValueError as e:
