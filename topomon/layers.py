@@ -197,7 +197,7 @@ def last_token_states(
     """
     import torch
 
-    from topomon.capture.layers import decoder_layers, resolve_layer_indices, unwrap_model
+    from topomon.capture.layers import model_layout, resolve_layer_indices
 
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise TypeError(f"`texts` must be a sequence of strings, got {type(texts).__name__}")
@@ -205,10 +205,11 @@ def last_token_states(
         raise ValueError("`texts` must be a non-empty sequence of non-empty strings")
     batch_size = _positive_int(batch_size, "batch_size")
     max_length = _positive_int(max_length, "max_length")
-    blocks = decoder_layers(model)
+    layout = model_layout(model)
+    blocks = layout.blocks
     indices = list(range(len(blocks))) if layers is None else resolve_layer_indices(list(layers), len(blocks))
-    base = unwrap_model(model)
-    runner = getattr(base, "base_model", base)
+    base = layout.model
+    runner = layout.body
     restore_pad = tokenizer.pad_token is None
     if restore_pad:
         if tokenizer.eos_token is None:

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from topomon.alerts import AlertEngine, default_rules, rules_from_config
+from topomon.alerts import TRAINER_LAYER, AlertEngine, default_rules, rules_from_config
 from topomon.alerts.sinks import LogSink, WebhookSink
-from topomon.capture.layers import layer_name
+from topomon.capture.layers import FINAL_NORM, layer_name
 from topomon.config import ConfigError, MonitorConfig
-from topomon.metrics.families import array_names, explain_unknown, relative_keys
+from topomon.metrics.families import MODEL_LAYER, array_names, explain_unknown, relative_keys
 from topomon.run import BASE_STAGE, RunDir
 from topomon.sinks.base import AlertsOnly, RecordSink, SinkFan
 from topomon.sinks.jsonl import JsonlWriter
@@ -377,6 +377,47 @@ class ResultRouter:
         self.sinks.close()
 
 
+def rules_on_layers(rules: list[Any], layers: list[str], *, default: bool) -> list[Any]:
+    """The alert rules checked against the captured ``layers``: none may watch a layer never captured.
+
+    Args:
+        rules: the rules.
+        layers: the captured layer names (capture order: the deepest last).
+        default: ``rules`` are the default rules: those on ``final_norm`` move to the deepest captured
+            layer when ``final_norm`` is not captured (one warning) instead of never firing.
+
+    Returns:
+        The rules to run.
+
+    Raises:
+        ConfigError: a rule watches a layer that is not captured (the captured layers named).
+    """
+    valid = {*layers, "*", "mean", MODEL_LAYER, TRAINER_LAYER}
+    if default and FINAL_NORM not in layers and layers:
+        moved = [r for r in rules if getattr(r, "layer", None) == FINAL_NORM]
+        if moved:
+            logger.warning(
+                "topomon: %s is not captured; the default alert rules watch %s instead",
+                FINAL_NORM,
+                layers[-1],
+            )
+            rules = rules_from_config(
+                [
+                    {**r.config(), "layer": layers[-1], "name": None} if r in moved else r.config()
+                    for r in rules
+                ]
+            )
+    for rule in rules:
+        for layer, _ in rule.series:  # a composite: every part's layer
+            if layer not in valid:
+                raise ConfigError(
+                    f"`alerts`: rule {rule.name!r} watches layer {layer!r}, which is not captured; "
+                    f"the captured layers are {layers} (or '*', 'mean', {MODEL_LAYER!r}, "
+                    f"{TRAINER_LAYER!r}): change the rule's `layer`, or capture it (`layers`, `final_norm`)"
+                )
+    return rules
+
+
 def make_router(
     c: MonitorConfig,
     run: RunDir,
@@ -386,6 +427,7 @@ def make_router(
     on_alert: Callable[[Alert], Any] | None = None,
     sinks: Sequence[RecordSink] = (),
     base_alias_step: int | None = None,
+    layers: Sequence[str] | None = None,
 ) -> ResultRouter:
     """The router of one stage, with its TensorBoard sink, alert engine and alert sinks from ``c``.
 
@@ -398,10 +440,14 @@ def make_router(
         on_alert: called with each alert (on the collector thread), or None.
         sinks: record sinks besides TensorBoard (trackers, a Lightning logger).
         base_alias_step: see :class:`ResultRouter`.
+        layers: the captured layer names; None: not checked. Given, a rule on another layer is a
+            ``ConfigError`` and the default rules watch the deepest captured layer when
+            ``final_norm`` is not captured (with a warning).
 
     Raises:
         ConfigError: an alert rule names a metric these options do not produce (naming the family
-            and the config field that turns it on when the metric's family is off).
+            and the config field that turns it on when the metric's family is off), or a layer
+            that is not captured (naming those that are).
     """
     record_sinks: list[RecordSink] = []
     if c.tensorboard and logging_dir is not None:
@@ -412,6 +458,8 @@ def make_router(
     engine = None
     if c.alerts is not None:
         rules = default_rules() if c.alerts == "default" else rules_from_config(list(c.alerts))
+        if layers is not None:
+            rules = rules_on_layers(rules, list(layers), default=c.alerts == "default")
         for rule in rules:
             for metric in rule.metrics:
                 why = explain_unknown(metric, options)

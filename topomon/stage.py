@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from topomon import __version__
-from topomon.capture.layers import decoder_layers, final_norm, layer_name, resolve_layer_indices
+from topomon.capture.layers import model_layout, resolve_layer_indices
 from topomon.capture.passive import PassiveCapture
 from topomon.capture.probe import TokenPlan, plan_tokens
 from topomon.capture.probes import load_probes
@@ -68,21 +68,20 @@ def capture_modules(c: MonitorConfig, model: Any) -> tuple[list[int], dict[str, 
     if model is None:
         raise ConfigError("topomon needs the model: pass it to begin() (trainers pass it to callbacks)")
     try:
-        blocks = decoder_layers(model)
-        indices = resolve_layer_indices(c.layers, len(blocks))
+        layout = model_layout(model)
+    except ValueError as e:
+        raise ConfigError(f"topomon cannot monitor this model: {e}") from None
+    try:
+        indices = resolve_layer_indices(c.layers, layout.n_layers)
     except ValueError as e:
         raise ConfigError(f"`layers`: {e}") from None
     if isinstance(c.topology_layers, (list, tuple)):
         for i in c.topology_layers:
-            if isinstance(i, int) and i % len(blocks) not in indices:
+            if isinstance(i, int) and i % layout.n_layers not in indices:
                 raise ConfigError(
                     f"`topology_layers` holds {i}, which is not among the captured `layers` {indices}"
                 )
-    modules: dict[str, Any] = {layer_name(i): blocks[i] for i in indices}
-    norm = final_norm(model) if c.final_norm else None
-    if norm is not None:
-        modules["final_norm"] = norm
-    return indices, modules
+    return indices, dict(layout.capture_modules(indices, c.final_norm))
 
 
 def probe_texts(c: MonitorConfig, probes: list[str] | None, run: RunDir) -> list[str]:
@@ -428,7 +427,7 @@ def setup_stage(
     options = compute_options(
         c,
         list(modules),
-        len(decoder_layers(model)),
+        model_layout(model).n_layers,
         run.earlier_lora(c.stage, like=info.get("like")),
         logits=c.logits,
         lora=c.lora_metrics and bool(lora_factors(model)),
@@ -449,6 +448,7 @@ def setup_stage(
         on_alert=on_alert,
         sinks=sinks,
         base_alias_step=step_offset if first_of_run and baseline and strategy.takes_baseline else None,
+        layers=list(modules),
     )
     router.prime(r for r in earlier if r.stage in (BASE_STAGE, c.stage))
     captures: list[int] = []

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from topomon.capture.layers import unwrap_model
+from topomon.capture.layers import model_layout, unwrap_model
 from topomon.capture.logit_stats import reduce_logits, reduce_logits_from_hidden
 from topomon.capture.probe import _hidden, _runner
 from topomon.metrics.preprocess import subsample_indices
@@ -81,12 +81,12 @@ class PassiveCapture:
         base = unwrap_model(model)
         self._handles.append(base.register_forward_pre_hook(self._pre, with_kwargs=True))
         if self.logits:
-            getter = getattr(base, "get_output_embeddings", None)
-            self._head = getter() if callable(getter) else None
+            layout = model_layout(base)  # the one discovery: its LM head and the body that feeds it
+            self._head = layout.head
             if self._head is None:
                 self._warn("the model has no output embeddings (LM head)")
             else:  # the decoder body; the root under FSDP (whose forward runs the LM head itself)
-                self._handles.append(_runner(model, base).register_forward_hook(self._logits))
+                self._handles.append(_runner(model, layout).register_forward_hook(self._logits))
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_hook(lambda _m, _i, out, _n=name: self._take(_n, out)))
 

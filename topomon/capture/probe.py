@@ -9,6 +9,7 @@ differ by more than any SFT step).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,12 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from topomon.capture.layers import decoder_layers, final_norm, layer_name, unwrap_model
+from topomon.capture.layers import ModelLayout, model_layout
 from topomon.capture.logit_stats import reduce_logits, reduce_logits_from_hidden
 from topomon.metrics.preprocess import subsample_indices
 from topomon.types import Snapshot
 
-__all__ = ["TokenPlan", "plan_tokens", "ProbeCapture", "hooked_outputs"]
+__all__ = ["TokenPlan", "plan_tokens", "ProbeCapture", "hooked_outputs", "head_reads_body_output"]
+
+logger = logging.getLogger("topomon")
 
 
 @dataclass
@@ -161,15 +164,14 @@ def _is_fsdp(module: Any) -> bool:
     return isinstance(module, (FSDPModule, FullyShardedDataParallel))
 
 
-def _runner(model: Any, base: torch.nn.Module) -> Any:
-    """What probe batches run through: the decoder body (no LM head), or the root under FSDP.
+def _runner(model: Any, layout: ModelLayout) -> Any:
+    """What probe batches run through: the body without the LM head, or the root under FSDP.
 
     FSDP's root forward gathers the parameters; a submodule called on its own would see only its shard.
     """
-    if _is_fsdp(model) or _is_fsdp(base):
+    if _is_fsdp(model) or _is_fsdp(layout.model):
         return model
-    body = getattr(base, "base_model", None)
-    return body if isinstance(body, torch.nn.Module) and body is not base else base
+    return layout.body
 
 
 def _to_host(parts: list[dict[str, Any] | None]) -> list[dict[str, np.ndarray] | None]:
@@ -199,13 +201,45 @@ def _to_host(parts: list[dict[str, Any] | None]) -> list[dict[str, np.ndarray] |
     return out
 
 
+@torch.no_grad()
+def head_reads_body_output(layout: ModelLayout, ids: torch.Tensor) -> bool:
+    """Whether ``layout.head``'s input equals the body's output (``final_norm``), by one short forward.
+
+    In almost every causal LM the head reads the body's last hidden state as it is; a few scale or
+    project it first (MiniCPM3, Inkling, NeoMMe), and then the next-token statistics cannot be computed
+    from ``final_norm``.
+
+    Args:
+        layout: the model's layout.
+        ids: ``(1, t)`` token ids on the model's device.
+    """
+    if layout.head is None or layout.decoder is None:
+        return False
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, h: torch.Tensor) -> None:  # a hook that returns nothing changes nothing
+        seen.setdefault(name, h)
+
+    handles = [
+        layout.head.register_forward_pre_hook(lambda _m, args: keep("head", args[0])),
+        layout.decoder.register_forward_hook(lambda _m, _a, out: keep("body", _hidden(out))),
+    ]
+    try:
+        layout.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    head, body = seen.get("head"), seen.get("body")
+    return head is not None and body is not None and head.shape == body.shape and torch.equal(head, body)
+
+
 class ProbeCapture:
     """Runs the probe set through a model and returns a :class:`Snapshot` of the chosen layers.
 
     Args:
         plan: the token plan (fixed for the run).
         layer_indices: decoder block indices to capture.
-        include_final_norm: also capture the final norm output.
+        include_final_norm: also capture the LM head's input (``"final_norm"``: the final norm's output).
         logits: also reduce the next-token predictions on the probe set to per-token statistics
             (entropy, top-1 probability, correctness, NLL) in ``snapshot.extras["logits/..."]``,
             from the same forward, by chunks through the LM head (never ``B * T * V`` at once).
@@ -222,16 +256,11 @@ class ProbeCapture:
         self.layer_indices = list(layer_indices)
         self.include_final_norm = include_final_norm
         self.logits = logits
+        self._head_reads_body: dict[int, bool] = {}
 
     def modules(self, model: Any) -> dict[str, torch.nn.Module]:
         """The modules hooked at a capture, by layer name."""
-        blocks = decoder_layers(model)
-        mods: dict[str, torch.nn.Module] = {layer_name(i): blocks[i] for i in self.layer_indices}
-        if self.include_final_norm:
-            norm = final_norm(model)
-            if norm is not None:
-                mods["final_norm"] = norm
-        return mods
+        return model_layout(model).capture_modules(self.layer_indices, self.include_final_norm)
 
     @torch.no_grad()
     def capture(self, model: Any, step: int, stage: str, meta: dict[str, Any] | None = None) -> Snapshot:
@@ -269,10 +298,11 @@ class ProbeCapture:
         bad = [i for i in indices if i is not None and not (isinstance(i, int) and 0 <= i < n)]
         if bad:
             raise ValueError(f"indices must be batch indices in [0, {n}) or None, got {bad[0]!r}")
-        base = unwrap_model(model)
-        runner = _runner(model, base)
+        layout = model_layout(model)
+        base = layout.model
+        runner = _runner(model, layout)
         device = next(base.parameters()).device
-        mods = self.modules(model)
+        mods = layout.capture_modules(self.layer_indices, self.include_final_norm)
         current: dict[str, Any] = {"select": None, "points": {}}
 
         def take(name: str, h: torch.Tensor) -> None:
@@ -289,13 +319,14 @@ class ProbeCapture:
             # stays on the device until the last batch: one copy and one synchronisation per capture
             current["points"][name] = pts.detach().to(torch.float32)
 
-        getter = getattr(base, "get_output_embeddings", None) if self.logits else None
-        head = getter() if callable(getter) else None
+        head = layout.head if self.logits else None
         pad = self.plan.batches[0][0][:1, :1]
         out: list[dict[str, np.ndarray] | None] = []
         was_training = model.training
         model.eval()
         try:
+            if head is not None and runner is layout.body and not self._reads_body(layout, pad.to(device)):
+                runner = base  # the model transforms the body's output first: it computes its own logits
             with hooked_outputs(mods, take):
                 for i in indices:
                     sel = self.plan.select[i] if i is not None else None
@@ -329,6 +360,20 @@ class ProbeCapture:
             current["select"] = None
             model.train(was_training)
         return _to_host(out)
+
+    def _reads_body(self, layout: ModelLayout, ids: torch.Tensor) -> bool:
+        """Whether the LM head reads the body's output as it is (checked once per model, warned if not)."""
+        key = id(layout.model)
+        if key not in self._head_reads_body:
+            same = head_reads_body_output(layout, ids)
+            if not same:
+                logger.warning(
+                    "topomon: %s transforms its last hidden state before its LM head; the probe forward "
+                    "runs the whole model (the head on every position) for the next-token metrics",
+                    type(layout.model).__name__,
+                )
+            self._head_reads_body[key] = same
+        return self._head_reads_body[key]
 
     def snapshot(
         self,

@@ -92,8 +92,9 @@ _SESSION_VIEWS = frozenset(
 def find_language_model(pl_module: torch.nn.Module, attr: str | None = None) -> torch.nn.Module:
     """The Hugging Face language model inside a LightningModule: what topomon captures and probes.
 
-    The probe forward runs the model's decoder body (``base_model``) and the hooks go on its decoder
-    blocks, so topomon needs the ``transformers.PreTrainedModel`` (or the PEFT model around it), not
+    The probe forward runs the model's body without the LM head and the hooks go on its language
+    model's blocks (:func:`topomon.capture.layers.model_layout`), so topomon needs the
+    ``transformers.PreTrainedModel`` (or the PEFT model around it), not
     the LightningModule, whose ``forward`` is the user's.
 
     Args:

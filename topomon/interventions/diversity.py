@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from topomon.capture.layers import decoder_layers, resolve_layer_indices, unwrap_model
+from topomon.capture.layers import model_layout, resolve_layer_indices, unwrap_model
 from topomon.interventions._validate import check_weight
 
 __all__ = [
@@ -307,7 +307,7 @@ class DiversityRegularizer:
             raise ValueError(f"eps must be positive, got {eps!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")
-        blocks = decoder_layers(model)
+        blocks = model_layout(model).blocks
         self.layers = resolve_layer_indices(layers, len(blocks))
         self.kind = kind
         self.max_tokens = max_tokens
