@@ -213,6 +213,19 @@ def _rows(kind: str, tok: Any, data: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(("prompt", "completion"), render(tok, p, r), strict=True)) for p, r in data["train"]]
 
 
+def _commit() -> str | None:
+    """The checkout's commit (a stage records the code it ran), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
 def run_stage(kind: str, variant: str, seed: int, out: str, sz: Sizes) -> dict[str, Any]:
     """Train one stage with the monitor and the harm measures; returns (and saves) its results."""
     import torch
@@ -286,6 +299,7 @@ def run_stage(kind: str, variant: str, seed: int, out: str, sz: Sizes) -> dict[s
         "seed": seed,
         "recipe": RECIPES[(kind, variant)],
         "tiny": sz.tiny,
+        "commit": _commit(),
         "harm": {str(k): v for k, v in sorted(harm.items())},
         "indomain_loss": {str(k): v for k, v in sorted(indomain.items())},
         "loss": streams.get("loss", []),
