@@ -47,8 +47,10 @@ def test_the_rl_preset_is_standard_plus_the_probe_entropy_watched_both_ways():
     rules = rules_from_config(rl.alerts)
     # the default rules, unchanged, then the two entropy rules
     assert [r.config() for r in rules[:3]] == [r.config() for r in default_rules()]
-    drop, rise = rules[3:]
+    drop, rise, rollout_drop, rollout_rise = rules[3:]
     assert (drop.name, rise.name) == ("logit_entropy_drop", "logit_entropy_rise")
+    assert (rollout_drop.layer, rollout_drop.metric, rollout_drop.window) == ("trainer", "entropy", 4)
+    assert (rollout_drop.direction, rollout_rise.direction) == ("drop", "rise")
 
     def fired(rule, values):
         recs = [MetricRecord(i, "grpo", "model", {"logit_entropy": v}, 0.0) for i, v in enumerate(values)]
@@ -57,6 +59,11 @@ def test_the_rl_preset_is_standard_plus_the_probe_entropy_watched_both_ways():
     collapse, drift = [6.0, 5.8, 4.0, 3.0], [6.0, 6.2, 7.6, 8.0]
     assert fired(drop, collapse) == [(2, "drop")] and fired(rise, collapse) == []
     assert fired(rise, drift) == [(2, "rise")] and fired(drop, drift) == []
+    # the rollout entropy TRL logs: the mean of the last 4 against the stage's first 4
+    logged = [1.0, 1.1, 0.9, 1.0, 0.8, 0.6, 0.4, 0.3, 0.3]
+    logs = [MetricRecord(i, "grpo", "trainer", {"entropy": v}, 0.0) for i, v in enumerate(logged)]
+    seen = [a for r in logs for a in rollout_drop.update([r])]
+    assert [(a.step, a.reason) for a in seen if a.reason != "recovered"] == [(8, "drop")]
 
 
 def test_presets_exist_once():
