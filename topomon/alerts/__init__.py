@@ -53,7 +53,6 @@ from topomon.alerts.rules import (
 from topomon.alerts.sinks import (
     AlertSink,
     CallableSink,
-    JsonlAlertSink,
     LogSink,
     MultiSink,
     TensorBoardAlertSink,
@@ -97,7 +96,6 @@ __all__ = [
     "Alert",
     "AlertSink",
     "LogSink",
-    "JsonlAlertSink",
     "CallableSink",
     "WebhookSink",
     "TensorBoardAlertSink",
