@@ -159,7 +159,7 @@ class MetricEngine:
         A diagram to each topology layer's record, the eigenspectra of every layer to the last record
         (the model-level one when there is one).
         """
-        from topomon.report.figures import figure_images
+        from topomon.figures import figure_images  # matplotlib: only when figures are drawn
 
         if not records:
             return
