@@ -199,10 +199,11 @@ def test_massive_family_is_declared_and_computed_by_the_engine() -> None:
 
 
 def test_config_field_selects_the_treatment_everywhere() -> None:
-    from topomon.config import _CHOICES, ConfigError, MonitorConfig
+    from topomon.config import ConfigError, MonitorConfig
+    from topomon.config_checks import CHOICES
     from topomon.pipeline import compute_options
 
-    assert _CHOICES["massive_treatment"] == TREATMENTS  # one list, config and preprocessing
+    assert CHOICES["massive_treatment"] == TREATMENTS  # one list, config and preprocessing
     assert MonitorConfig().massive_treatment == DEFAULT_TREATMENT
     opts = compute_options(MonitorConfig(massive_treatment="cut"), ["layer_1"], n_blocks=4)
     assert opts.massive_treatment == "cut"
