@@ -21,6 +21,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from topomon.metrics.builtin_families import BUILTIN, CUSTOM, custom_family
+from topomon.metrics.builtin_families import LOGITS as LOGITS
+from topomon.metrics.builtin_families import LORA as LORA
+from topomon.metrics.builtin_families import MASSIVE as MASSIVE
+from topomon.metrics.builtin_families import SPECTRAL as SPECTRAL
+from topomon.metrics.builtin_families import TOPOLOGY as TOPOLOGY
+from topomon.metrics.builtin_families import TRAJECTORY as TRAJECTORY
 from topomon.metrics.family_base import (
     BASE_KEYS,
     MODEL_LAYER,
