@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe_sizes, pipes = [512, 1024, 2048, 4096], PIPELINES
         cap_configs, cap_layers, cap_points = CAPTURE_CONFIGS, 8, 512
     if args.lsa_bottleneck:
-        import topomon.metrics.families as families_module  # the topology family computes them
+        import topomon.metrics.builtin_families as families_module  # the topology family computes them
 
         families_module.bottleneck_distance = lsa_bottleneck
 

@@ -1,8 +1,8 @@
 """The monitor's configuration: one frozen dataclass, validated at construction.
 
 Every wrong value raises a ``ValueError`` (or ``TypeError``) naming the field, the value and what
-is allowed, before training starts. ``MonitorConfig.from_yaml`` reads YAML with ``safe_load`` and
-rejects unknown keys.
+is allowed, before training starts (the checks are in :mod:`topomon.config_checks`).
+``MonitorConfig.from_yaml`` reads YAML with ``safe_load`` and rejects unknown keys.
 
 Presets: a ``preset`` key next to the fields (``MonitorConfig.from_dict`` / ``from_yaml``,
 ``TopoMonitor(preset=...)``, ``topomon.watch(..., preset=...)``, a recipe's ``topomon:`` section,
@@ -18,34 +18,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from topomon import schedules
-from topomon._validate import check_int, check_number, check_str
+from topomon.config_checks import TRACKERS as TRACKERS
+from topomon.config_checks import ConfigError, check_fields
 
 __all__ = ["MonitorConfig", "ConfigError", "as_config", "PRESET_KEY", "preset_names", "load_preset"]
 
 
 AUTO_BUDGET = 0.01
 """``overhead_budget="auto"`` with the default "log" schedule: 1% of the training's wall time."""
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and what is allowed."""
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": ("probe", "passive"),
-    "pooling": ("all", "last", "mean"),
-    "schedule": ("log", "every", "steps"),
-    "worker": ("process", "thread", "sync"),
-    "topology_engine": ("auto", "ripser", "giotto"),
-    "massive_treatment": ("robust", "cut", "robust_dims", "dims"),
-    "worker_priority": ("idle", "low", "normal"),
-}
 
 
 @dataclass(frozen=True)
@@ -222,161 +207,7 @@ class MonitorConfig:
             object.__setattr__(self, "families", tuple(self.families))
         if isinstance(self.alpha_window, list):
             object.__setattr__(self, "alpha_window", tuple(self.alpha_window))
-        self._validate()
-
-    # ---------------------------------------------------------------- validation
-    def _validate(self) -> None:
-        for name, choices in _CHOICES.items():
-            value = getattr(self, name)
-            if value not in choices:
-                raise ConfigError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        _require_str("stage", self.stage)
-        if (
-            not self.stage
-            or any(c in self.stage for c in "/\\")
-            or self.stage in (".", "..")
-            or not self.stage.isprintable()
-        ):
-            raise ConfigError(
-                f"`stage` must be a non-empty name without slashes or control characters, "
-                f"other than '.' and '..', got {self.stage!r}"
-            )
-        for name in ("run_dir", "logging_dir"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, (str, os.PathLike)):
-                raise ConfigError(f"`{name}` must be a path or None, got {type(v).__name__}")
-        for name in (
-            "tensorboard",
-            "final_norm",
-            "exclude_first",
-            "normalize",
-            "spectral",
-            "topology",
-            "logits",
-            "trajectory",
-            "lora_metrics",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
-        for name, low in (
-            ("max_probes", 1),
-            ("max_length", 2),
-            ("probe_batch_size", 1),
-            ("max_points", 3),
-            ("every_n_steps", 1),
-            ("topology_points", 3),
-            ("queue_size", 1),
-            ("worker_threads", 1),
-            ("figures_every", 0),
-        ):
-            _require_int(name, getattr(self, name), low)
-        _require_int("seed", self.seed, 0)
-        if self.seed > 2**32 - 1:
-            raise ConfigError(f"`seed` must be an int in [0, 2**32 - 1], got {self.seed!r}")
-        if self.step_offset is not None:
-            _require_int("step_offset", self.step_offset, 0)
-        if not (self.alerts is None or self.alerts == "default" or isinstance(self.alerts, (list, tuple))):
-            raise ConfigError(
-                f"`alerts` must be 'default', a list of rules (mappings) or None, got {self.alerts!r}"
-            )
-        if isinstance(self.alerts, (list, tuple)):
-            from topomon.alerts import rules_from_config
-
-            try:
-                rules_from_config(list(self.alerts))
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"`alerts`: {e}") from None
-        if not isinstance(self.actions, tuple) or not all(isinstance(a, Mapping) for a in self.actions):
-            raise ConfigError(f"`actions` must be a list of mappings (action specs), got {self.actions!r}")
-        from topomon.interventions.actions import ActionSpec
-
-        for i, spec in enumerate(self.actions):
-            try:
-                ActionSpec.from_dict(spec)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"`actions[{i}]`: {e}") from None
-        if not isinstance(self.diversity, Mapping):
-            raise ConfigError(f"`diversity` must be a mapping of regulariser options, got {self.diversity!r}")
-        from topomon.interventions.kinds import DiversityIntervention  # the regulariser's own list
-
-        allowed = set(DiversityIntervention.OPTIONS)
-        unknown = sorted(set(self.diversity) - allowed, key=repr)
-        if unknown:
-            raise ConfigError(f"`diversity` has unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-        if self.webhook_url is not None:
-            _check_webhook_url(self.webhook_url)
-        if self.trackers is not None:
-            object.__setattr__(self, "trackers", _check_trackers(self.trackers))
-        for name in ("pca_dim", "n_landmarks"):
-            v = getattr(self, name)
-            if v is not None:
-                _require_int(name, v, 2)
-        if self.outlier_factor is not None:
-            _require_number("outlier_factor", self.outlier_factor, 1.0)
-        _require_number("task_timeout", self.task_timeout, 0.001)
-        _require_number("max_snapshot_mb", self.max_snapshot_mb, 0.001)
-        _require_number("flush_timeout", self.flush_timeout, 0.0)
-        b = self.overhead_budget
-        if b is not None and b != "auto":
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= 1.0:
-                raise ConfigError(
-                    f"`overhead_budget` must be 'auto', a fraction in (0, 1] (0.01 = 1% of the training "
-                    f"time) or None (capture exactly on schedule), got {b!r}"
-                )
-        if self.layers != "auto":
-            if (
-                isinstance(self.layers, (str, bytes))
-                or not isinstance(self.layers, Sequence)
-                or not self.layers
-            ):
-                raise ConfigError(f"`layers` must be 'auto' or a non-empty list of ints, got {self.layers!r}")
-            for i in self.layers:
-                if isinstance(i, bool) or not isinstance(i, int):
-                    raise ConfigError(f"`layers` must hold ints (negative counts from the end), got {i!r}")
-        if self.topology_layers is not None and self.topology_layers != "all":
-            tl = self.topology_layers
-            if not isinstance(tl, Sequence) or isinstance(tl, (str, bytes)):
-                raise ConfigError(
-                    f"`topology_layers` must be None (the last captured layer), 'all', or a list of "
-                    f"ints / 'final_norm', got {self.topology_layers!r}"
-                )
-            for i in self.topology_layers:
-                if not (i == "final_norm" or (isinstance(i, int) and not isinstance(i, bool))):
-                    raise ConfigError(f"`topology_layers` items must be ints or 'final_norm', got {i!r}")
-        if self.schedule == "steps" and not self.steps:
-            raise ConfigError("`steps` must list at least one step when `schedule` is 'steps'")
-        if not isinstance(self.steps, tuple) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.steps
-        ):
-            raise ConfigError(f"`steps` must be a list of non-negative ints, got {self.steps!r}")
-        w = self.alpha_window
-        if (
-            not isinstance(w, tuple)
-            or len(w) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in w)
-            or not 1 <= w[0] < w[1]
-            or w[1] - w[0] < 2
-        ):
-            raise ConfigError(f"`alpha_window` must be two ints 1 <= lo < hi with hi - lo >= 2, got {w!r}")
-        if not isinstance(self.probe_field, str) or not self.probe_field:
-            raise ConfigError(f"`probe_field` must be a non-empty string, got {self.probe_field!r}")
-        if not isinstance(self.custom_metrics, Mapping):
-            raise ConfigError(
-                f"`custom_metrics` must map names to 'module:function', got {self.custom_metrics!r}"
-            )
-        for k, v in self.custom_metrics.items():
-            if not isinstance(k, str) or not k or not isinstance(v, str) or v.count(":") != 1:
-                raise ConfigError(
-                    f"`custom_metrics` entries must be name: 'module:function', got {k!r}: {v!r}"
-                )
-        if not isinstance(self.families, tuple) or not all(
-            isinstance(v, str) and v.count(":") == 1 for v in self.families
-        ):
-            raise ConfigError(
-                f"`families` must be a list of 'module:OBJECT' (a MetricFamily), got {self.families!r}"
-            )
-        if self.mode == "passive" and self.probes is not None:
-            raise ConfigError("`probes` is only used in mode 'probe'; remove it or set mode='probe'")
+        check_fields(self)  # every field, each error naming it (topomon.config_checks)
 
     # ---------------------------------------------------------------- helpers
     def make_schedule(self) -> schedules.Schedule:
@@ -609,60 +440,6 @@ def _apply_preset(data: Any, *, base_dir: str | None = None, chain: tuple[str, .
     if data[PRESET_KEY] is None:
         return own
     return {**_load_preset(data[PRESET_KEY], base_dir=base_dir, chain=chain), **own}
-
-
-def _require_str(name: str, value: Any) -> None:
-    check_str(name, value, empty=True, error=ConfigError)
-
-
-def _require_int(name: str, value: Any, low: int) -> None:
-    check_int(name, value, low, error=ConfigError, plain=True)
-
-
-def _require_number(name: str, value: Any, low: float) -> None:
-    check_number(name, value, low, error=ConfigError, plain=True, expected=f"a number >= {low} (finite)")
-
-
-TRACKERS = ("wandb", "mlflow", "trackio")
-"""The experiment trackers ``trackers`` may name (:mod:`topomon.sinks.trackers`)."""
-
-
-def _check_trackers(value: Any) -> tuple[str, ...]:
-    """``trackers`` as a tuple of known names (a list from YAML is fine)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ConfigError(
-            f"`trackers` must be None (follow the trainer's report_to), [] or a list of "
-            f"{', '.join(map(repr, TRACKERS))}, got {value!r}"
-        )
-    for name in value:
-        if name not in TRACKERS:
-            close = difflib.get_close_matches(str(name), TRACKERS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"`trackers` has unknown tracker {name!r}{hint}; allowed: {', '.join(map(repr, TRACKERS))}"
-                + (" (TensorBoard is the `tensorboard` field)" if str(name).lower() == "tensorboard" else "")
-            )
-    return tuple(dict.fromkeys(value))
-
-
-def _check_webhook_url(url: Any) -> None:
-    """An http(s) URL with a host; the error message never shows its credentials or query."""
-    if not isinstance(url, str):
-        raise ConfigError(f"`webhook_url` must be an http(s):// URL (a str), got {type(url).__name__}")
-    try:
-        parts = urllib.parse.urlsplit(url.strip())
-        host = parts.hostname
-    except ValueError:
-        raise ConfigError("`webhook_url` must be an http:// or https:// URL, got a malformed URL") from None
-    if parts.scheme.lower() not in ("http", "https") or not host:
-        shown = f"{parts.scheme}://{'***@' if '@' in parts.netloc else ''}{parts.netloc.rsplit('@', 1)[-1]}"
-        shown += parts.path + ("?***" if parts.query else "")
-        raise ConfigError(f"`webhook_url` must be an http:// or https:// URL with a host, got {shown!r}")
-    if parts.path.endswith("/***"):
-        raise ConfigError(
-            "`webhook_url` is a redacted URL as run.json stores it (only its host is kept); "
-            "give the real URL to send alerts"
-        )
 
 
 def as_config(

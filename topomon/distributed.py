@@ -38,7 +38,6 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "TIMEOUT_ENV",
     "CollectiveError",
-    "is_distributed",
     "rank",
     "world_size",
     "Comm",
@@ -66,12 +65,6 @@ def _dist() -> Any:
     import torch.distributed as dist
 
     return dist
-
-
-def is_distributed() -> bool:
-    """True when ``torch.distributed`` is initialised with more than one process."""
-    dist = _dist()
-    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 def rank() -> int:

@@ -25,7 +25,7 @@ from topomon.alerts import TRAINER_LAYER, AlertEngine, default_rules, rules_from
 from topomon.alerts.sinks import LogSink, WebhookSink
 from topomon.capture.layers import FINAL_NORM, layer_name
 from topomon.config import ConfigError, MonitorConfig
-from topomon.metrics.families import MODEL_LAYER, array_names, explain_unknown, relative_keys
+from topomon.metrics.families import MODEL_LAYER, array_names, explain_unknown, metric_names, relative_keys
 from topomon.run import BASE_STAGE, RunDir
 from topomon.sinks.base import AlertsOnly, RecordSink, SinkFan
 from topomon.sinks.jsonl import JsonlWriter
@@ -466,7 +466,7 @@ def make_router(
                 if why is not None:
                     raise ConfigError(f"`alerts`: rule {rule.name!r}: {why}")
         try:
-            engine = AlertEngine(rules, options.metric_names())
+            engine = AlertEngine(rules, metric_names(options))
         except ValueError as e:
             raise ConfigError(f"`alerts`: {e}") from None
     record_sinks.append(AlertsOnly("log", LogSink()))

@@ -124,11 +124,6 @@ class RunDir:
         steps += [int(r["step"]) for r in recs if r.get("kind") == "metrics" and "step" in r]
         return max(steps, default=0)
 
-    def has_base(self) -> bool:
-        """True once the base model's baseline has been written."""
-        recs, _ = self.records()
-        return any(r.get("kind") == "metrics" and r.get("stage") == BASE_STAGE for r in recs)
-
     def begin_stage(self, name: str, step_offset: int, info: dict[str, Any]) -> None:
         """Record that a stage starts (or resumes) at ``step_offset``."""
         self.ensure()

@@ -23,7 +23,13 @@ from topomon.capture.probes import load_probes
 from topomon.capture.strategy import CaptureStrategy, PassiveStrategy, ProbeStrategy
 from topomon.config import ConfigError, MonitorConfig
 from topomon.interventions.controller import Interventions
-from topomon.metrics.families import load_families, resolve_function, unshipped_families, worker_importable
+from topomon.metrics.families import (
+    capture_needs,
+    load_families,
+    resolve_function,
+    unshipped_families,
+    worker_importable,
+)
 from topomon.metrics.preprocess import subsample_indices
 from topomon.pipeline import ResultRouter, record_from_json
 from topomon.run import BASE_STAGE, RunDir
@@ -433,7 +439,7 @@ def setup_stage(
         lora=c.lora_metrics and bool(lora_factors(model)),
     )
     check_worker_families(c, options)
-    needs = options.needs()
+    needs = capture_needs(options)
     strategy = make_strategy(c, model, needs=needs, tokenizer=tokenizer, probes=probes, run=run)
     # where this stage sits on the run's step axis, and what was already captured (resume)
     step_offset = stage_step_offset(c, run)

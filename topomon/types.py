@@ -2,18 +2,21 @@
 
 Data flows one way: a capture produces a :class:`Snapshot`, the worker turns it into
 :class:`MetricRecord` objects, alert rules turn records into :class:`Alert` objects, and
-interventions turn alerts into actions. Only numpy arrays and builtins cross a process boundary.
+interventions turn alerts into :class:`Action` records. Only numpy arrays and builtins cross a
+process boundary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Snapshot", "MetricRecord", "Alert"]
+__all__ = ["Snapshot", "MetricRecord", "Alert", "Action"]
 
 
 @dataclass
@@ -123,3 +126,67 @@ class Alert:
         for k in ("value", "reference"):
             kw[k] = float("nan") if kw.get(k) is None else float(kw[k])
         return cls(**kw)
+
+
+@dataclass
+class Action:
+    """An intervention decided by the policy.
+
+    Attributes:
+        step: training step of the alert that caused it (:meth:`Interventions.act
+            <topomon.interventions.controller.Interventions.act>` stamps the step it is applied at).
+        kind: a registered kind.
+        params: ``{"ratio": r}`` for replay, ``{"weight": w}`` for the regularisers, ``{}`` otherwise.
+        cause: the alert behind it: ``rule``, ``reason``, ``metric``, ``layer``, ``severity``,
+            ``stage``, ``message``.
+        revert: True when the action lowers a value because an alert recovered.
+        spec: name of the spec that produced it (for a settable kind: the engaged spec with the
+            largest value, or ``"baseline"``).
+    """
+
+    step: int
+    kind: str
+    params: dict[str, float]
+    cause: dict[str, Any]
+    revert: bool = False
+    spec: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain (JSON-able, picklable) form, read back by :meth:`from_dict`."""
+        return {
+            "step": int(self.step),
+            "kind": self.kind,
+            "params": {k: float(v) for k, v in self.params.items()},
+            "cause": dict(self.cause),
+            "revert": bool(self.revert),
+            "spec": self.spec,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Action:
+        """Build an action from :meth:`to_dict`'s form.
+
+        Raises:
+            TypeError: not a mapping, unknown fields, or ``step`` / ``kind`` / ``params`` missing.
+        """
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if (
+            not isinstance(data, Mapping)
+            or set(data) - set(fields)
+            or not {"step", "kind", "params"} <= set(data)
+        ):
+            raise TypeError(f"an action must be a mapping of the Action fields {fields}, got {data!r}")
+        d = dict(data)
+        return cls(
+            step=int(d["step"]),
+            kind=str(d["kind"]),
+            params={str(k): float(v) for k, v in dict(d["params"]).items()},
+            cause=dict(d.get("cause") or {}),
+            revert=bool(d.get("revert", False)),
+            spec=str(d.get("spec", "")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The alerts.jsonl line: :meth:`to_dict` with ``kind: "action"``, the own kind under ``action``."""
+        d = self.to_dict()
+        return {"kind": "action", "action": d.pop("kind"), **d}

@@ -15,12 +15,12 @@ import pytest
 from topomon.alerts.sinks import (
     AlertSink,
     CallableSink,
-    JsonlAlertSink,
     LogSink,
     MultiSink,
     TensorBoardAlertSink,
     WebhookSink,
 )
+from topomon.sinks.jsonl import JsonlWriter
 from topomon.sinks.jsonl_read import read_jsonl
 from topomon.types import Alert
 
@@ -236,30 +236,30 @@ def test_webhook_argument_validation() -> None:
 # ----------------------------------------------------------------------------- JSONL
 
 
-def test_jsonl_sink_appends_and_reads_back(tmp_path) -> None:
+def test_alert_lines_append_and_read_back(tmp_path) -> None:
+    """alerts.jsonl is written by the router's JsonlWriter: appended, read back, never rewritten."""
     path = tmp_path / "run" / "alerts.jsonl"
-    sink = JsonlAlertSink(path)
+    sink = JsonlWriter(path)
     alerts = [make_alert(step=i) for i in range(3)]
-    for a in alerts:
-        sink(a)
+    sink.write(a.to_json() for a in alerts)
     sink.close()
     records, torn = read_jsonl(path)
     assert torn == 0
     assert records == [a.to_json() for a in alerts]
-    # a second sink on the same file appends
-    again = JsonlAlertSink(path)
-    again(make_alert(step=3))
+    # a second writer on the same file appends
+    again = JsonlWriter(path)
+    again.write([make_alert(step=3).to_json()])
     again.close()
     assert [r["step"] for r in read_jsonl(path)[0]] == [0, 1, 2, 3]
 
 
-def test_jsonl_sink_after_a_torn_last_line_never_rewrites(tmp_path) -> None:
+def test_alert_lines_after_a_torn_last_line_never_rewrite(tmp_path) -> None:
     path = tmp_path / "alerts.jsonl"
     good = json.dumps(make_alert(step=1).to_json())
     before = (good + "\n" + good[:25]).encode()  # a crash mid-write
     path.write_bytes(before)
-    sink = JsonlAlertSink(path)
-    sink(make_alert(step=2))
+    sink = JsonlWriter(path)
+    sink.write([make_alert(step=2).to_json()])
     sink.close()
     after = path.read_bytes()
     assert after.startswith(before)  # appended only
@@ -323,13 +323,13 @@ def test_multisink_one_failure_never_stops_the_others(tmp_path) -> None:
             raise OSError("close failed")
 
     seen: list[Alert] = []
-    path = tmp_path / "a.jsonl"
-    fan = MultiSink([Broken(), CallableSink(seen.append), JsonlAlertSink(path)])
+    also: list[Alert] = []
+    fan = MultiSink([Broken(), CallableSink(seen.append), CallableSink(also.append)])
     fan(make_alert(step=1))
     fan(make_alert(step=2))
     fan.close()
     assert [a.step for a in seen] == [1, 2]
-    assert [r["step"] for r in read_jsonl(path)[0]] == [1, 2]
+    assert [a.step for a in also] == [1, 2]
     assert fan.errors == 3 and fan.errors_by_sink == [3, 0, 0]
     assert "close failed" in (fan.last_error or "")
 
@@ -342,7 +342,6 @@ def test_every_sink_satisfies_the_protocol(tmp_path) -> None:
 
     sinks = [
         LogSink(),
-        JsonlAlertSink(tmp_path / "x.jsonl"),
         CallableSink(print),
         WebhookSink("http://127.0.0.1:9/"),
         TensorBoardAlertSink(Writer()),

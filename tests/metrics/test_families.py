@@ -18,12 +18,14 @@ from topomon.metrics.families import (
     FamilyInput,
     FamilyOutput,
     MetricFamily,
+    capture_needs,
     custom_family,
     enabled_families,
     explain_unknown,
     families,
     family,
     family_of,
+    metric_names,
     register_family,
     unregister_family,
 )
@@ -87,20 +89,22 @@ def test_every_produced_key_is_declared_by_exactly_one_family_and_every_declared
     # no key of one registered family is a key of another, nor a preprocessing count
     keys = [k for f in families() for k in f.keys] + list(BASE_KEYS)
     assert len(keys) == len(set(keys))
-    assert opts.needs() == NEEDS
+    assert capture_needs(opts) == NEEDS
 
 
 def test_metric_names_and_needs_follow_the_enabled_families_only():
     off = ComputeOptions(logits=False, lora=False)
-    names = off.metric_names()
+    names = metric_names(off)
     assert not [n for n in names if n in family("logits").keys or n in family("lora").keys]
     assert set(family("spectral").keys) <= set(names) and set(BASE_KEYS) <= set(names)
-    assert "logits" not in off.needs() and "lora_factors" not in off.needs()
+    assert "logits" not in capture_needs(off) and "lora_factors" not in capture_needs(off)
     assert (
-        ComputeOptions(spectral=False, topology=False, trajectory=False, logits=False, lora=False).needs()
+        capture_needs(
+            ComputeOptions(spectral=False, topology=False, trajectory=False, logits=False, lora=False)
+        )
         == set()
     )
-    assert set(ComputeOptions().metric_names()) == set(BASE_KEYS) | {k for f in families() for k in f.keys}
+    assert set(metric_names(ComputeOptions())) == set(BASE_KEYS) | {k for f in families() for k in f.keys}
     assert explain_unknown("rankme", off) is None  # on
     assert explain_unknown("no_such_metric", off) is None  # unknown: the alert engine says so
     msg = explain_unknown("lora_overlap_prev", off)
@@ -162,7 +166,7 @@ def test_a_registered_family_is_computed_under_its_own_guard_and_named_in_metric
             register_family(toy)
         assert family_of("count_seen") is toy
         opts = ComputeOptions(topology=False, trajectory=False)
-        assert {"count_rows", "count_seen"} <= set(opts.metric_names())
+        assert {"count_rows", "count_seen"} <= set(metric_names(opts))
         ok, small = MetricEngine(opts).process(Snapshot(0, "s", {"a": cloud(), "b": cloud(n=5)}))
         assert ok.metrics["count_rows"] == 60 and ok.metrics["count_seen"] == 1
         assert np.isnan(small.metrics["count_rows"]) and np.isnan(small.metrics["count_seen"])
@@ -299,12 +303,12 @@ def test_a_family_named_in_families_is_on_only_for_the_options_that_name_it():
         (fam,) = load_families([spec])
         assert load_families([spec]) == (fam,) and family("user_rows") is fam  # registered once
         named = ComputeOptions(topology=False, families=(spec,))
-        assert "user_rows" in named.metric_names()
+        assert "user_rows" in metric_names(named)
         rec = MetricEngine(named).process(Snapshot(0, "s", {"a": cloud()}))[0]
         assert rec.metrics["user_rows"] == 60
         # a later stage of the same process that does not name it: off, and said so
         other = ComputeOptions(topology=False)
-        assert "user_rows" not in other.metric_names()
+        assert "user_rows" not in metric_names(other)
         assert explain_unknown("user_rows", other) == (
             "metric 'user_rows' belongs to the family 'user_rows', which is off: name it in `families`"
         )

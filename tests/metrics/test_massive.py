@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 
-from topomon.metrics.families import family, family_of
+from topomon.metrics.families import family, family_of, metric_names
 from topomon.metrics.preprocess import (
     DEFAULT_TREATMENT,
     MASSIVE_DIM_FACTOR,
@@ -184,7 +184,7 @@ def test_massive_family_is_declared_and_computed_by_the_engine() -> None:
     assert fam.keys == ("massive_tokens", "massive_dims", "massive_share")
     assert family_of("massive_share") is fam
     opts = ComputeOptions(topology_points=64, pca_dim=8)
-    assert {"massive_tokens", "massive_dims", "massive_share"} <= set(opts.metric_names())
+    assert {"massive_tokens", "massive_dims", "massive_share"} <= set(metric_names(opts))
     _, x, rows = planted(4.0, 9.0, 30)
     snap = Snapshot(0, "sft", {"layer_1": x.astype(np.float32)})
     (rec,) = MetricEngine(opts).process(snap)
@@ -199,10 +199,11 @@ def test_massive_family_is_declared_and_computed_by_the_engine() -> None:
 
 
 def test_config_field_selects_the_treatment_everywhere() -> None:
-    from topomon.config import _CHOICES, ConfigError, MonitorConfig
+    from topomon.config import ConfigError, MonitorConfig
+    from topomon.config_checks import CHOICES
     from topomon.pipeline import compute_options
 
-    assert _CHOICES["massive_treatment"] == TREATMENTS  # one list, config and preprocessing
+    assert CHOICES["massive_treatment"] == TREATMENTS  # one list, config and preprocessing
     assert MonitorConfig().massive_treatment == DEFAULT_TREATMENT
     opts = compute_options(MonitorConfig(massive_treatment="cut"), ["layer_1"], n_blocks=4)
     assert opts.massive_treatment == "cut"

@@ -69,7 +69,7 @@ def test_figures_one_eigenspectra_image_per_capture_and_a_diagram_per_topology_l
 
 
 def test_the_worker_thread_count_reaches_the_persistent_homology_engine(monkeypatch):
-    import topomon.metrics.families as families_mod
+    import topomon.metrics.builtin_families as families_mod  # the topology family's module
 
     seen = []
     real = families_mod.topology_metrics

@@ -2,9 +2,10 @@
 
 Modules: :mod:`~topomon.alerts.decisions` (pure functions returning a :class:`Decision`),
 :mod:`~topomon.alerts.base` (the :class:`Rule` base: state, cooldown, hysteresis),
-:mod:`~topomon.alerts.rules` (the concrete rules, :func:`rules_from_config`,
-:func:`default_rules`), :mod:`~topomon.alerts.composite` (:class:`CompositeRule`: any-of, k-of-n,
-all-of within a window), :mod:`~topomon.alerts.engine` (:class:`AlertEngine`: captures' records and
+:mod:`~topomon.alerts.series` (the rules over one stream: drop, spike, trend, threshold,
+non-finite), :mod:`~topomon.alerts.composite` (:class:`CompositeRule`: any-of, k-of-n, all-of within
+a window; :func:`rules_from_config`), :mod:`~topomon.alerts.rules` (every rule type in one place,
+:func:`default_rules`), :mod:`~topomon.alerts.engine` (:class:`AlertEngine`: captures' records and
 the trainer's logged values, layer :data:`TRAINER_LAYER`) and
 :mod:`~topomon.alerts.sinks` (where alerts go). Importing this package loads numpy and the
 standard library only.
@@ -53,7 +54,6 @@ from topomon.alerts.rules import (
 from topomon.alerts.sinks import (
     AlertSink,
     CallableSink,
-    JsonlAlertSink,
     LogSink,
     MultiSink,
     TensorBoardAlertSink,
@@ -97,7 +97,6 @@ __all__ = [
     "Alert",
     "AlertSink",
     "LogSink",
-    "JsonlAlertSink",
     "CallableSink",
     "WebhookSink",
     "TensorBoardAlertSink",

@@ -1,4 +1,4 @@
-"""Composite rules: any-of, k-of-n, and "geometry confirmed by a logit or loss signal".
+"""Composite rules (any-of, k-of-n, "geometry confirmed by a logit or loss signal"), and rules from config.
 
 A :class:`CompositeRule` holds parts (rules of any type, composites included) and fires when at
 least ``k`` of them saw their condition within ``within`` steps of each other
@@ -9,6 +9,10 @@ that counted. Parts may mix captured metrics and the trainer's logged values (la
 ``"trainer"``), which arrive at different times (a capture's result comes back from the worker
 later than the loss of the same step): a part counts by the step its condition held at, not by
 when it arrived.
+
+:func:`rules_from_config` builds rules of every type (:data:`RULE_TYPES`) from plain mappings; it
+lives here because the two recurse: a composite builds its mapping parts with it, and it builds
+composites.
 
 Example:
     >>> rule = CompositeRule(
@@ -27,15 +31,17 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from topomon._validate import check_int
 from topomon.alerts.base import Rule, _Cond, _Obs
 from topomon.alerts.decisions import evaluate_k_of_n, parts_within
+from topomon.alerts.series import DropRule, NonFiniteRule, SpikeRule, ThresholdRule, TrendRule
 from topomon.types import MetricRecord
 
-__all__ = ["CompositeRule"]
+__all__ = ["CompositeRule", "RULE_TYPES", "rules_from_config"]
 
 
 def _unique(items: Sequence[str]) -> tuple[str, ...]:
@@ -87,8 +93,6 @@ class CompositeRule(Rule):
         severity: str = "warning",
         name: str | None = None,
     ) -> None:
-        from topomon.alerts.rules import rules_from_config
-
         if isinstance(parts, (str, Mapping)) or not isinstance(parts, Sequence) or len(parts) < 2:
             raise ValueError(f"`parts` must be a list of two or more rules, got {parts!r}")
         built: list[Rule] = []
@@ -233,3 +237,68 @@ class CompositeRule(Rule):
                 p.load_state_dict(saved[i])
             else:
                 p.reset()
+
+
+RULE_TYPES: dict[str, type[Rule]] = {
+    "drop": DropRule,
+    "spike": SpikeRule,
+    "trend": TrendRule,
+    "threshold": ThresholdRule,
+    "nonfinite": NonFiniteRule,
+    "composite": CompositeRule,
+}
+
+# types people write for what a drop rule's ``direction`` says
+_TYPE_HINTS = {
+    "rise": "a rise is {'type': 'drop', 'direction': 'rise'}",
+    "change": "a change either way is {'type': 'drop', 'direction': 'both'}",
+    "any": "any-of is {'type': 'composite', 'parts': [...], 'k': 1}",
+    "all": "all-of is {'type': 'composite', 'parts': [...]}",
+}
+
+
+def rules_from_config(items: Sequence[Mapping[str, Any]]) -> list[Rule]:
+    """Build rules from plain dicts (a YAML/JSON config).
+
+    Args:
+        items: one dict per rule with a ``type`` in :data:`RULE_TYPES` and the constructor
+            arguments of that rule, e.g. ``{"type": "drop", "metric": "rankme", "layer":
+            "final_norm", "threshold": 0.15}``.
+
+    Returns:
+        The rules, in order.
+
+    Raises:
+        TypeError: if ``items`` or an item has the wrong type.
+        ValueError: on a missing or unknown ``type``, unknown or missing keys (the allowed keys are
+            listed), or an invalid value.
+
+    Example:
+        >>> [r.name for r in rules_from_config([{"type": "drop", "metric": "rankme", "layer": "final_norm"}])]
+        ['drop:rankme@final_norm']
+    """
+    if isinstance(items, (str, Mapping)) or not isinstance(items, Sequence):
+        raise TypeError(f"`items` must be a list of dicts, got {type(items).__name__}")
+    rules: list[Rule] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise TypeError(f"`items[{i}]` must be a dict, got {type(item).__name__}")
+        kind = item.get("type")
+        if kind not in RULE_TYPES:
+            hint = f" ({_TYPE_HINTS[kind]})" if kind in _TYPE_HINTS else ""
+            raise ValueError(f"`items[{i}]['type']` must be one of {list(RULE_TYPES)}, got {kind!r}{hint}")
+        cls = RULE_TYPES[kind]
+        params = dict(inspect.signature(cls).parameters)
+        allowed = ["type", *params]
+        unknown = sorted(set(item) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"`items[{i}]` ({kind!r} rule): unknown key(s) {unknown}; allowed keys: {allowed}"
+            )
+        missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in item]
+        if missing:
+            raise ValueError(
+                f"`items[{i}]` ({kind!r} rule): missing key(s) {missing}; allowed keys: {allowed}"
+            )
+        rules.append(cls(**{k: v for k, v in item.items() if k != "type"}))
+    return rules

@@ -1,4 +1,4 @@
-"""Where alerts go: the log, a JSONL file, TensorBoard, a webhook, any callable.
+"""Where alerts go: the log, TensorBoard, a webhook, any callable.
 
 A sink is any object with ``__call__(alert) -> None`` and ``close() -> None``
 (:class:`AlertSink`). Sinks only render: the rules decide. The webhook never blocks the training
@@ -17,7 +17,6 @@ import base64
 import json
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -28,13 +27,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from topomon._validate import check_int, check_number, check_str
-from topomon.sinks.jsonl import JsonlWriter
 from topomon.types import Alert
 
 __all__ = [
     "AlertSink",
     "LogSink",
-    "JsonlAlertSink",
     "CallableSink",
     "WebhookSink",
     "TensorBoardAlertSink",
@@ -91,56 +88,6 @@ class LogSink:
 
     def close(self) -> None:
         """Nothing to release."""
-
-
-class JsonlAlertSink:
-    """Alerts appended to a JSON-lines file, one object per line, flushed and fsynced.
-
-    The file is opened in append mode and never rewritten. If it ends with a torn line (a crash
-    mid-write), a newline is appended first so the next alert starts on a line of its own;
-    :func:`topomon.sinks.jsonl_read.read_jsonl` then skips and counts the torn line.
-
-    Args:
-        path: the file (its folder is created if missing).
-
-    Raises:
-        TypeError: if ``path`` is not a str or path-like.
-
-    Example:
-        >>> import tempfile, os
-        >>> sink = JsonlAlertSink(os.path.join(tempfile.mkdtemp(), "alerts.jsonl"))
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
-        self.path = os.fspath(path)
-        self._lock = threading.Lock()
-        self._writer: JsonlWriter | None = None
-
-    @property
-    def written(self) -> int:
-        """Alerts written by this sink."""
-        return self._writer.lines_written if self._writer is not None else 0
-
-    def __call__(self, alert: Alert) -> None:
-        """Append one alert and fsync.
-
-        Raises:
-            OSError: if the file cannot be written (a :class:`MultiSink` catches and counts it).
-        """
-        record = _check_alert(alert).to_json()
-        with self._lock:
-            if self._writer is None:
-                self._writer = JsonlWriter(self.path)
-            self._writer.write([record])
-
-    def close(self) -> None:
-        """Close the file (a later alert reopens it in append mode)."""
-        with self._lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
 
 
 class CallableSink:

@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from typing import Any
 
 import topomon.interventions.kinds  # noqa: F401  - registers the built-in kinds
 from topomon.interventions.base import INTERVENTIONS, intervention_kinds
-from topomon.types import Alert
+from topomon.types import Action, Alert
 
 __all__ = [
     "ActionSpec",
@@ -198,70 +197,6 @@ class ActionSpec:
             and alert.reason == _RECOVERED
             and (not self.rules or alert.rule in self.rules)
         )
-
-
-@dataclass
-class Action:
-    """An intervention decided by the policy.
-
-    Attributes:
-        step: training step of the alert that caused it (:meth:`Interventions.act
-            <topomon.interventions.controller.Interventions.act>` stamps the step it is applied at).
-        kind: a registered kind.
-        params: ``{"ratio": r}`` for replay, ``{"weight": w}`` for the regularisers, ``{}`` otherwise.
-        cause: the alert behind it: ``rule``, ``reason``, ``metric``, ``layer``, ``severity``,
-            ``stage``, ``message``.
-        revert: True when the action lowers a value because an alert recovered.
-        spec: name of the spec that produced it (for a settable kind: the engaged spec with the
-            largest value, or ``"baseline"``).
-    """
-
-    step: int
-    kind: str
-    params: dict[str, float]
-    cause: dict[str, Any]
-    revert: bool = False
-    spec: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The plain (JSON-able, picklable) form, read back by :meth:`from_dict`."""
-        return {
-            "step": int(self.step),
-            "kind": self.kind,
-            "params": {k: float(v) for k, v in self.params.items()},
-            "cause": dict(self.cause),
-            "revert": bool(self.revert),
-            "spec": self.spec,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Action:
-        """Build an action from :meth:`to_dict`'s form.
-
-        Raises:
-            TypeError: not a mapping, unknown fields, or ``step`` / ``kind`` / ``params`` missing.
-        """
-        fields = [f.name for f in dataclasses.fields(cls)]
-        if (
-            not isinstance(data, Mapping)
-            or set(data) - set(fields)
-            or not {"step", "kind", "params"} <= set(data)
-        ):
-            raise TypeError(f"an action must be a mapping of the Action fields {fields}, got {data!r}")
-        d = dict(data)
-        return cls(
-            step=int(d["step"]),
-            kind=str(d["kind"]),
-            params={str(k): float(v) for k, v in dict(d["params"]).items()},
-            cause=dict(d.get("cause") or {}),
-            revert=bool(d.get("revert", False)),
-            spec=str(d.get("spec", "")),
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """The alerts.jsonl line: :meth:`to_dict` with ``kind: "action"``, the own kind under ``action``."""
-        d = self.to_dict()
-        return {"kind": "action", "action": d.pop("kind"), **d}
 
 
 def _cause(alert: Alert) -> dict[str, Any]:

@@ -31,10 +31,9 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-if TYPE_CHECKING:
-    from topomon.interventions.actions import Action
+from topomon.types import Action
 
 __all__ = [
     "BuildContext",

@@ -229,10 +229,6 @@ class ReplayMixer:
         """Number of draws (training and replay examples)."""
         return self.counts["drawn"]
 
-    def reset_counts(self) -> None:
-        """Zero the counters (e.g. at a stage boundary)."""
-        self._counts.zero_()
-
     def wrap(self, base: Any) -> ReplayDataset:
         """A :class:`ReplayDataset` over ``base`` that shares this mixer's ratio, epoch and counters.
 

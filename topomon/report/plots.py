@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
-from topomon.report.figures import draw_persistence_diagram, eigenspectrum_figure
+from topomon.figures import draw_persistence_diagram, eigenspectrum_figure
 from topomon.report.load import DiagramFile, RunData, layer_sort_key
 
 __all__ = [

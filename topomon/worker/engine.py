@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,8 @@ from topomon.metrics.families import (
     load_families,
     resolve_function,
 )
-from topomon.metrics.preprocess import DEFAULT_TREATMENT, prepare_points
+from topomon.metrics.options import ComputeOptions
+from topomon.metrics.preprocess import prepare_points
 from topomon.types import MetricRecord, Snapshot
 
 __all__ = [
@@ -36,89 +36,6 @@ __all__ = [
     "MODEL_LAYER",
     "resolve_function",
 ]
-
-
-@dataclass(frozen=True)
-class ComputeOptions:
-    """What the engine computes; plain and picklable (it crosses to the worker process).
-
-    Attributes:
-        outlier_factor: drop tokens whose norm exceeds this multiple of the median (None: keep).
-        normalize: L2-normalise tokens first.
-        massive_treatment: what preprocessing removes before the metrics, one of
-            :data:`topomon.metrics.preprocess.TREATMENTS` (``MonitorConfig.massive_treatment``).
-        spectral: compute the spectral family.
-        topology: compute persistent homology on ``topology_layers``.
-        topology_layers: layer names that get persistent homology; ``("*",)`` for all.
-        topology_points: fixed subsample size for persistent homology.
-        pca_dim: PCA projection before persistent homology (None: none).
-        n_landmarks: greedy landmarks (None: all points).
-        topology_engine: "auto", "ripser" or "giotto".
-        alpha_window: alpha-ReQ fit window.
-        seed: seed of the fixed topology subsample.
-        custom_metrics: metric name -> "module:function" taking ``(n, d)`` points and returning a
-            float or a dict of floats (names prefixed with the metric name).
-        families: the user's metric families, ``"module:OBJECT"`` each (``MonitorConfig.families``):
-            the engine imports and registers them, in the worker process too.
-        threads: threads of the worker: BLAS/OpenMP (applied by the executor) and giotto-ph's.
-        priority: CPU priority of the worker process, "idle", "low" or "normal" (applied by the
-            process executor).
-        trajectory: token trajectories across the captured layers (needs the same tokens in every
-            layer: pooling "all" in probe mode, or passive mode).
-        lora_reference: ``.npz`` files of earlier stages' LoRA update subspaces (the LoRA family's
-            overlap with earlier stages).
-        logits: the next-token statistics family (the capture reduces the logits: the probe
-            forward's, or the training forward's in passive mode).
-        lora: the LoRA-update family (the capture gathers the factors of a model with adapters).
-
-    Model-level metrics (layer ``"model"``) come from the snapshot's extras when present:
-    ``logits/<stat>`` per-token arrays (:func:`topomon.capture.logit_stats.reduce_logits`) and
-    ``lora/<module>/A|B|scaling`` LoRA factors; :meth:`needs` says what the capture must gather.
-    """
-
-    outlier_factor: float | None = 10.0
-    normalize: bool = False
-    massive_treatment: str = DEFAULT_TREATMENT
-    spectral: bool = True
-    topology: bool = True
-    topology_layers: tuple[str, ...] = ("*",)
-    topology_points: int = 256
-    pca_dim: int | None = 32
-    n_landmarks: int | None = None
-    topology_engine: str = "auto"
-    alpha_window: tuple[int, int] = (6, 100)
-    seed: int = 0
-    custom_metrics: Mapping[str, str] = field(default_factory=dict)
-    families: tuple[str, ...] = ()
-    threads: int = 1
-    priority: str = "low"
-    trajectory: bool = True
-    lora_reference: tuple[str, ...] = ()
-    logits: bool = True
-    lora: bool = True
-
-    def metric_names(self) -> list[str]:
-        """Every metric name these options can produce: the enabled families' keys and the counts.
-
-        Alert rules are checked against it.
-
-        Example:
-            >>> "logit_entropy" in ComputeOptions(logits=False).metric_names()
-            False
-        """
-        return [*BASE_KEYS, *(k for f in enabled_families(self) for k in f.keys)]
-
-    def needs(self) -> frozenset[str]:
-        """What the capture must gather for the enabled families: the union of their needs.
-
-        Among :data:`topomon.metrics.families.NEEDS`: ``"points"``, ``"logits"``,
-        ``"lora_factors"``, ``"aligned_layers"`` (the same tokens in every layer).
-
-        Example:
-            >>> sorted(ComputeOptions(lora=False, trajectory=False).needs())
-            ['logits', 'points']
-        """
-        return frozenset().union(*(f.needs for f in enabled_families(self)))
 
 
 class MetricEngine:
@@ -159,7 +76,7 @@ class MetricEngine:
         A diagram to each topology layer's record, the eigenspectra of every layer to the last record
         (the model-level one when there is one).
         """
-        from topomon.report.figures import figure_images
+        from topomon.figures import figure_images  # matplotlib: only when figures are drawn
 
         if not records:
             return

@@ -1,0 +1,240 @@
+"""The checks behind :class:`~topomon.config.MonitorConfig`: one per field, each naming the field.
+
+Every wrong value raises :class:`ConfigError` naming the field, the value and what is allowed,
+before training starts (:func:`check_fields`, run by the config's constructor). The config itself,
+its YAML and its presets are in :mod:`topomon.config`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from topomon._validate import check_int, check_number, check_str
+
+__all__ = ["CHOICES", "TRACKERS", "ConfigError", "check_fields"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and what is allowed."""
+
+
+ConfigError.__module__ = "topomon.config"  # its public home: tracebacks and pickles name it there
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("probe", "passive"),
+    "pooling": ("all", "last", "mean"),
+    "schedule": ("log", "every", "steps"),
+    "worker": ("process", "thread", "sync"),
+    "topology_engine": ("auto", "ripser", "giotto"),
+    "massive_treatment": ("robust", "cut", "robust_dims", "dims"),
+    "worker_priority": ("idle", "low", "normal"),
+}
+
+
+def check_fields(c: Any) -> None:
+    """Check every field of a :class:`~topomon.config.MonitorConfig` (``c``), normalising ``trackers``.
+
+    The config's own ``__post_init__`` calls it: a config that exists is valid.
+
+    Raises:
+        ConfigError: the first wrong field, named with its value and what is allowed.
+    """
+    for name, choices in CHOICES.items():
+        value = getattr(c, name)
+        if value not in choices:
+            raise ConfigError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    _require_str("stage", c.stage)
+    if (
+        not c.stage
+        or any(ch in c.stage for ch in "/\\")
+        or c.stage in (".", "..")
+        or not c.stage.isprintable()
+    ):
+        raise ConfigError(
+            f"`stage` must be a non-empty name without slashes or control characters, "
+            f"other than '.' and '..', got {c.stage!r}"
+        )
+    for name in ("run_dir", "logging_dir"):
+        v = getattr(c, name)
+        if v is not None and not isinstance(v, (str, os.PathLike)):
+            raise ConfigError(f"`{name}` must be a path or None, got {type(v).__name__}")
+    for name in (
+        "tensorboard",
+        "final_norm",
+        "exclude_first",
+        "normalize",
+        "spectral",
+        "topology",
+        "logits",
+        "trajectory",
+        "lora_metrics",
+    ):
+        if not isinstance(getattr(c, name), bool):
+            raise ConfigError(f"`{name}` must be true or false, got {getattr(c, name)!r}")
+    for name, low in (
+        ("max_probes", 1),
+        ("max_length", 2),
+        ("probe_batch_size", 1),
+        ("max_points", 3),
+        ("every_n_steps", 1),
+        ("topology_points", 3),
+        ("queue_size", 1),
+        ("worker_threads", 1),
+        ("figures_every", 0),
+    ):
+        _require_int(name, getattr(c, name), low)
+    _require_int("seed", c.seed, 0)
+    if c.seed > 2**32 - 1:
+        raise ConfigError(f"`seed` must be an int in [0, 2**32 - 1], got {c.seed!r}")
+    if c.step_offset is not None:
+        _require_int("step_offset", c.step_offset, 0)
+    if not (c.alerts is None or c.alerts == "default" or isinstance(c.alerts, (list, tuple))):
+        raise ConfigError(f"`alerts` must be 'default', a list of rules (mappings) or None, got {c.alerts!r}")
+    if isinstance(c.alerts, (list, tuple)):
+        from topomon.alerts import rules_from_config
+
+        try:
+            rules_from_config(list(c.alerts))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"`alerts`: {e}") from None
+    if not isinstance(c.actions, tuple) or not all(isinstance(a, Mapping) for a in c.actions):
+        raise ConfigError(f"`actions` must be a list of mappings (action specs), got {c.actions!r}")
+    from topomon.interventions.actions import ActionSpec
+
+    for i, spec in enumerate(c.actions):
+        try:
+            ActionSpec.from_dict(spec)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"`actions[{i}]`: {e}") from None
+    if not isinstance(c.diversity, Mapping):
+        raise ConfigError(f"`diversity` must be a mapping of regulariser options, got {c.diversity!r}")
+    from topomon.interventions.kinds import DiversityIntervention  # the regulariser's own list
+
+    allowed = set(DiversityIntervention.OPTIONS)
+    unknown = sorted(set(c.diversity) - allowed, key=repr)
+    if unknown:
+        raise ConfigError(f"`diversity` has unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    if c.webhook_url is not None:
+        _check_webhook_url(c.webhook_url)
+    if c.trackers is not None:
+        object.__setattr__(c, "trackers", _check_trackers(c.trackers))
+    for name in ("pca_dim", "n_landmarks"):
+        v = getattr(c, name)
+        if v is not None:
+            _require_int(name, v, 2)
+    if c.outlier_factor is not None:
+        _require_number("outlier_factor", c.outlier_factor, 1.0)
+    _require_number("task_timeout", c.task_timeout, 0.001)
+    _require_number("max_snapshot_mb", c.max_snapshot_mb, 0.001)
+    _require_number("flush_timeout", c.flush_timeout, 0.0)
+    b = c.overhead_budget
+    if b is not None and b != "auto":
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b <= 1.0:
+            raise ConfigError(
+                f"`overhead_budget` must be 'auto', a fraction in (0, 1] (0.01 = 1% of the training "
+                f"time) or None (capture exactly on schedule), got {b!r}"
+            )
+    if c.layers != "auto":
+        if isinstance(c.layers, (str, bytes)) or not isinstance(c.layers, Sequence) or not c.layers:
+            raise ConfigError(f"`layers` must be 'auto' or a non-empty list of ints, got {c.layers!r}")
+        for i in c.layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ConfigError(f"`layers` must hold ints (negative counts from the end), got {i!r}")
+    if c.topology_layers is not None and c.topology_layers != "all":
+        tl = c.topology_layers
+        if not isinstance(tl, Sequence) or isinstance(tl, (str, bytes)):
+            raise ConfigError(
+                f"`topology_layers` must be None (the last captured layer), 'all', or a list of "
+                f"ints / 'final_norm', got {c.topology_layers!r}"
+            )
+        for i in c.topology_layers:
+            if not (i == "final_norm" or (isinstance(i, int) and not isinstance(i, bool))):
+                raise ConfigError(f"`topology_layers` items must be ints or 'final_norm', got {i!r}")
+    if c.schedule == "steps" and not c.steps:
+        raise ConfigError("`steps` must list at least one step when `schedule` is 'steps'")
+    if not isinstance(c.steps, tuple) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in c.steps
+    ):
+        raise ConfigError(f"`steps` must be a list of non-negative ints, got {c.steps!r}")
+    w = c.alpha_window
+    if (
+        not isinstance(w, tuple)
+        or len(w) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in w)
+        or not 1 <= w[0] < w[1]
+        or w[1] - w[0] < 2
+    ):
+        raise ConfigError(f"`alpha_window` must be two ints 1 <= lo < hi with hi - lo >= 2, got {w!r}")
+    if not isinstance(c.probe_field, str) or not c.probe_field:
+        raise ConfigError(f"`probe_field` must be a non-empty string, got {c.probe_field!r}")
+    if not isinstance(c.custom_metrics, Mapping):
+        raise ConfigError(f"`custom_metrics` must map names to 'module:function', got {c.custom_metrics!r}")
+    for k, v in c.custom_metrics.items():
+        if not isinstance(k, str) or not k or not isinstance(v, str) or v.count(":") != 1:
+            raise ConfigError(f"`custom_metrics` entries must be name: 'module:function', got {k!r}: {v!r}")
+    if not isinstance(c.families, tuple) or not all(
+        isinstance(v, str) and v.count(":") == 1 for v in c.families
+    ):
+        raise ConfigError(
+            f"`families` must be a list of 'module:OBJECT' (a MetricFamily), got {c.families!r}"
+        )
+    if c.mode == "passive" and c.probes is not None:
+        raise ConfigError("`probes` is only used in mode 'probe'; remove it or set mode='probe'")
+
+
+def _require_str(name: str, value: Any) -> None:
+    check_str(name, value, empty=True, error=ConfigError)
+
+
+def _require_int(name: str, value: Any, low: int) -> None:
+    check_int(name, value, low, error=ConfigError, plain=True)
+
+
+def _require_number(name: str, value: Any, low: float) -> None:
+    check_number(name, value, low, error=ConfigError, plain=True, expected=f"a number >= {low} (finite)")
+
+
+TRACKERS = ("wandb", "mlflow", "trackio")
+"""The experiment trackers ``trackers`` may name (:mod:`topomon.sinks.trackers`)."""
+
+
+def _check_trackers(value: Any) -> tuple[str, ...]:
+    """``trackers`` as a tuple of known names (a list from YAML is fine)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(
+            f"`trackers` must be None (follow the trainer's report_to), [] or a list of "
+            f"{', '.join(map(repr, TRACKERS))}, got {value!r}"
+        )
+    for name in value:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(str(name), TRACKERS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"`trackers` has unknown tracker {name!r}{hint}; allowed: {', '.join(map(repr, TRACKERS))}"
+                + (" (TensorBoard is the `tensorboard` field)" if str(name).lower() == "tensorboard" else "")
+            )
+    return tuple(dict.fromkeys(value))
+
+
+def _check_webhook_url(url: Any) -> None:
+    """An http(s) URL with a host; the error message never shows its credentials or query."""
+    if not isinstance(url, str):
+        raise ConfigError(f"`webhook_url` must be an http(s):// URL (a str), got {type(url).__name__}")
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        host = parts.hostname
+    except ValueError:
+        raise ConfigError("`webhook_url` must be an http:// or https:// URL, got a malformed URL") from None
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        shown = f"{parts.scheme}://{'***@' if '@' in parts.netloc else ''}{parts.netloc.rsplit('@', 1)[-1]}"
+        shown += parts.path + ("?***" if parts.query else "")
+        raise ConfigError(f"`webhook_url` must be an http:// or https:// URL with a host, got {shown!r}")
+    if parts.path.endswith("/***"):
+        raise ConfigError(
+            "`webhook_url` is a redacted URL as run.json stores it (only its host is kept); "
+            "give the real URL to send alerts"
+        )
