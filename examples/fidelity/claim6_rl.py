@@ -83,6 +83,11 @@ class Run:
             raise ValueError(f"steps and every must be positive ints, got {self.steps}, {self.every}")
 
     @property
+    def new_tokens(self) -> int:
+        """The longest completion, sampled in training (GRPO) and in the held-out evaluation."""
+        return 8 if self.tiny else 12
+
+    @property
     def run_id(self) -> str:
         """File-name-safe name of the run."""
         return f"{self.method}-lr{self.lr:.0e}-n{self.steps}-e{self.every}-s{self.seed}"
@@ -124,8 +129,11 @@ def _completions(tok: Any, out: Any, width: int) -> list[list[int]]:
     return rows
 
 
-def evaluate(model: Any, tok: Any, held: list[dict[str, Any]], seed: int) -> dict[str, float]:
-    """Greedy accuracy, first-answer-token entropy, and sampled reward and diversity on ``held``."""
+def evaluate(
+    model: Any, tok: Any, held: list[dict[str, Any]], seed: int, new_tokens: int
+) -> dict[str, float]:
+    """Greedy accuracy, first-answer-token entropy, and sampled reward and diversity on ``held``
+    (completions of at most ``new_tokens`` tokens, as in training)."""
     import torch
 
     reward = _task().sum_reward
@@ -142,7 +150,7 @@ def evaluate(model: Any, tok: Any, held: list[dict[str, Any]], seed: int) -> dic
     width = enc["input_ids"].shape[1]
     was_training = model.training
     model.eval()
-    common = dict(max_new_tokens=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    common = dict(max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     with torch.no_grad():
         g = model.generate(**enc, do_sample=False, output_logits=True, return_dict_in_generate=True, **common)
         logp = torch.log_softmax(g.logits[0].float(), dim=-1)
@@ -246,7 +254,7 @@ def _trainer(r: Run, model: Any, tok: Any, train: list[dict[str, Any]], out: str
     user = [[{"role": "user", "content": x["prompt"]}] for x in train]
     if r.method == "grpo":  # 2 prompts x 4 completions a step
         rows = [{"prompt": u, "answer": x["answer"]} for u, x in zip(user, train, strict=True)]
-        args = GRPOConfig(num_generations=4, max_completion_length=8 if r.tiny else 12, beta=0.0, **common)
+        args = GRPOConfig(num_generations=4, max_completion_length=r.new_tokens, beta=0.0, **common)
         return GRPOTrainer(
             model=model,
             reward_funcs=_task().sum_reward,
@@ -300,7 +308,7 @@ def run(r: Run, work: str, results: str, *, force: bool = False, no_train: bool 
     random.seed(r.seed)
     model, tok = _model(r)
     train, held = prompts(r.seed)
-    start = evaluate(model, tok, held, r.seed)
+    start = evaluate(model, tok, held, r.seed, r.new_tokens)
     t_train = time.time()
     trainer = _trainer(r, model, tok, train, os.path.join(work, r.run_id, "trainer"))
     mons = _monitors(r, work)
@@ -308,7 +316,7 @@ def run(r: Run, work: str, results: str, *, force: bool = False, no_train: bool 
         m.attach(trainer)
     trainer.train()
     t_train = time.time() - t_train
-    end = evaluate(trainer.model, tok, held, r.seed)
+    end = evaluate(trainer.model, tok, held, r.seed, r.new_tokens)
     probes = {k: _collect(os.path.join(work, r.run_id, k))["records"] for k in mons}
     result = {
         "spec": asdict(r),
@@ -457,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-train", action="store_true", help="only use saved results (skip missing ones)")
     p.add_argument("--work", default=os.environ.get("FIDELITY_WORK", "/tmp/topomon_fidelity"))
     p.add_argument("--results", default=None, help="result folder (default results/claim6[/tiny])")
-    p.add_argument("--img", default=None, help="figure folder (default docs/img/fidelity; tiny: --results)")
+    p.add_argument("--img", default=None, help="figure folder (default docs/img/fidelity; else --results)")
     a = p.parse_args(argv)
     results = a.results or os.path.join(RESULTS, "claim6", *(["tiny"] if a.tiny else []))
     steps = a.steps or (4 if a.tiny else 60)
@@ -477,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, "claim6_summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1, default=lambda o: None)
-    img = a.img or (results if a.tiny else IMG)
+    img = a.img or (IMG if a.results is None and not a.tiny else results)  # docs only for the real runs
     os.makedirs(img, exist_ok=True)
     png = os.path.join(img, "claim6_rl.png")
     figure(summary, png)
