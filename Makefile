@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup setup-demo setup-frameworks test check lint unit demo bench bench-floor bench-overhead bench-memory bench-zigzag bench-gpu clean
+.PHONY: setup setup-demo setup-frameworks test check lint unit demo bench bench-floor bench-overhead bench-overhead-grpo bench-memory bench-zigzag bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,12 @@ bench-overhead: setup-demo
 		--arms off,default,aggressive --out bench/results/overhead_dpo_cpu.json
 	$(PY) bench/overhead.py --trainer sft --rounds 3 --steps 30 --batch 8 --max-length 128 \
 		--arms off,default,aggressive --out bench/results/overhead_sft_cpu.json
+
+# GRPO (LoRA, the sums of examples/grpo_rlvr.py): off vs default interleaved, 3 rounds; not yet run,
+# estimated 30-60 min on a 2-core CPU (a step carries a generation); nothing else should run meanwhile
+bench-overhead-grpo: setup-demo
+	$(PY) bench/overhead.py --trainer grpo --rounds 3 --steps 30 --batch 8 \
+		--arms off,default --out bench/results/overhead_grpo_cpu.json
 
 bench-memory: setup-demo
 	OMP_NUM_THREADS=1 $(PY) bench/memory.py

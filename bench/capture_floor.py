@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from _common import emit_json
 
-from topomon.capture.layers import unwrap_model
+from topomon.capture.layers import model_layout
 from topomon.capture.probe import ProbeCapture, _runner, plan_tokens
 from topomon.capture.probes import load_probes
 from topomon.models import load_smollm2
@@ -54,7 +54,7 @@ def main() -> None:
     )
     with_logits = ProbeCapture(plan, LAYERS, include_final_norm=True, logits=True)
     without = ProbeCapture(plan, LAYERS, include_final_norm=True, logits=False)
-    body = _runner(model, unwrap_model(model))
+    body = _runner(model, model_layout(model))
 
     def forward(runner: Any) -> None:
         model.eval()

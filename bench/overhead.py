@@ -3,8 +3,9 @@
 The same training (fixed seed, fixed steps) runs without the monitor ("off"), with the default
 configuration ("default": ``TopoMonitor()``) and with an aggressive one ("aggressive": the "full"
 preset, every 10 steps, persistent homology on every captured layer, figures at every capture, no
-overhead budget), interleaved in rotating order (off, default, aggressive; default, aggressive,
-off; ...), each in a fresh process. Reported per arm:
+overhead budget; "rl", the preset for RL stages, a fourth arm to ask for), interleaved in rotating
+order (off, default, aggressive; default, aggressive, off; ...), each in a fresh process. Reported
+per arm:
 
 - wall time of ``trainer.train()`` and its ratio to the "off" run of the same round (median and
   range over rounds);
@@ -15,7 +16,14 @@ off; ...), each in a fresh process. Reported per arm:
 
     python bench/overhead.py --trainer sft --rounds 2 --steps 50          # SmolLM2-135M, CPU
     python bench/overhead.py --trainer dpo --rounds 2 --steps 30
+    python bench/overhead.py --trainer grpo --rounds 3 --steps 30 --arms off,default   # GRPO + LoRA
+    python bench/overhead.py --trainer grpo --model random-tiny --rounds 1 --steps 3 --arms off,default
     python bench/overhead.py --trainer sft --model random-1b --tokenizer DIR --data pydoc  # a GPU
+
+``--trainer grpo``: TRL's GRPOTrainer with LoRA r=16 on the sums of ``examples/grpo_rlvr.py`` (reward:
+the first integer of the completion is the sum), ``--batch`` completions a step (4 a prompt, at most
+12 new tokens, beta 0); a step's time includes its generation. ``--model random-tiny`` runs any
+trainer in seconds (the test).
 
 Results: a Markdown table on stdout and every run's numbers as JSON (``--out``).
 """
@@ -34,7 +42,8 @@ import threading
 import time
 from typing import Any
 
-ARMS = ("off", "default", "aggressive")
+ARMS = ("off", "default", "aggressive", "rl")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A TinyLlama-shaped model (1.1B parameters) with SmolLM2's vocabulary, built from a config with
 # random weights: the cost of a forward/backward does not depend on the weights' values.
@@ -73,7 +82,7 @@ def _arm_config(arm: str) -> dict[str, Any] | None:
         return None
     if arm == "default":
         return {}
-    return load_preset("full")
+    return load_preset("full" if arm == "aggressive" else arm)
 
 
 def _load(spec: dict[str, Any]) -> tuple[Any, Any]:
@@ -101,10 +110,26 @@ def _load(spec: dict[str, Any]) -> tuple[Any, Any]:
     return model, tok
 
 
+def _sums_task() -> Any:
+    """``examples/grpo_rlvr.py``: the sums to answer and their reward (one definition of the task)."""
+    import importlib.util
+
+    loc = importlib.util.spec_from_file_location("grpo_rlvr", os.path.join(ROOT, "examples", "grpo_rlvr.py"))
+    assert loc is not None and loc.loader is not None
+    task = importlib.util.module_from_spec(loc)
+    loc.loader.exec_module(task)
+    return task
+
+
 def _data(spec: dict[str, Any]) -> Any:
     from datasets import Dataset
 
     n = 2000
+    if spec["trainer"] == "grpo":  # the verifiable sums of examples/grpo_rlvr.py, chat-formatted
+        rows = _sums_task().make_prompts(512, spec["seed"])
+        return Dataset.from_list(
+            [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+        )
     if spec["data"] == "chitchat":
         from topomon.demo.data import chitchat_pairs, dpo_records, sft_records
 
@@ -184,12 +209,12 @@ def _probe_forward_seconds(model: Any, monitor: Any, repeats: int = 3) -> float:
     """
     import torch
 
-    from topomon.capture.layers import unwrap_model
+    from topomon.capture.layers import model_layout
     from topomon.capture.probe import _runner
 
     plan = monitor.session._strategy.probe.plan
     device = next(model.parameters()).device
-    runner = _runner(model, unwrap_model(model))
+    runner = _runner(model, model_layout(model))
     model.eval()
     times = []
     with torch.no_grad():
@@ -236,7 +261,7 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     logging.getLogger("topomon").setLevel(logging.ERROR)
     from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
     from topomon import TopoMonitor
 
@@ -259,13 +284,17 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
         seed=spec["seed"],
         data_seed=spec["seed"],
         disable_tqdm=True,
-        max_length=spec["max_length"],
     )
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     if spec["trainer"] == "sft":
-        args = SFTConfig(learning_rate=1e-4 if spec.get("lora") else 1e-5, packing=True, **common)
+        args = SFTConfig(
+            learning_rate=1e-4 if spec.get("lora") else 1e-5,
+            packing=True,
+            max_length=spec["max_length"],
+            **common,
+        )
         trainer: Any = SFTTrainer(
             model=model,
             args=args,
@@ -273,8 +302,20 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
             processing_class=tok,
             peft_config=lora if spec.get("lora") else None,
         )
+    elif spec["trainer"] == "grpo":  # batch = completions a step, 4 a prompt; always LoRA
+        gargs = GRPOConfig(
+            learning_rate=2e-4, num_generations=4, max_completion_length=12, beta=0.0, **common
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=_sums_task().sum_reward,
+            args=gargs,
+            train_dataset=ds,
+            processing_class=tok,
+            peft_config=lora,
+        )
     else:
-        dargs = DPOConfig(learning_rate=5e-5, **common)
+        dargs = DPOConfig(learning_rate=5e-5, max_length=spec["max_length"], **common)
         trainer = DPOTrainer(
             model=model, args=dargs, train_dataset=ds, processing_class=tok, peft_config=lora
         )
@@ -421,10 +462,10 @@ def _machine() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--trainer", choices=("sft", "dpo"), default="sft")
+    p.add_argument("--trainer", choices=("sft", "dpo", "grpo"), default="sft")
     p.add_argument("--rounds", type=int, default=2, help="rounds of (off, default, aggressive)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="GRPO: completions a step (4 a prompt)")
     p.add_argument("--max-length", type=int, default=128, help="SFT: packed sequence length")
     p.add_argument("--model", default="smollm2", choices=("smollm2", *RANDOM_MODELS))
     p.add_argument(
@@ -432,9 +473,9 @@ def main() -> None:
     )
     p.add_argument("--data", choices=("chitchat", "pydoc"), default="chitchat")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default="off,default,aggressive", help=f"a comma list of {', '.join(ARMS)}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora", action="store_true", help="SFT with a LoRA adapter (DPO always uses one)")
+    p.add_argument("--lora", action="store_true", help="SFT with a LoRA adapter (DPO, GRPO always use one)")
     p.add_argument("--out", default=None, help="JSON file for every run's numbers")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run, JSON spec
     a = p.parse_args()
@@ -444,6 +485,8 @@ def main() -> None:
     arms = [x for x in a.arms.split(",") if x]
     if "off" not in arms:
         p.error("--arms must include 'off' (the reference)")
+    if set(arms) - set(ARMS):
+        p.error(f"--arms: unknown {sorted(set(arms) - set(ARMS))}; choose from {', '.join(ARMS)}")
     print(f"# {_machine()}; load {os.getloadavg()}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     runs: list[dict[str, Any]] = []
     for rnd in range(a.rounds):
