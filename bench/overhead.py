@@ -21,7 +21,7 @@ per arm:
     python bench/overhead.py --trainer sft --model random-1b --tokenizer DIR --data pydoc  # a GPU
 
 ``--trainer grpo``: TRL's GRPOTrainer with LoRA r=16 on the sums of ``examples/grpo_rlvr.py`` (reward:
-the first integer of the completion is the sum), ``--batch`` completions a step (4 a prompt, at most
+the last integer of the completion is the sum), ``--batch`` completions a step (4 a prompt, at most
 12 new tokens, beta 0); a step's time includes its generation. ``--model random-tiny`` runs any
 trainer in seconds (the test).
 

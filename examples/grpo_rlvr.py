@@ -3,8 +3,11 @@
     python examples/grpo_rlvr.py                  # SmolLM2 + LoRA, small sums, minutes on a CPU
     python examples/grpo_rlvr.py --tiny           # a tiny model built in memory: seconds (the test)
 
-The task: ``What is 17 + 25? Answer with the number.``; the reward is 1 when the first integer of the
-completion is the sum. TRL's ``GRPOTrainer`` samples 4 completions a prompt; the monitor (``preset:
+The task: ``What is 17 + 5? Answer with the number only.`` (a, b in 1..20); the reward is 1 when the
+last integer of the completion is the sum (SmolLM2 often restates the operands first: "17 + 5 = 22").
+Measured on the base model before any run (16 sums): 7 greedy answers right, 13 of 64 samples at
+temperature 1; with "Answer with the number." and the first integer, 0 of 12 greedy.
+TRL's ``GRPOTrainer`` samples 4 completions a prompt; the monitor (``preset:
 rl``) captures the fixed probe set at its schedule, with the next-token entropy of the probes
 (``logit_entropy``) and the rollout entropy TRL logs both watched both ways, and an ``entropy_bonus``
 action raises TRL's ``entropy_coef`` while a collapse alert holds. At the end it prints, step by step,
@@ -26,18 +29,18 @@ def make_prompts(n: int, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        rows.append({"prompt": f"What is {a} + {b}? Answer with the number.", "answer": a + b})
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        rows.append({"prompt": f"What is {a} + {b}? Answer with the number only.", "answer": a + b})
     return rows
 
 
 def sum_reward(completions: list[Any], answer: list[int], **_: Any) -> list[float]:
-    """1.0 when the first integer of the completion is the answer, else 0.0."""
+    """1.0 when the last integer of the completion is the answer, else 0.0."""
     out = []
     for c, a in zip(completions, answer, strict=True):
         text = c[-1]["content"] if isinstance(c, list) else str(c)
-        m = re.search(r"-?\d+", text)
-        out.append(1.0 if m is not None and int(m.group()) == a else 0.0)
+        nums = re.findall(r"-?\d+", text)
+        out.append(1.0 if nums and int(nums[-1]) == a else 0.0)
     return out
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import importlib.util
 import inspect
+import os
 import random
-import re
 import textwrap
 from typing import Any
 
@@ -106,29 +107,28 @@ def traces(seed: int, n: int) -> list[tuple[str, str]]:
     return rows
 
 
+def _sums() -> Any:
+    """``examples/grpo_rlvr.py``: the sums and their verifiable reward (one definition of the task)."""
+    spec = importlib.util.spec_from_file_location(
+        "grpo_rlvr", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "grpo_rlvr.py")
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def arithmetic_prompts(seed: int, n: int) -> list[dict[str, Any]]:
-    """GRPO rows: a small sum to answer, with its answer for the reward."""
-    rng = random.Random(30_000 + seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": f"What is {a} + {b}? Answer with the number."}],
-                "answer": a + b,
-            }
-        )
-    return rows
+    """GRPO rows: a small sum to answer (conversational), with its answer for the reward."""
+    return [
+        {"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+        for r in _sums().make_prompts(n, 30_000 + seed)
+    ]
 
 
-def arithmetic_reward(completions: list[Any], answer: list[int], **_: Any) -> list[float]:
-    """1.0 when the first integer of the completion is the answer, else 0.0 (the verifiable reward)."""
-    out = []
-    for c, a in zip(completions, answer, strict=True):
-        text = c[0]["content"] if isinstance(c, list) else str(c)
-        m = re.search(r"-?\d+", text)
-        out.append(1.0 if m is not None and int(m.group()) == a else 0.0)
-    return out
+def arithmetic_reward(completions: list[Any], answer: list[int], **kw: Any) -> list[float]:
+    """1.0 when the last integer of the completion is the answer (``grpo_rlvr.sum_reward``)."""
+    return list(_sums().sum_reward(completions, answer, **kw))
 
 
 def stage_data(kind: str, variant: str, seed: int) -> dict[str, Any]:

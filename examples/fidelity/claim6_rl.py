@@ -3,7 +3,7 @@
 Li et al. (arXiv 2509.23024): SFT and DPO expand the final-layer spectrum (RankMe / effective rank up,
 alpha-ReQ down); RL with a verifiable reward compresses it, raising reward alignment while reducing
 generation diversity. Here, SmolLM2-135M-Instruct, LoRA r=16 on q/k/v/o, 3 seeds, two methods on one
-task (``What is a + b? Answer with the number.``, a, b in 1..50; reward 1 when the first integer of
+task (``What is a + b? Answer with the number only.``, a, b in 1..20; reward 1 when the last integer of
 the completion is the sum, ``examples/grpo_rlvr.py``):
 
 - ``grpo``: TRL ``GRPOTrainer``, 8 completions a step (2 prompts x 4), beta 0;
