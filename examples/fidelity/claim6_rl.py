@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 from claim3_entropy import stage_change
-from common import IMG, LORA, RESULTS, _collect, _quiet, _round, mean_sd
+from common import IMG, LORA, RESULTS, _collect, _round, mean_sd, saved_result, start_run
 
 __all__ = ["Run", "distinct_n", "summarise", "run", "main"]
 
@@ -291,20 +291,12 @@ def run(r: Run, work: str, results: str, *, force: bool = False, no_train: bool 
         FileNotFoundError: with ``no_train`` when the result is missing.
     """
     path = os.path.join(results, r.run_id + ".json")
-    if os.path.exists(path) and not force:
-        with open(path, encoding="utf-8") as fh:
-            return dict(json.load(fh))
-    if no_train:
-        raise FileNotFoundError(f"{path} is missing (run without --no-train)")
-    _quiet()
-    import shutil
-
+    saved = saved_result(path, force, no_train)
+    if saved is not None:
+        return saved
     import torch
 
-    t0 = time.time()
-    torch.set_num_threads(int(os.environ.get("FIDELITY_THREADS", "1")))
-    shutil.rmtree(os.path.join(work, r.run_id), ignore_errors=True)
-    torch.manual_seed(r.seed)
+    t0 = start_run(work, r.run_id, r.seed)
     random.seed(r.seed)
     model, tok = _model(r)
     train, held = prompts(r.seed)

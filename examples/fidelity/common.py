@@ -309,6 +309,34 @@ def _quiet() -> None:
     logging.getLogger("topomon").setLevel(logging.ERROR)
 
 
+def saved_result(path: str, force: bool, no_train: bool) -> dict[str, Any] | None:
+    """A run's saved result, or None when it is to be run (``force``, or missing without ``no_train``).
+
+    Raises:
+        FileNotFoundError: with ``no_train`` when the result is missing.
+    """
+    if os.path.exists(path) and not force:
+        with open(path, encoding="utf-8") as fh:
+            return dict(json.load(fh))
+    if no_train:
+        raise FileNotFoundError(f"{path} is missing (run without --no-train)")
+    return None
+
+
+def start_run(work: str, run_id: str, seed: int) -> float:
+    """Quiet the libraries, set the thread count, clear the run's folder and seed; returns the start time."""
+    import shutil
+
+    import torch
+
+    _quiet()
+    t0 = time.time()
+    torch.set_num_threads(int(os.environ.get("FIDELITY_THREADS", "1")))
+    shutil.rmtree(os.path.join(work, run_id), ignore_errors=True)
+    torch.manual_seed(seed)
+    return t0
+
+
 def run(spec: Spec, work: str, *, force: bool = False, no_train: bool = False) -> dict[str, Any]:
     """Train and monitor one configuration, or load its saved result.
 
@@ -323,23 +351,15 @@ def run(spec: Spec, work: str, *, force: bool = False, no_train: bool = False) -
         (``{probe_set: {stage: {layer: {metric: [[step, value], ...]}}}}``), ``health``, ``seconds``.
     """
     path = os.path.join(results_dir(spec.smoke), spec.run_id + ".json")
-    if os.path.exists(path) and not force:
-        with open(path, encoding="utf-8") as fh:
-            return dict(json.load(fh))
-    if no_train:
-        raise FileNotFoundError(f"{path} is missing (run without --no-train)")
-    _quiet()
-    import shutil
-
+    saved = saved_result(path, force, no_train)
+    if saved is not None:
+        return saved
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    t0 = time.time()
-    torch.set_num_threads(int(os.environ.get("FIDELITY_THREADS", "1")))
-    shutil.rmtree(os.path.join(work, spec.run_id), ignore_errors=True)
-    torch.manual_seed(spec.seed)
+    t0 = start_run(work, spec.run_id, spec.seed)
     model, tok = _model(spec)
     data = _data(spec)
     timings: dict[str, float] = {}
