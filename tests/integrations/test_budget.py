@@ -99,9 +99,9 @@ def test_on_a_cpu_model_the_workers_cpu_counts_against_the_budget(
     assert cpu.captures_deferred >= 10 and h["dropped"] == 0
 
     # the same run as if the model were on an accelerator: the worker's CPU is free, the stall counts
-    import topomon.session as session
+    import topomon.session_base as session_base  # where the session asks whether the model is on a CPU
 
-    monkeypatch.setattr(session, "on_cpu", lambda m: False)
+    monkeypatch.setattr(session_base, "on_cpu", lambda m: False)
     gpu = _monitor(**kw)
     run_sft(model, tok, sft_data, tmp_path / "b", gpu, extra_callbacks=[SlowSteps(0.1)], max_steps=40)
     g = gpu.health()

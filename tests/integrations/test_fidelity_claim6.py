@@ -16,6 +16,9 @@ def claim6(monkeypatch):
         sys.modules.pop(name, None)
     import claim6_rl
 
+    # the scripts quiet the libraries' loggers for good (a script's process ends); here they would
+    # silence the log records of every later test in this process
+    monkeypatch.setattr(sys.modules["common"], "_quiet", lambda: None)
     return claim6_rl
 
 

@@ -24,6 +24,7 @@ from tests.reliability._support import jsonl, metric_lines, same_metrics, sft_da
 from topomon import TopoMonitor
 from topomon.alerts import AlertEngine, default_rules
 from topomon.capture.layers import decoder_layers
+from topomon.metrics.families import metric_names
 from topomon.testing import tiny_causal_lm, tiny_tokenizer
 from topomon.types import Snapshot
 from topomon.worker.engine import ComputeOptions, MetricEngine
@@ -95,7 +96,7 @@ def test_an_all_nonfinite_layer_is_nan_with_a_reason_and_fires_the_alert(fill):
     assert recs["ok"].errors == [] and recs["ok"].metrics["rankme"] > 1
     line = dead.to_json()
     assert line["metrics"]["rankme"] is None  # NaN is written as null, the line stays valid JSON
-    engine = AlertEngine(default_rules(), OPTS.metric_names())
+    engine = AlertEngine(default_rules(), metric_names(OPTS))
     alerts = engine.update(list(recs.values()))
     assert [(a.layer, a.reason, a.severity) for a in alerts] == [("dead", "nonfinite", "critical")]
     json.dumps(alerts[0].to_json(), allow_nan=False)
