@@ -11,15 +11,64 @@ never raised into training, and the others still receive everything.
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from topomon.types import Alert, MetricRecord
 
-__all__ = ["AlertsOnly", "RecordSink", "SinkFan"]
+__all__ = [
+    "AlertsOnly",
+    "RecordSink",
+    "SinkFan",
+    "finite",
+    "metric_tag",
+    "record_scalars",
+    "scalars_by_step",
+    "prefixed_scalars",
+]
 
 logger = logging.getLogger("topomon")
+
+
+# ----------------------------------------------------------------------------- names and values
+# One name means one curve everywhere: every sink names and filters its values with these.
+def metric_tag(metric: str, layer: str) -> str:
+    """The scalar tag of a metric at a layer: ``topomon/<metric>/<layer>``."""
+    return f"topomon/{metric}/{layer}"
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else None (None, NaN, inf, not a number)."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def scalars_by_step(records: Iterable[MetricRecord]) -> dict[int, dict[str, float]]:
+    """``{step: {"topomon/<metric>/<layer>": value}}``: every finite metric value of the records."""
+    out: dict[int, dict[str, float]] = {}
+    for r in records:
+        values = out.setdefault(int(r.step), {})
+        for name, v in r.metrics.items():
+            if (x := finite(v)) is not None:
+                values[metric_tag(name, r.layer)] = x
+    return {step: values for step, values in out.items() if values}
+
+
+def record_scalars(records: Iterable[MetricRecord]) -> dict[str, float]:
+    """``{"topomon/<metric>/<layer>": value}`` for every finite metric value of the records (one capture)."""
+    return {k: v for values in scalars_by_step(records).values() for k, v in values.items()}
+
+
+def prefixed_scalars(values: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """``{f"{prefix}/{key}": value}`` for every finite value (what ``write_scalars`` writes)."""
+    return {f"{prefix}/{k}": x for k, v in values.items() if (x := finite(v)) is not None}
 
 
 @runtime_checkable

@@ -9,14 +9,14 @@ health, via :class:`~topomon.sinks.base.SinkFan`) and logged once; a full queue 
 at most ``close_timeout`` seconds, so the end of training never hangs on a tracker; what is abandoned is
 counted and logged. ``metrics.jsonl`` holds every record whatever a tracker does.
 
-The helpers :func:`record_scalars` and :func:`record_images` name the values as TensorBoard does
-(``topomon/<metric>/<layer>``, ``topomon_figures/...``), so one name means one curve everywhere.
+The values are named as TensorBoard names them (:func:`~topomon.sinks.base.record_scalars`,
+:func:`record_images`: ``topomon/<metric>/<layer>``, ``topomon_figures/...``), so one name means one
+curve everywhere.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from topomon.sinks.tensorboard import metric_tag
+from topomon.sinks.base import prefixed_scalars, record_scalars
 from topomon.types import Alert, MetricRecord
 
 __all__ = ["QueuedSink", "record_scalars", "record_images", "alert_title", "alert_text", "ALERT_COUNT_KEY"]
@@ -36,16 +36,6 @@ _STOP = object()
 
 ALERT_COUNT_KEY = "topomon/alerts"
 """The scalar counting the alerts a tracker received (recoveries included), as in TensorBoard."""
-
-
-def record_scalars(records: list[MetricRecord]) -> dict[str, float]:
-    """``{"topomon/<metric>/<layer>": value}`` for every finite metric value of the records."""
-    out: dict[str, float] = {}
-    for r in records:
-        for name, value in r.metrics.items():
-            if value is not None and math.isfinite(value):
-                out[metric_tag(name, r.layer)] = float(value)
-    return out
 
 
 def record_images(records: list[MetricRecord]) -> dict[str, np.ndarray]:
@@ -123,11 +113,7 @@ class QueuedSink:
 
     def write_scalars(self, values: Mapping[str, float], step: int, prefix: str = "topomon/health") -> None:
         """Queue plain scalars at ``step`` under ``prefix`` (non-finite values are skipped)."""
-        clean = {
-            f"{prefix}/{k}": float(v)
-            for k, v in values.items()
-            if v is not None and isinstance(v, (int, float)) and math.isfinite(v)
-        }
+        clean = prefixed_scalars(values, prefix)
         if clean:
             self._submit(self._write_scalars, clean, int(step))
 

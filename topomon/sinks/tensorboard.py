@@ -14,20 +14,15 @@ It is written once, from the metric names of the first records.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from topomon.sinks.base import metric_tag, prefixed_scalars, scalars_by_step
 from topomon.types import Alert, MetricRecord
 
 __all__ = ["TensorBoardSink", "metric_tag"]
-
-
-def metric_tag(metric: str, layer: str) -> str:
-    """The scalar tag of a metric at a layer."""
-    return f"topomon/{metric}/{layer}"
 
 
 class TensorBoardSink:
@@ -77,20 +72,19 @@ class TensorBoardSink:
             w = self.writer
             if not self._layout_done:
                 self._write_layout(sorted({m for r in records for m in r.metrics}))
-            for r in records:
-                for name, value in r.metrics.items():
-                    if value is not None and math.isfinite(value):
-                        w.add_scalar(metric_tag(name, r.layer), value, global_step=r.step)
-                if figures and self.figures:
+            for step, values in scalars_by_step(records).items():
+                for tag, value in values.items():
+                    w.add_scalar(tag, value, global_step=step)
+            if figures and self.figures:
+                for r in records:
                     self._write_figures(r)
             w.flush()
 
     def write_scalars(self, values: Mapping[str, float], step: int, prefix: str = "topomon/health") -> None:
         """Plain scalars under ``prefix`` (the monitor's health counters)."""
         with self._lock:
-            for k, v in values.items():
-                if v is not None and math.isfinite(v):
-                    self.writer.add_scalar(f"{prefix}/{k}", v, global_step=step)
+            for tag, value in prefixed_scalars(values, prefix).items():
+                self.writer.add_scalar(tag, value, global_step=step)
             self.writer.flush()
 
     def write_alert(self, alert: Alert) -> None:
