@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from topomon._validate import check_int, check_number, check_str
+from topomon.sinks.registry import TRACKERS
 
 __all__ = ["CHOICES", "TRACKERS", "ConfigError", "check_fields"]
 
@@ -196,10 +197,6 @@ def _require_int(name: str, value: Any, low: int) -> None:
 
 def _require_number(name: str, value: Any, low: float) -> None:
     check_number(name, value, low, error=ConfigError, plain=True, expected=f"a number >= {low} (finite)")
-
-
-TRACKERS = ("wandb", "mlflow", "trackio")
-"""The experiment trackers ``trackers`` may name (:mod:`topomon.sinks.trackers`)."""
 
 
 def _check_trackers(value: Any) -> tuple[str, ...]:

@@ -23,7 +23,6 @@ from topomon.config import ConfigError, MonitorConfig
 from topomon.pipeline import record_from_json
 from topomon.run import RunDir
 from topomon.session import MonitorSession
-from topomon.sinks.trackers import resolve_trackers, tracker_sinks
 from topomon.types import MetricRecord
 
 __all__ = ["probe_checkpoints", "checkpoint_step", "stage_config"]
@@ -139,9 +138,6 @@ def probe_checkpoints(
     c = c.replace(
         stage=stage, worker="sync", run_dir=run_dir, step_offset=min(step_of), actions=(), trackers=trackers
     )
-    names, explicit = resolve_trackers(c.trackers, None)
-    figures = c.figures_every > 0
-    sinks = (lambda: tracker_sinks(names, explicit=explicit, figures=figures)) if names else None
     session = MonitorSession(c)
     load = loader or (lambda p: _load(p, base_model))
 
@@ -156,9 +152,7 @@ def probe_checkpoints(
             bar.set_postfix_str(os.path.basename(os.path.normpath(path)))
             model, tok = load(path)
             if not session.started:
-                session.begin(
-                    model, tokenizer=tok, baseline=False, info={"offline": True, "like": like}, sinks=sinks
-                )
+                session.begin(model, tokenizer=tok, baseline=False, info={"offline": True, "like": like})
             # the trainer's values up to this checkpoint, then its capture: a run's log history only
             # grows, so a later checkpoint's starts with the entries fed already (an evaluation's
             # entry shares its step with the training log before it)
@@ -174,7 +168,7 @@ def probe_checkpoints(
                 raise RuntimeError(f"topomon probe failed on {path}: {session.last_error}")
             del model
     finally:
-        session.close(last_step=max(step_of))
+        session.close(max(step_of) - session.step_offset)
     lines, _ = run.records()
     wanted = set(step_of)
     return [

@@ -31,6 +31,7 @@ from topomon.config import ConfigError
 from topomon.distributed import Comm
 from topomon.session_base import SessionBase, guarded
 from topomon.sinks.base import RecordSink
+from topomon.sinks.trackers import record_sinks
 from topomon.stage import cap_snapshot, release, write_state
 from topomon.types import Alert, Snapshot
 
@@ -74,7 +75,8 @@ class MonitorSession(SessionBase):
         baseline: bool = True,
         info: Mapping[str, Any] | None = None,
         total_steps: int | None = None,
-        sinks: Callable[[], Sequence[RecordSink]] | None = None,
+        report_to: Any = None,
+        extra_sinks: Callable[[list[str]], Sequence[RecordSink]] | None = None,
         trainer_logdir: str | None = None,
     ) -> None:
         """Set up on every rank and capture the stage's baseline (collective).
@@ -100,8 +102,11 @@ class MonitorSession(SessionBase):
                 offline analysis replays (its LoRA references are that stage's earlier stages).
             total_steps: the training's length in steps, if known: a run the overhead budget would
                 leave without a capture between its start and end gets one at its middle.
-            sinks: makes the record sinks besides TensorBoard (the trackers of ``report_to``, a
-                Lightning logger); called on the main process only, during set-up.
+            report_to: the trainer's ``report_to``: with ``trackers`` unset, the trackers written to
+                (None: only those ``trackers`` names). The tracker sinks are built here, on the main
+                process only, during set-up (:func:`~topomon.sinks.trackers.record_sinks`).
+            extra_sinks: makes the adapter's own record sinks (a Lightning logger) from the tracker
+                names in use; called with them on the main process only, during set-up.
             trainer_logdir: where the training loop writes its own TensorBoard events (the
                 trainer's loss): :attr:`tensorboard_logdir` then holds both.
 
@@ -136,7 +141,12 @@ class MonitorSession(SessionBase):
                         resume,
                         baseline,
                         info or {},
-                        list(sinks()) if sinks is not None else [],
+                        record_sinks(
+                            self.config.trackers,
+                            report_to,
+                            figures=self.config.figures_every > 0,
+                            extra=extra_sinks,
+                        ),
                     )
                 )
             except Exception as e:  # noqa: BLE001 - raised below, on every rank
@@ -421,7 +431,7 @@ class MonitorSession(SessionBase):
                 self._capture(model, step, final=True)
         if self.run is not None and model is not None:
             self._save_lora_subspace(model)
-        self.close(last_step=step)
+        self.close(local_step)
 
     @guarded
     def _save_lora_subspace(self, model: Any) -> None:
@@ -434,10 +444,16 @@ class MonitorSession(SessionBase):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_lora_subspaces(model, path)
 
-    def close(self, last_step: int | None = None) -> None:
-        """Flush and stop the worker, write the final counters, close files (idempotent)."""
+    def close(self, local_step: int | None = None) -> None:
+        """Flush and stop the worker, write the final counters, close files (idempotent).
+
+        Args:
+            local_step: the loop's step at this point, as :meth:`end` and every event take it (the
+                stage's last step is ``step_offset + local_step``); None: the last capture's.
+        """
         if not self._started:
             return
+        last_step = None if local_step is None else self.step_offset + int(local_step)
         self._started = False
         if self._finalizer is not None:
             self._finalizer.detach()

@@ -230,3 +230,41 @@ def test_image_helpers_name_figures_as_tensorboard_does():
     r = MetricRecord(2, "sft", "final_norm", {"rankme": 1.5, "h1": float("nan")}, {"figure_persistence": img})
     assert record_scalars([r]) == {"topomon/rankme/final_norm": 1.5}
     assert list(record_images([r])) == ["topomon_figures/persistence/final_norm"]
+
+
+# ----------------------------------------------------------------------------- the registry
+def test_every_tracker_name_comes_from_the_registry():
+    import typing
+
+    import topomon.config
+    import topomon.config_checks
+    from topomon.sinks import registry
+
+    assert registry.TRACKERS == tuple(registry.TRACKER_REGISTRY) == ("wandb", "mlflow", "trackio")
+    assert topomon.config.TRACKERS is topomon.config_checks.TRACKERS is tr.TRACKERS is registry.TRACKERS
+    for name, entry in registry.TRACKER_REGISTRY.items():
+        assert MonitorConfig(trackers=[name]).trackers == (name,)
+        sink_class = typing.get_type_hints(entry.make_sink)["return"]
+        assert sink_class.name == name and issubclass(sink_class, QueuedSink)
+        assert name in entry.start_hint
+
+
+def test_the_sinks_are_made_by_the_registry_entry(monkeypatch):
+    from topomon.sinks.base import AlertsOnly
+    from topomon.sinks.registry import TRACKER_REGISTRY, Tracker
+
+    made: list[tuple[object, bool]] = []
+
+    def make_sink(run: object, figures: bool) -> AlertsOnly:
+        made.append((run, figures))
+        return AlertsOnly("mlflow", print)
+
+    monkeypatch.setattr(tr, "_installed", lambda name: True)
+    monkeypatch.setitem(TRACKER_REGISTRY, "mlflow", Tracker(lambda: "the-run", make_sink, "start one"))
+    monkeypatch.setitem(TRACKER_REGISTRY, "wandb", Tracker(lambda: None, make_sink, "call wandb.init()"))
+    extra = AlertsOnly("lightning", print)
+    sinks = tr.record_sinks(None, ["mlflow"], figures=False, extra=lambda names: [extra] * len(names))
+    assert [s.name for s in sinks] == ["mlflow", "lightning"] and made == [("the-run", False)]
+    assert tr.record_sinks((), ["mlflow"], extra=lambda names: list(names)) == []  # [] is none
+    with pytest.raises(ConfigError, match=r"no wandb run is active: call wandb.init\(\)"):
+        tr.record_sinks(("wandb",), None)

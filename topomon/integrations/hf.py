@@ -17,53 +17,20 @@ from typing import Any
 from transformers import TrainerCallback
 
 from topomon.config import ConfigError, MonitorConfig
+from topomon.integrations.base import MonitorAdapter
 from topomon.session import MonitorSession
-from topomon.sinks.trackers import resolve_trackers, tracker_sinks
 from topomon.stage import read_state, trainer_tensorboard_dir
 from topomon.types import Alert
 
 __all__ = ["TopoMonitor"]
 
-# What a TopoMonitor shows of its session (read-only views; the session owns them).
-_SESSION_VIEWS = frozenset(
-    {
-        "config",
-        "probes",
-        "schedule",
-        "interventions",
-        "actions",
-        "alerts",
-        "errors",
-        "last_error",
-        "captures",
-        "capture_seconds",
-        "capture_stalls",
-        "captures_deferred",
-        "stall_seconds",
-        "setup_seconds",
-        "run",
-        "logging_dir",
-        "tensorboard_logdir",
-        "step_offset",
-        "health",
-        "state_dict",
-        "cost_seconds",
-        "summary",
-        "close",
-    }
-)
-
-# What a Lightning Trainer looks up on its callbacks: ``state_key`` first, when the Trainer is built.
-_LIGHTNING_NAMES = frozenset(
-    {"state_key", "_legacy_state_key", "setup", "on_fit_start", "on_train_start", "on_train_batch_end"}
-)
 _WRONG_TRAINER = (
     "topomon.TopoMonitor is the Hugging Face Trainer callback; for a Lightning Trainer use "
     "topomon.integrations.lightning.TopoMonitorCallback"
 )
 
 
-class TopoMonitor(TrainerCallback):
+class TopoMonitor(MonitorAdapter, TrainerCallback):
     """Captures hidden states at scheduled steps and logs their geometry and topology.
 
     Args:
@@ -78,9 +45,9 @@ class TopoMonitor(TrainerCallback):
         replay_dataset: examples that a ``replay`` action mixes into the training stream (in the
             trainer's input form); needs :meth:`attach`.
 
-    Attributes of the session are readable here: ``captures``, ``alerts``, ``actions``, ``errors``,
-    ``run``, ``health()``, ``state_dict()``, ``close()`` ... (see
-    :class:`~topomon.session.MonitorSession`).
+    The session's results and counters are read here: ``captures``, ``alerts``, ``actions``,
+    ``errors``, ``run``, ``health()``, ``state_dict()``, ``close()`` ... (see
+    :class:`~topomon.integrations.base.MonitorAdapter`).
 
     Raises:
         ConfigError: a configuration value is wrong (the message names the field).
@@ -104,12 +71,19 @@ class TopoMonitor(TrainerCallback):
             config, tokenizer=tokenizer, on_alert=on_alert, replay_dataset=replay_dataset, **overrides
         )
 
-    def __getattr__(self, name: str) -> Any:
-        if name in _SESSION_VIEWS and "session" in self.__dict__:
-            return getattr(self.__dict__["session"], name)
-        if name in _LIGHTNING_NAMES:  # handed to a Lightning Trainer: say which class to use
-            raise TypeError(_WRONG_TRAINER)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # ------------------------------------------------------------------ a Lightning Trainer
+    @property
+    def state_key(self) -> str:
+        """What a Lightning Trainer reads first from its callbacks: this is the wrong callback there."""
+        raise TypeError(_WRONG_TRAINER)
+
+    def on_fit_start(self, *args: Any, **kwargs: Any) -> None:
+        """A Lightning Trainer's first event: this is the wrong callback there."""
+        raise TypeError(_WRONG_TRAINER)
+
+    def on_train_start(self, *args: Any, **kwargs: Any) -> None:
+        """A Lightning Trainer's event: this is the wrong callback there."""
+        raise TypeError(_WRONG_TRAINER)
 
     def attach(self, trainer: Any) -> TopoMonitor:
         """Add the monitor to a built trainer and install what its actions need.
@@ -149,8 +123,6 @@ class TopoMonitor(TrainerCallback):
         if step > 0 and bool(getattr(state, "is_world_process_zero", True)):
             resume = read_state(_checkpoint_dir(args, step))
         report_to = getattr(args, "report_to", None)
-        names, explicit = resolve_trackers(self.session.config.trackers, report_to)
-        figures = self.session.config.figures_every > 0
         self.session.begin(
             model,
             tokenizer=kwargs.get("processing_class"),
@@ -159,7 +131,7 @@ class TopoMonitor(TrainerCallback):
             resume=resume,
             control=control,
             total_steps=int(getattr(state, "max_steps", 0) or 0) or None,
-            sinks=(lambda: tracker_sinks(names, explicit=explicit, figures=figures)) if names else None,
+            report_to=report_to,
             trainer_logdir=trainer_tensorboard_dir(report_to, getattr(args, "output_dir", None)),
         )
 

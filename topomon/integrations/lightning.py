@@ -53,11 +53,10 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
 from topomon.alerts.sinks import StepText
 from topomon.capture.layers import unwrap_model
 from topomon.config import ConfigError, MonitorConfig, as_config
+from topomon.integrations.base import MonitorAdapter
 from topomon.interventions import Signals
 from topomon.session import MonitorSession
-from topomon.sinks.base import RecordSink
-from topomon.sinks.tensorboard import metric_tag
-from topomon.sinks.trackers import tracker_sinks
+from topomon.sinks.base import RecordSink, prefixed_scalars, scalars_by_step
 from topomon.types import Alert, MetricRecord
 
 __all__ = ["TopoMonitorCallback", "LightningLoggerSink", "find_language_model"]
@@ -71,22 +70,6 @@ _WRONG_TRAINER = (
 
 # Lightning loggers that write to a tracker topomon also has a sink for (``trackers=[...]``).
 _TRACKER_LOGGERS = {"WandbLogger": "wandb", "MLFlowLogger": "mlflow"}
-
-# What a TopoMonitorCallback shows of its session (read-only views; the session owns them).
-_SESSION_VIEWS = frozenset(
-    {
-        "config",
-        "captures",
-        "alerts",
-        "actions",
-        "errors",
-        "last_error",
-        "run",
-        "logging_dir",
-        "health",
-        "summary",
-    }
-)
 
 
 def find_language_model(pl_module: torch.nn.Module, attr: str | None = None) -> torch.nn.Module:
@@ -201,19 +184,12 @@ class LightningLoggerSink:
 
     def write_records(self, records: list[MetricRecord], *, figures: bool = False) -> None:
         """Queue every finite metric of the records (one capture) at their step."""
-        by_step: dict[int, dict[str, float]] = {}
-        for r in records:
-            values = by_step.setdefault(int(r.step), {})
-            for name, v in r.metrics.items():
-                if v is not None and math.isfinite(v):
-                    values[metric_tag(name, r.layer)] = float(v)
-        for step, values in by_step.items():
-            if values:
-                self._queue.append((values, step, None))
+        for step, values in scalars_by_step(records).items():
+            self._queue.append((values, step, None))
 
     def write_scalars(self, values: Mapping[str, float], step: int, prefix: str) -> None:
         """Queue plain scalars, each under ``f"{prefix}/{key}"`` (non-finite values skipped)."""
-        out = {f"{prefix}/{k}": float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+        out = prefixed_scalars(values, prefix)
         if out:
             self._queue.append((out, int(step), None))
 
@@ -271,7 +247,7 @@ class LightningLoggerSink:
         self.flush()
 
 
-class TopoMonitorCallback(Callback):
+class TopoMonitorCallback(MonitorAdapter, Callback):
     """Captures hidden states at scheduled steps of a Lightning fit and logs their geometry and topology.
 
     Args:
@@ -289,9 +265,10 @@ class TopoMonitorCallback(Callback):
             the runs active at ``on_train_start``, which a WandbLogger or MLFlowLogger has started);
             a logger of a tracker named there is then not sent the same values a second time.
 
-    Attributes of the session are readable here: ``captures``, ``alerts``, ``actions``, ``errors``,
-    ``run``, ``health()``, ``summary()`` (see :class:`~topomon.session.MonitorSession`);
-    ``checkpoints`` lists the files the ``checkpoint`` actions wrote.
+    The session's results and counters are read here: ``captures``, ``alerts``, ``actions``,
+    ``errors``, ``run``, ``health()``, ``summary()`` ... (see
+    :class:`~topomon.integrations.base.MonitorAdapter`); ``checkpoints`` lists the files the
+    ``checkpoint`` actions wrote; :meth:`state_dict` is the one Lightning's checkpoints hold.
 
     Raises:
         ConfigError: a configuration value is wrong, or a ``replay`` action (a LightningModule owns
@@ -332,11 +309,6 @@ class TopoMonitorCallback(Callback):
         self._step = 0
         self._resume: dict[str, Any] | None = None
         self._logged: dict[str, float] = {}  # the last value of each logged key fed to the session
-
-    def __getattr__(self, name: str) -> Any:
-        if name in _SESSION_VIEWS and "session" in self.__dict__:
-            return getattr(self.__dict__["session"], name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ a Hugging Face Trainer
     def on_init_end(self, *args: Any, **kwargs: Any) -> None:
@@ -379,7 +351,7 @@ class TopoMonitorCallback(Callback):
             resume=resume if step > 0 else None,
             control=self._signals,
             total_steps=_total_steps(trainer),
-            sinks=self._make_sinks(trainer),
+            extra_sinks=self._logger_sinks(trainer),
             trainer_logdir=_tensorboard_logdir(trainer),
         )
         if self.sink is not None and self.session.config.tensorboard:
@@ -387,26 +359,21 @@ class TopoMonitorCallback(Callback):
         self.session.step_begin(step)  # passive mode: arms the hooks for the first step
         self._flush()
 
-    def _make_sinks(self, trainer: Any) -> Callable[[], list[RecordSink]] | None:
-        """The trackers named in ``trackers`` (Lightning has no ``report_to``) and the Trainer's loggers.
+    def _logger_sinks(self, trainer: Any) -> Callable[[list[str]], list[RecordSink]]:
+        """The sink of the Trainer's loggers, besides the trackers named in ``trackers`` (no ``report_to``).
 
         A WandbLogger / MLFlowLogger is left to topomon's own sink of that tracker when ``trackers``
         names it: one run does not receive every value twice.
         """
-        c = self.session.config
-        names, figures = list(c.trackers or ()), c.figures_every > 0
-        loggers = [lg for lg in trainer.loggers if _TRACKER_LOGGERS.get(type(lg).__name__) not in names]
-        if not self.log_to_loggers:
-            loggers = []
-        if not names and not loggers:
-            return None
 
-        def make() -> list[RecordSink]:  # called by the main process only
-            sinks = tracker_sinks(names, explicit=True, figures=figures) if names else []
-            if loggers:
-                self.sink = LightningLoggerSink(loggers)
-                sinks.append(self.sink)
-            return sinks
+        def make(trackers: list[str]) -> list[RecordSink]:  # called by the main process only
+            loggers = [
+                lg for lg in trainer.loggers if _TRACKER_LOGGERS.get(type(lg).__name__) not in trackers
+            ]
+            if not (self.log_to_loggers and loggers):
+                return []
+            self.sink = LightningLoggerSink(loggers)
+            return [self.sink]
 
         return make
 
@@ -476,7 +443,7 @@ class TopoMonitorCallback(Callback):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """The fit failed or was interrupted: no final capture, but never a worker left behind."""
         if self.session.started:
-            self.session.close(last_step=self.session.step_offset + int(trainer.global_step))
+            self.close(int(trainer.global_step))
         self._flush()
 
     # ------------------------------------------------------------------ Lightning's checkpoints

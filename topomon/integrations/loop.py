@@ -26,15 +26,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from topomon.config import ConfigError, MonitorConfig, as_config
+from topomon.integrations.base import MonitorAdapter
 from topomon.interventions import Signals
 from topomon.session import MonitorSession
-from topomon.sinks.trackers import tracker_sinks
 from topomon.types import Alert
 
 __all__ = ["Watch", "watch"]
 
 
-class Watch:
+class Watch(MonitorAdapter):
     """The monitor of a plain training loop (see the module docstring).
 
     Args:
@@ -50,6 +50,10 @@ class Watch:
         on_alert: called with every alert (on the collector thread).
         replay_dataset: not supported here (a plain loop owns its data): a ``replay`` action is a
             :class:`~topomon.config.ConfigError`.
+
+    The session's results and counters are read here: ``captures``, ``alerts``, ``actions``,
+    ``errors``, ``run``, ``health()``, ``summary()`` ... (see
+    :class:`~topomon.integrations.base.MonitorAdapter`).
 
     Raises:
         ConfigError: a configuration value is wrong, or an action this loop cannot run.
@@ -85,14 +89,8 @@ class Watch:
             ConfigError: the configuration cannot work with this model or tokenizer.
         """
         self._step = int(global_step)
-        c = self.session.config  # a plain loop has no report_to: only the trackers named in the config
-        names, figures = list(c.trackers or ()), c.figures_every > 0
-        self.session.begin(
-            self.model,
-            output_dir=self.output_dir,
-            global_step=self._step,
-            total_steps=self.total_steps,
-            sinks=(lambda: tracker_sinks(names, explicit=True, figures=figures)) if names else None,
+        self.session.begin(  # a plain loop has no report_to: only the trackers named in the config
+            self.model, output_dir=self.output_dir, global_step=self._step, total_steps=self.total_steps
         )
         self.session.step_begin(self._step)  # passive mode: arms the hooks for the first step
         return self
@@ -144,12 +142,7 @@ class Watch:
         if exc[0] is None:
             self.end()
         else:  # interrupted: no final capture, but never a worker left behind
-            self.session.close(last_step=self.session.step_offset + self._step)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("captures", "alerts", "actions", "errors", "run", "health", "summary", "config"):
-            return getattr(self.__dict__["session"], name)
-        raise AttributeError(f"'Watch' object has no attribute {name!r}")
+            self.close(self._step)
 
 
 def watch(model: Any, tokenizer: Any = None, **kwargs: Any) -> Watch:

@@ -16,11 +16,12 @@ Example:
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from topomon.sinks.queued import ALERT_COUNT_KEY, QueuedSink, alert_text, record_images, record_scalars
 from topomon.types import Alert, MetricRecord
 
-__all__ = ["MlflowSink", "ALERTS_ARTIFACT"]
+__all__ = ["MlflowSink", "ALERTS_ARTIFACT", "active_run", "make_sink", "START_HINT"]
 
 ALERTS_ARTIFACT = "topomon/alerts.md"
 """The run artifact listing topomon's alerts (rewritten at each alert)."""
@@ -80,3 +81,21 @@ class MlflowSink(QueuedSink):
             self.run_id, "# topomon alerts\n\n" + "\n".join(self._alert_lines) + "\n", ALERTS_ARTIFACT
         )
         self._log({ALERT_COUNT_KEY: float(n)}, alert.step)
+
+
+START_HINT = "start one with mlflow.start_run() before training, or set report_to=['mlflow']"
+"""What to do when no MLflow run is active."""
+
+
+def active_run() -> tuple[str, str] | None:
+    """The active MLflow run as ``(run_id, tracking_uri)``, or None."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return None if run is None else (run.info.run_id, mlflow.get_tracking_uri())
+
+
+def make_sink(run: Any, figures: bool) -> MlflowSink:
+    """The sink writing into ``run`` (the ``(run_id, tracking_uri)`` of :func:`active_run`)."""
+    run_id, uri = run
+    return MlflowSink(run_id, uri, figures=figures)

@@ -1,4 +1,4 @@
-"""Which trackers topomon writes to, and their sinks: one function every adapter uses.
+"""Which trackers topomon writes to, and their sinks: :func:`record_sinks`, built in one place.
 
 ``MonitorConfig.trackers`` decides: None follows the trainer's ``report_to`` (``"all"`` means every
 installed one), ``[]`` is none, a list names them (``"wandb"``, ``"mlflow"``, ``"trackio"``). Each
@@ -6,7 +6,8 @@ tracker sink writes into the run the trainer (or the user) already started, foun
 thread, which must be the training thread:
 
 - W&B: ``wandb.run``; MLflow: ``mlflow.active_run()`` (its id and tracking URI); trackio: the run in
-  ``trackio.context_vars.current_run``.
+  ``trackio.context_vars.current_run`` (each tracker's ``active_run`` in
+  :data:`~topomon.sinks.registry.TRACKER_REGISTRY`).
 
 A tracker named explicitly must be usable before step 1: its package missing or no active run is a
 :class:`~topomon.config.ConfigError` saying what to do. One that only follows ``report_to`` is a
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from topomon.config import TRACKERS, ConfigError
+from topomon.config import ConfigError
 from topomon.sinks.base import RecordSink
+from topomon.sinks.registry import TRACKER_REGISTRY, TRACKERS
 
-__all__ = ["TRACKERS", "INSTALL_HINT", "resolve_trackers", "report_to_names", "tracker_sinks"]
+__all__ = ["TRACKERS", "INSTALL_HINT", "resolve_trackers", "report_to_names", "tracker_sinks", "record_sinks"]
 
 logger = logging.getLogger("topomon")
 
@@ -71,43 +73,6 @@ def resolve_trackers(trackers: Sequence[str] | None, report_to: Any) -> tuple[li
     return [t for t in TRACKERS if t in names], False
 
 
-def _active_run(name: str) -> tuple[Any, str]:
-    """The tracker's active run (or None) and what to do when there is none."""
-    if name == "wandb":
-        import wandb
-
-        return wandb.run, "start one with wandb.init() before training, or set report_to=['wandb']"
-    if name == "mlflow":
-        import mlflow
-
-        run = mlflow.active_run()
-        return (
-            None if run is None else (run.info.run_id, mlflow.get_tracking_uri()),
-            "start one with mlflow.start_run() before training, or set report_to=['mlflow']",
-        )
-    import trackio
-
-    return (
-        trackio.context_vars.current_run.get(),
-        "start one with trackio.init(project=...) before training, or set report_to=['trackio']",
-    )
-
-
-def _sink(name: str, run: Any, figures: bool) -> RecordSink:
-    if name == "wandb":
-        from topomon.sinks.wandb_sink import WandbSink
-
-        return WandbSink(run, figures=figures)
-    if name == "mlflow":
-        from topomon.sinks.mlflow_sink import MlflowSink
-
-        run_id, uri = run
-        return MlflowSink(run_id, uri, figures=figures)
-    from topomon.sinks.trackio_sink import TrackioSink
-
-    return TrackioSink(run, figures=figures)
-
-
 def tracker_sinks(names: Sequence[str], *, explicit: bool, figures: bool = True) -> list[RecordSink]:
     """The record sinks of the trackers ``names``, bound to their active runs (call on the training thread).
 
@@ -134,15 +99,51 @@ def tracker_sinks(names: Sequence[str], *, explicit: bool, figures: bool = True)
                 raise ConfigError(f"`trackers` names {name!r} but {why}")
             logger.warning("topomon: report_to includes %r but %s; topomon does not write there", name, why)
             continue
-        run, hint = _active_run(name)
+        tracker = TRACKER_REGISTRY[name]
+        run = tracker.active_run()
         if run is None:
             if explicit:
-                raise ConfigError(f"`trackers` names {name!r} but no {name} run is active: {hint}")
+                raise ConfigError(
+                    f"`trackers` names {name!r} but no {name} run is active: {tracker.start_hint}"
+                )
             logger.warning(
                 "topomon: report_to includes %r but no %s run is active; topomon does not write there",
                 name,
                 name,
             )
             continue
-        sinks.append(_sink(name, run, figures))
+        sinks.append(tracker.make_sink(run, figures))
+    return sinks
+
+
+def record_sinks(
+    trackers: Sequence[str] | None,
+    report_to: Any = None,
+    *,
+    figures: bool = True,
+    extra: Callable[[list[str]], Sequence[RecordSink]] | None = None,
+) -> list[RecordSink]:
+    """Every record sink besides TensorBoard: the trackers' and the adapter's own (call on the main process).
+
+    The one place an adapter's sinks are built (:meth:`MonitorSession.begin
+    <topomon.session.MonitorSession.begin>` calls it during set-up, on the training thread).
+
+    Args:
+        trackers: ``MonitorConfig.trackers`` (None: follow ``report_to``).
+        report_to: the trainer's ``report_to``; None where the loop has none (a plain loop,
+            Lightning, ``topomon probe``): only the trackers named in ``trackers``.
+        figures: the tracker sinks log the worker's figures as images.
+        extra: the adapter's own sinks (a Lightning logger sink), made from the tracker names in use
+            (a logger of a tracker topomon writes to itself is left out).
+
+    Returns:
+        The tracker sinks (see :func:`tracker_sinks`), then the extra ones.
+
+    Raises:
+        ConfigError: as :func:`tracker_sinks`.
+    """
+    names, explicit = resolve_trackers(trackers, report_to)
+    sinks = tracker_sinks(names, explicit=explicit, figures=figures) if names else []
+    if extra is not None:
+        sinks.extend(extra(names))
     return sinks

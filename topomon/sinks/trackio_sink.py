@@ -35,7 +35,7 @@ from topomon.sinks.queued import (
 )
 from topomon.types import Alert, MetricRecord
 
-__all__ = ["TrackioSink"]
+__all__ = ["TrackioSink", "active_run", "make_sink", "START_HINT"]
 
 
 class TrackioSink(QueuedSink):
@@ -103,3 +103,19 @@ def _locked_log(run: Any) -> Any:
         run.log = log
         run._topomon_log_lock = lock
     return lock
+
+
+START_HINT = "start one with trackio.init(project=...) before training, or set report_to=['trackio']"
+"""What to do when no trackio run is active."""
+
+
+def active_run() -> Any:
+    """The active trackio run (``trackio.context_vars.current_run``), or None."""
+    import trackio
+
+    return trackio.context_vars.current_run.get()
+
+
+def make_sink(run: Any, figures: bool) -> TrackioSink:
+    """The sink writing into ``run`` (what :func:`active_run` returned)."""
+    return TrackioSink(run, figures=figures)

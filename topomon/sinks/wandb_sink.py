@@ -26,7 +26,7 @@ from topomon.sinks.queued import (
 )
 from topomon.types import Alert, MetricRecord
 
-__all__ = ["WandbSink", "STEP_KEY"]
+__all__ = ["WandbSink", "STEP_KEY", "active_run", "make_sink", "START_HINT"]
 
 STEP_KEY = "topomon/step"
 """topomon's x-axis in W&B: the capture step of the values logged with it."""
@@ -87,3 +87,19 @@ class WandbSink(QueuedSink):
             wait_duration=1,  # W&B holds back an alert of the same title for a minute by default
         )
         self._log({ALERT_COUNT_KEY: float(self._alerts)}, alert.step)
+
+
+START_HINT = "start one with wandb.init() before training, or set report_to=['wandb']"
+"""What to do when no W&B run is active."""
+
+
+def active_run() -> Any:
+    """The active W&B run (``wandb.run``), or None."""
+    import wandb
+
+    return wandb.run
+
+
+def make_sink(run: Any, figures: bool) -> WandbSink:
+    """The sink writing into ``run`` (what :func:`active_run` returned)."""
+    return WandbSink(run, figures=figures)
