@@ -268,3 +268,28 @@ def test_the_sinks_are_made_by_the_registry_entry(monkeypatch):
     assert tr.record_sinks((), ["mlflow"], extra=lambda names: list(names)) == []  # [] is none
     with pytest.raises(ConfigError, match=r"no wandb run is active: call wandb.init\(\)"):
         tr.record_sinks(("wandb",), None)
+
+
+# ----------------------------------------------------------------------------- the queued writer
+def test_the_one_queued_writer_runs_in_order_refuses_when_full_and_abandons_at_its_deadline():
+    from topomon.sinks.writer import OrderedWriter
+
+    gate, seen, errors = threading.Event(), [], []
+
+    def slow(i: int) -> None:
+        gate.wait(5)
+        seen.append(i)
+
+    w = OrderedWriter("test", max_queue=2, on_error=errors.append)
+    assert w.submit(slow, 0)
+    while w.pending:  # the thread took call 0 and waits in it
+        pass
+    assert w.submit(slow, 1) and w.submit(slow, 2) and not w.submit(slow, 3)  # full: refused
+    assert not w.close(timeout=0.1) and w.abandoned == 2 and not w.submit(slow, 4)  # closed: refused
+    gate.set()
+    done: list[str] = []
+    ok = OrderedWriter("ok", max_queue=4, on_error=errors.append)
+    assert ok.submit(done.append, "a") and ok.submit(lambda: 1 / 0) and ok.submit(done.append, "b")
+    assert ok.close(timeout=5) and ok.abandoned == 0
+    assert done == ["a", "b"] and [type(e) for e in errors] == [ZeroDivisionError]
+    assert 1 not in seen and 2 not in seen  # abandoned: never run after the deadline

@@ -16,10 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import math
-import queue
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from topomon._validate import check_int, check_number, check_str
+from topomon.sinks.writer import OrderedWriter
 from topomon.types import Alert
 
 __all__ = [
@@ -139,9 +137,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         raise urllib.error.HTTPError(req.full_url, code, f"redirect not followed ({msg})", headers, fp)
 
 
-_STOP = object()
-
-
 class WebhookSink:
     """Alerts POSTed as JSON to an HTTP(S) endpoint from a background daemon thread.
 
@@ -219,11 +214,9 @@ class WebhookSink:
         self._headers.update(extra)
         self.timeout = float(timeout)
         self.max_queue = max_queue
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._writer = OrderedWriter("webhook", max_queue=max_queue)
+        self._opener = urllib.request.build_opener(_NoRedirect())
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._deadline = math.inf
         self._sent = self._failed = self._dropped = 0
         self.last_error: str | None = None
 
@@ -260,12 +253,12 @@ class WebhookSink:
     @property
     def dropped(self) -> int:
         """Alerts dropped: queue full, sent after :meth:`close`, or left when ``close`` timed out."""
-        return self._dropped
+        return self._dropped + self._writer.abandoned
 
     @property
     def pending(self) -> int:
         """Alerts waiting in the queue."""
-        return self._queue.qsize()
+        return self._writer.pending
 
     def _count(self, field: str) -> None:
         with self._lock:
@@ -280,35 +273,13 @@ class WebhookSink:
             self.last_error = self._redact(f"{type(exc).__name__}: {exc}")
             self._count("_failed")
             return
-        with self._lock:
-            if self._closed:
-                self._dropped += 1
-                return
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="topomon-webhook", daemon=True)
-                self._thread.start()
-        try:
-            self._queue.put_nowait(payload)
-        except queue.Full:
+        if not self._writer.submit(self._post, payload):  # full, or closed
             self._count("_dropped")
 
-    def _run(self) -> None:
-        opener = urllib.request.build_opener(_NoRedirect())
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            if time.monotonic() > self._deadline:
-                self._count("_dropped")
-            else:
-                self._post(opener, item)
-            if self._closed and self._queue.empty():
-                return
-
-    def _post(self, opener: urllib.request.OpenerDirector, payload: bytes) -> None:
+    def _post(self, payload: bytes) -> None:
         request = urllib.request.Request(self._url, data=payload, headers=self._headers, method="POST")
         try:
-            with opener.open(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 response.read(65536)
                 ok = 200 <= int(response.status) < 300
                 error = None if ok else f"HTTP status {response.status}"
@@ -330,32 +301,7 @@ class WebhookSink:
         Args:
             timeout: seconds to wait at most (>= 0).
         """
-        deadline = time.monotonic() + max(0.0, float(timeout))
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._deadline = deadline
-            thread = self._thread
-        if thread is None:
-            return
-        try:
-            self._queue.put_nowait(_STOP)
-        except queue.Full:
-            pass  # the worker stops once the queue is empty
-        thread.join(max(0.0, deadline - time.monotonic()))
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                self._count("_dropped")
-        if thread.is_alive():
-            try:
-                self._queue.put_nowait(_STOP)  # lets a worker still in a request exit afterwards
-            except queue.Full:
-                pass
+        self._writer.close(timeout)
 
     def __repr__(self) -> str:
         headers = {
@@ -365,7 +311,7 @@ class WebhookSink:
         }
         return (
             f"WebhookSink(url={self._shown_url!r}, headers={headers}, sent={self._sent}, "
-            f"failed={self._failed}, dropped={self._dropped})"
+            f"failed={self._failed}, dropped={self.dropped})"
         )
 
 

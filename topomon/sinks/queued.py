@@ -17,22 +17,19 @@ curve everywhere.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from topomon.sinks.base import prefixed_scalars, record_scalars
+from topomon.sinks.writer import OrderedWriter
 from topomon.types import Alert, MetricRecord
 
 __all__ = ["QueuedSink", "record_scalars", "record_images", "alert_title", "alert_text", "ALERT_COUNT_KEY"]
 
 logger = logging.getLogger("topomon")
-
-_STOP = object()
 
 ALERT_COUNT_KEY = "topomon/alerts"
 """The scalar counting the alerts a tracker received (recoveries included), as in TensorBoard."""
@@ -83,28 +80,22 @@ class QueuedSink:
 
     def __init__(self, *, max_queue: int = 10_000, close_timeout: float = 60.0):
         self.close_timeout = float(close_timeout)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._writer = OrderedWriter(self.name, max_queue=max_queue, on_error=self._failed)
+        self._count_lock = threading.Lock()
         self.failures = 0
-        self.abandoned = 0
         self.last_error: str | None = None
+
+    @property
+    def abandoned(self) -> int:
+        """Calls still queued when :meth:`close` gave up waiting."""
+        return self._writer.abandoned
 
     # -- the caller's side (collector or training thread)
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._lock:
-            if self._closed:
+        if not self._writer.submit(fn, *args):
+            if self._writer.closed:
                 raise RuntimeError(f"the {self.name} sink is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"topomon-{self.name}", daemon=True)
-                self._thread.start()
-        try:
-            self._queue.put_nowait((fn, args))
-        except queue.Full:
-            raise RuntimeError(
-                f"the {self.name} sink is {self._queue.maxsize} writes behind; dropped"
-            ) from None
+            raise RuntimeError(f"the {self.name} sink is {self._writer.max_queue} writes behind; dropped")
 
     def write_records(self, records: list[MetricRecord], *, figures: bool = False) -> None:
         """Queue the records of one capture (their figures too when ``figures``)."""
@@ -123,52 +114,33 @@ class QueuedSink:
 
     def close(self) -> None:
         """Write what is queued (at most ``close_timeout`` seconds), then release (idempotent)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            thread = self._thread
-        if thread is not None:
-            deadline = time.monotonic() + self.close_timeout
-            try:
-                self._queue.put(_STOP, timeout=self.close_timeout)
-            except queue.Full:
-                pass
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                self.abandoned = self._queue.qsize()
-                logger.warning(
-                    "topomon: the %s sink did not finish writing within %.0f s; %d write(s) abandoned "
-                    "(metrics.jsonl has every record)",
-                    self.name,
-                    self.close_timeout,
-                    self.abandoned,
-                )
-                return
+        if self._writer.closed:
+            return
+        if not self._writer.close(self.close_timeout):
+            logger.warning(
+                "topomon: the %s sink did not finish writing within %.0f s; %d write(s) abandoned "
+                "(metrics.jsonl has every record)",
+                self.name,
+                self.close_timeout,
+                self.abandoned,
+            )
+            return
         self._finish()
 
     # -- the writer thread
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception as exc:  # a tracker's fault is counted, never raised into training
-                with self._lock:
-                    self.failures += 1
-                    first = self.failures == 1
-                    self.last_error = repr(exc)
-                if first:
-                    logger.warning(
-                        "topomon: writing to %s failed (%r); counted in health (sink_errors_%s), "
-                        "training goes on",
-                        self.name,
-                        exc,
-                        self.name,
-                    )
+    def _failed(self, exc: Exception) -> None:
+        """A tracker's fault: counted, logged once, never raised into training."""
+        with self._count_lock:
+            self.failures += 1
+            first = self.failures == 1
+            self.last_error = repr(exc)
+        if first:
+            logger.warning(
+                "topomon: writing to %s failed (%r); counted in health (sink_errors_%s), training goes on",
+                self.name,
+                exc,
+                self.name,
+            )
 
     def _write_records(self, records: list[MetricRecord], figures: bool) -> None:
         raise NotImplementedError
