@@ -93,14 +93,14 @@ def test_every_produced_key_is_declared_by_exactly_one_family_and_every_declared
 
 
 def test_metric_names_and_needs_follow_the_enabled_families_only():
-    off = ComputeOptions(logits=False, lora=False)
+    off = ComputeOptions(logits=False, lora_metrics=False)
     names = metric_names(off)
     assert not [n for n in names if n in family("logits").keys or n in family("lora").keys]
     assert set(family("spectral").keys) <= set(names) and set(BASE_KEYS) <= set(names)
     assert "logits" not in capture_needs(off) and "lora_factors" not in capture_needs(off)
     assert (
         capture_needs(
-            ComputeOptions(spectral=False, topology=False, trajectory=False, logits=False, lora=False)
+            ComputeOptions(spectral=False, topology=False, trajectory=False, logits=False, lora_metrics=False)
         )
         == set()
     )
@@ -111,19 +111,21 @@ def test_metric_names_and_needs_follow_the_enabled_families_only():
     assert msg is not None and "'lora'" in msg and "lora_metrics=True" in msg
 
 
-def test_compute_options_takes_the_logits_and_lora_switches_from_the_config_or_the_caller():
+def test_compute_options_takes_the_switches_from_the_config_and_turns_off_what_the_capture_lacks():
     assert compute_options(MonitorConfig(), ["final_norm"], 2).logits
     assert not compute_options(MonitorConfig(logits=False), ["final_norm"], 2).logits
     assert compute_options(MonitorConfig(mode="passive"), ["final_norm"], 2).logits
-    assert not compute_options(MonitorConfig(lora_metrics=False), ["final_norm"], 2).lora
-    assert not compute_options(MonitorConfig(), ["final_norm"], 2, lora=False).lora
-    assert compute_options(MonitorConfig(logits=False), ["final_norm"], 2, logits=True).logits
+    assert not compute_options(MonitorConfig(lora_metrics=False), ["final_norm"], 2).lora_metrics
+    # a model without LoRA adapters: the family that needs the factors is off, decided there only
+    no_lora = compute_options(MonitorConfig(), ["final_norm"], 2, unavailable=("lora_factors",))
+    assert not no_lora.lora_metrics and no_lora.logits
+    assert "lora_factors" not in capture_needs(no_lora)
 
 
 def test_an_alert_rule_on_a_metric_of_a_disabled_family_is_a_config_error_naming_the_family(tmp_path):
     rule = {"type": "drop", "metric": "logit_entropy", "layer": "model"}
     c = MonitorConfig(alerts=[rule], tensorboard=False, run_dir=str(tmp_path))
-    options = compute_options(c, ["final_norm"], 2, logits=False)
+    options = compute_options(c.replace(logits=False), ["final_norm"], 2)
     with pytest.raises(ConfigError, match=r"`alerts`.*family 'logits'.*logits=True"):
         make_router(c, RunDir(str(tmp_path)), logging_dir=None, options=options)
     # the same rule with the family on builds
@@ -310,8 +312,12 @@ def test_a_family_named_in_families_is_on_only_for_the_options_that_name_it():
         other = ComputeOptions(topology=False)
         assert "user_rows" not in metric_names(other)
         assert explain_unknown("user_rows", other) == (
-            "metric 'user_rows' belongs to the family 'user_rows', which is off: name it in `families`"
+            f"metric 'user_rows' belongs to the family 'user_rows', which is off: name {spec!r} in `families`"
         )
+        # named, and switched off by its own option: the message names that option
+        off = ComputeOptions(topology=False, families=(spec,), family_options={"user_rows": {"rows": False}})
+        assert "user_rows" not in metric_names(off)
+        assert explain_unknown("user_rows", off).endswith("set family_options['user_rows']['rows']=True")
     finally:
         unregister_family("user_rows")
     with pytest.raises(ValueError, match="must name a MetricFamily in module 'numpy', found nothing"):
