@@ -1,4 +1,4 @@
-"""Metric families, each declared once: the registry of its keys, scope, needs, metadata and computer.
+"""Metric families, each declared once: the registry of their keys, scope, needs, options and computers.
 
 The engine, the router, the report and the config checks read these declarations; none of them
 names a family or a metric of one. A family is a :class:`MetricFamily` and a
@@ -7,7 +7,9 @@ captures; both in :mod:`topomon.metrics.family_base`). topomon's own families ar
 :mod:`topomon.metrics.builtin_families` and registered here. Adding a family is one declaration in
 an importable module, named in ``MonitorConfig.families`` as ``"module:OBJECT"``
 (:func:`load_families` registers it in the training process and in the worker); the user's
-``custom_metrics`` become one more family, built from the options (:func:`custom_family`).
+``custom_metrics`` become one more family, built from the options (:func:`custom_family`). A
+family's options and switch are declared with it; :func:`options_from_config` is the one map from a
+monitor config (its flat fields, its ``family_options``) to ``{family: options}``.
 
 Example:
     >>> [f.name for f in families()]
@@ -190,7 +192,7 @@ def capture_needs(options: ComputeOptions) -> frozenset[str]:
     same tokens in every layer).
 
     Example:
-        >>> sorted(capture_needs(ComputeOptions(lora=False, trajectory=False)))
+        >>> sorted(capture_needs(ComputeOptions(lora_metrics=False, trajectory=False)))
         ['logits', 'points']
     """
     return frozenset().union(*(f.needs for f in enabled_families(options)))
