@@ -127,6 +127,11 @@ class MonitorConfig:
             ``"module:OBJECT"`` in a module the worker process can import (not the training script):
             topomon imports and registers them in the training process and in the worker
             (docs/ARCHITECTURE.md, "Extending it").
+        family_options: the options of your own metric families, ``{family name: {option: value}}``
+            (the options the family declares; those not given take its defaults). topomon's own
+            families take theirs from the fields above (``topology``, ``topology_points``,
+            ``lora_metrics`` ...): each is the family option of the same name
+            (``topomon.metrics.families.options_from_config``).
         alerts: "default" (final-norm RankMe -15% / effective rank -25% from the stage start, and
             non-finite activations), a list of rule mappings (``topomon.alerts.rules_from_config``:
             ``drop`` / ``spike`` / ``trend`` / ``threshold`` / ``nonfinite`` / ``composite``; a
@@ -191,6 +196,7 @@ class MonitorConfig:
     seed: int = 0
     custom_metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
     families: tuple[str, ...] = ()
+    family_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     alerts: Any = "default"
     webhook_url: str | None = dataclasses.field(default=None, repr=False)  # may hold a token
     trackers: tuple[str, ...] | None = None

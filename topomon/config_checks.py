@@ -36,6 +36,25 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _family_switches() -> tuple[str, ...]:
+    """The config fields that switch topomon's own metric families on and off (their declarations)."""
+    from topomon.metrics.builtin_families import BUILTIN
+
+    return tuple(f.switch for f in BUILTIN if f.switch is not None and f.switch in f.options)
+
+
+def _check_family_options(value: Any) -> None:
+    """``family_options`` is ``{family name: {option name: value}}`` (names are checked at set-up)."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Mapping) and all(isinstance(o, str) for o in v)
+        for k, v in value.items()
+    ):
+        raise ConfigError(
+            "`family_options` must be a mapping of family name -> mapping of option name -> value, "
+            f"got {value!r}"
+        )
+
+
 def check_fields(c: Any) -> None:
     """Check every field of a :class:`~topomon.config.MonitorConfig` (``c``), normalising ``trackers``.
 
@@ -68,11 +87,7 @@ def check_fields(c: Any) -> None:
         "final_norm",
         "exclude_first",
         "normalize",
-        "spectral",
-        "topology",
-        "logits",
-        "trajectory",
-        "lora_metrics",
+        *_family_switches(),
     ):
         if not isinstance(getattr(c, name), bool):
             raise ConfigError(f"`{name}` must be true or false, got {getattr(c, name)!r}")
@@ -172,6 +187,7 @@ def check_fields(c: Any) -> None:
         raise ConfigError(f"`alpha_window` must be two ints 1 <= lo < hi with hi - lo >= 2, got {w!r}")
     if not isinstance(c.probe_field, str) or not c.probe_field:
         raise ConfigError(f"`probe_field` must be a non-empty string, got {c.probe_field!r}")
+    _check_family_options(c.family_options)
     if not isinstance(c.custom_metrics, Mapping):
         raise ConfigError(f"`custom_metrics` must map names to 'module:function', got {c.custom_metrics!r}")
     for k, v in c.custom_metrics.items():

@@ -8,14 +8,58 @@ draws its pages (:mod:`topomon.report.plots`); the worker never imports ``topomo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
-__all__ = ["persistence_diagram_figure", "draw_persistence_diagram", "eigenspectrum_figure", "figure_images"]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "FIGURES",
+    "PERSISTENCE",
+    "EIGENSPECTRA",
+    "persistence_diagram_figure",
+    "draw_persistence_diagram",
+    "eigenspectrum_figure",
+    "figure_images",
+    "figure_tags",
+]
+
+PERSISTENCE = "figure_persistence"
+"""A topology layer's persistence diagram (on that layer's record)."""
+EIGENSPECTRA = "figure_eigenspectra"
+"""Every captured layer's eigenspectrum in one figure (on one record of the capture)."""
+
+FIGURES: dict[str, str] = {
+    PERSISTENCE: "topomon_figures/persistence/{layer}",
+    EIGENSPECTRA: "topomon_figures/eigenspectra",
+}
+"""The one list of figures: record array name -> its tag in TensorBoard and the trackers.
+
+A family declares the figures drawn from its arrays (``MetricFamily.figures``); the worker draws them
+(:func:`figure_images`), the sinks find them by :func:`figure_tags`.
+"""
+
+
+def figure_tags(records: Iterable[Any]) -> dict[str, np.ndarray]:
+    """The figures the worker drew on ``records``, as ``(H, W, C)`` uint8 images under their tags.
+
+    Example:
+        >>> from topomon.types import MetricRecord
+        >>> r = MetricRecord(0, "s", "layer_1", {}, {PERSISTENCE: np.zeros((2, 2, 3))})
+        >>> list(figure_tags([r]))
+        ['topomon_figures/persistence/layer_1']
+    """
+    out: dict[str, np.ndarray] = {}
+    for r in records:
+        for name, tag in FIGURES.items():
+            img = r.arrays.get(name)
+            if img is not None:
+                out[tag.format(layer=r.layer)] = np.asarray(img, dtype=np.uint8)
+    return out
 
 
 def draw_persistence_diagram(
@@ -61,6 +105,8 @@ def persistence_diagram_figure(dgms: Mapping[str, np.ndarray], title: str = "", 
         tight: fit the margins to the labels (``tight_layout``); False: fixed margins, less
             drawing time (the worker's TensorBoard figures).
     """
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4.2, 4.0), dpi=100)
     draw_persistence_diagram(fig.add_subplot(1, 1, 1), dgms, title)
     if tight:
@@ -85,6 +131,8 @@ def eigenspectrum_figure(
         tight: fit the margins to the labels (``tight_layout``); False: fixed margins that leave
             room for a legend of short labels (the worker's one-layer TensorBoard figures).
     """
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.4, 3.6), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     longest = 1
@@ -124,7 +172,7 @@ def figure_images(
         carrier: the layer whose record carries the eigenspectra figure (default: the last record's).
 
     Returns:
-        layer -> ``{"figure_persistence" | "figure_eigenspectra": (H, W, 3) uint8 image}``.
+        layer -> ``{PERSISTENCE | EIGENSPECTRA: (H, W, 3) uint8 image}`` (names of :data:`FIGURES`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -134,14 +182,14 @@ def figure_images(
         if "dgm_h0" in r.arrays or "dgm_h1" in r.arrays:
             dgms = {k.upper().replace("DGM_", ""): v for k, v in r.arrays.items() if k.startswith("dgm_")}
             title = f"{r.stage} step {r.step} - {r.layer}"
-            figs.append((r.layer, "figure_persistence", persistence_diagram_figure(dgms, title, tight=False)))
+            figs.append((r.layer, PERSISTENCE, persistence_diagram_figure(dgms, title, tight=False)))
         if "eigenspectrum" in r.arrays:
             spectra[r.layer] = r.arrays["eigenspectrum"]
     if spectra:
         r = records[0]
         title = f"{r.stage} step {r.step} - eigenspectra"
         fig = eigenspectrum_figure(spectra, title=title, window=alpha_window, tight=False)
-        figs.append((carrier or records[-1].layer, "figure_eigenspectra", fig))
+        figs.append((carrier or records[-1].layer, EIGENSPECTRA, fig))
     out: dict[str, dict[str, np.ndarray]] = {}
     for layer, name, fig in figs:
         canvas = FigureCanvasAgg(fig)

@@ -25,20 +25,32 @@ from topomon.alerts import TRAINER_LAYER, AlertEngine, default_rules, rules_from
 from topomon.alerts.sinks import LogSink, WebhookSink
 from topomon.capture.layers import FINAL_NORM, layer_name
 from topomon.config import ConfigError, MonitorConfig
-from topomon.metrics.families import MODEL_LAYER, array_names, explain_unknown, metric_names, relative_keys
+from topomon.metrics.families import (
+    MODEL_LAYER,
+    array_names,
+    explain_unknown,
+    load_families,
+    metric_names,
+    options_from_config,
+    relative_keys,
+)
+from topomon.metrics.options import ComputeOptions
 from topomon.run import BASE_STAGE, RunDir
 from topomon.sinks.base import AlertsOnly, RecordSink, SinkFan
 from topomon.sinks.jsonl import JsonlWriter
 from topomon.sinks.tensorboard import TensorBoardSink
 from topomon.types import Alert, MetricRecord
-from topomon.worker.engine import ComputeOptions
 
-__all__ = ["ResultRouter", "record_from_json", "compute_options", "make_router", "RELATIVE_METRICS"]
+__all__ = ["ResultRouter", "record_from_json", "compute_options", "make_router"]
 
 logger = logging.getLogger("topomon")
 
-RELATIVE_METRICS = relative_keys()
-"""Metrics with ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves: the families' ``relative`` keys."""
+
+def __getattr__(name: str) -> Any:
+    """``RELATIVE_METRICS``: the registered families' ``relative`` keys, read when asked (no snapshot)."""
+    if name == "RELATIVE_METRICS":
+        return relative_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def compute_options(
@@ -47,19 +59,25 @@ def compute_options(
     n_blocks: int,
     lora_reference: Sequence[str] = (),
     *,
-    logits: bool | None = None,
-    lora: bool | None = None,
+    unavailable: Iterable[str] = (),
 ) -> ComputeOptions:
     """The worker's options for a monitor config and the captured layers (in capture order).
+
+    The families' options come from :func:`~topomon.metrics.families.options_from_config` (the one
+    map from config keys to family options, where a family whose need the capture cannot meet is
+    switched off); here only what the config alone does not say: the captured layers that get
+    topology, the LoRA reference files, the engine's own fields.
 
     Args:
         c: the monitor config.
         layer_names: the captured layers, in capture order (the last one gets topology by default).
         n_blocks: decoder blocks of the model (resolves negative ``topology_layers``).
         lora_reference: earlier stages' LoRA subspace files (the LoRA family's overlap with them).
-        logits: whether the logits family is on; None: ``c.logits``.
-        lora: whether the LoRA family is on; None: ``c.lora_metrics`` (pass False for a model
-            without LoRA adapters).
+        unavailable: what the capture cannot gather for this model (``"lora_factors"`` without LoRA
+            adapters): the families that need it are off.
+
+    Raises:
+        ConfigError: ``family_options`` naming an unknown family or option.
     """
     if c.topology_layers is None:
         topo: tuple[str, ...] = (layer_names[-1],)
@@ -67,27 +85,23 @@ def compute_options(
         topo = ("*",)
     else:
         topo = tuple(layer_name(i % n_blocks if isinstance(i, int) else i) for i in c.topology_layers)
+    fields = {**vars(c), "topology_layers": topo, "lora_reference": tuple(lora_reference)}
+    try:
+        load_families(c.families)  # a user family's options come with its declaration
+        per_family = options_from_config(fields, c.family_options, unavailable=unavailable)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return ComputeOptions(
         outlier_factor=c.outlier_factor,
         normalize=c.normalize,
         massive_treatment=c.massive_treatment,
-        spectral=c.spectral,
-        topology=c.topology,
-        topology_layers=topo,
-        topology_points=c.topology_points,
-        pca_dim=c.pca_dim,
-        n_landmarks=c.n_landmarks,
-        topology_engine=c.topology_engine,
         alpha_window=c.alpha_window,
         seed=c.seed,
         custom_metrics=dict(c.custom_metrics),
         families=tuple(c.families),
         threads=c.worker_threads,
         priority=c.worker_priority,
-        trajectory=c.trajectory,
-        lora_reference=tuple(lora_reference),
-        logits=c.logits if logits is None else bool(logits),
-        lora=c.lora_metrics if lora is None else bool(lora),
+        family_options=per_family,
     )
 
 
@@ -129,7 +143,8 @@ class ResultRouter:
         alert_engine: the alert engine, or None.
         base_alias_step: the global step whose records are also the base model's baseline (the first
             capture of a new run), or None.
-        relative_metrics: metrics that get ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves.
+        relative_metrics: metrics that get ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves
+            (None: every registered family's ``relative`` keys, as the registry holds them now).
     """
 
     def __init__(
@@ -140,14 +155,14 @@ class ResultRouter:
         sinks: Sequence[RecordSink] = (),
         alert_engine: AlertEngine | None,
         base_alias_step: int | None,
-        relative_metrics: Sequence[str] = RELATIVE_METRICS,
+        relative_metrics: Sequence[str] | None = None,
     ):
         self.run = run
         self.stage = stage
         self.sinks = SinkFan(sinks)
         self.alert_engine = alert_engine
         self.base_alias_step = base_alias_step
-        self.relative_metrics = tuple(relative_metrics)
+        self.relative_metrics = relative_keys() if relative_metrics is None else tuple(relative_metrics)
         self.metrics_log = JsonlWriter(run.metrics_path)
         self.alerts_log = JsonlWriter(run.alerts_path)
         self.base_values: dict[str, float] = {}

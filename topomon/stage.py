@@ -435,8 +435,7 @@ def setup_stage(
         list(modules),
         model_layout(model).n_layers,
         run.earlier_lora(c.stage, like=info.get("like")),
-        logits=c.logits,
-        lora=c.lora_metrics and bool(lora_factors(model)),
+        unavailable=() if lora_factors(model) else ("lora_factors",),
     )
     check_worker_families(c, options)
     needs = capture_needs(options)

@@ -61,6 +61,7 @@ def test_a_family_named_in_families_is_computed_by_the_worker_process_and_alerts
         output_dir=tmp_path,
         worker="process",
         families=[SPEC],
+        family_options={"user_rows": {"rows_scale": 2.5}},  # its own option, declared with it
         alerts=[RULE],
         schedule="every",
         every_n_steps=2,
@@ -76,6 +77,9 @@ def test_a_family_named_in_families_is_computed_by_the_worker_process_and_alerts
     for r in final:  # computed in the worker: the points the spectral family saw
         assert r["metrics"]["user_rows"] == r["metrics"]["n_points"] > 0
         assert r["metrics"]["user_mean_norm"] > 0
+        assert (
+            r["metrics"]["user_scaled_rows"] == 2.5 * r["metrics"]["user_rows"]
+        )  # the option reached the worker
     alerts = read_jsonl(tmp_path / "topomon" / "alerts.jsonl")
     assert [a["rule"] for a in alerts if a.get("kind", "alert") == "alert"][:1] == ["rows"], alerts
 

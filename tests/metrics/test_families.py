@@ -93,14 +93,14 @@ def test_every_produced_key_is_declared_by_exactly_one_family_and_every_declared
 
 
 def test_metric_names_and_needs_follow_the_enabled_families_only():
-    off = ComputeOptions(logits=False, lora=False)
+    off = ComputeOptions(logits=False, lora_metrics=False)
     names = metric_names(off)
     assert not [n for n in names if n in family("logits").keys or n in family("lora").keys]
     assert set(family("spectral").keys) <= set(names) and set(BASE_KEYS) <= set(names)
     assert "logits" not in capture_needs(off) and "lora_factors" not in capture_needs(off)
     assert (
         capture_needs(
-            ComputeOptions(spectral=False, topology=False, trajectory=False, logits=False, lora=False)
+            ComputeOptions(spectral=False, topology=False, trajectory=False, logits=False, lora_metrics=False)
         )
         == set()
     )
@@ -111,19 +111,21 @@ def test_metric_names_and_needs_follow_the_enabled_families_only():
     assert msg is not None and "'lora'" in msg and "lora_metrics=True" in msg
 
 
-def test_compute_options_takes_the_logits_and_lora_switches_from_the_config_or_the_caller():
+def test_compute_options_takes_the_switches_from_the_config_and_turns_off_what_the_capture_lacks():
     assert compute_options(MonitorConfig(), ["final_norm"], 2).logits
     assert not compute_options(MonitorConfig(logits=False), ["final_norm"], 2).logits
     assert compute_options(MonitorConfig(mode="passive"), ["final_norm"], 2).logits
-    assert not compute_options(MonitorConfig(lora_metrics=False), ["final_norm"], 2).lora
-    assert not compute_options(MonitorConfig(), ["final_norm"], 2, lora=False).lora
-    assert compute_options(MonitorConfig(logits=False), ["final_norm"], 2, logits=True).logits
+    assert not compute_options(MonitorConfig(lora_metrics=False), ["final_norm"], 2).lora_metrics
+    # a model without LoRA adapters: the family that needs the factors is off, decided there only
+    no_lora = compute_options(MonitorConfig(), ["final_norm"], 2, unavailable=("lora_factors",))
+    assert not no_lora.lora_metrics and no_lora.logits
+    assert "lora_factors" not in capture_needs(no_lora)
 
 
 def test_an_alert_rule_on_a_metric_of_a_disabled_family_is_a_config_error_naming_the_family(tmp_path):
     rule = {"type": "drop", "metric": "logit_entropy", "layer": "model"}
     c = MonitorConfig(alerts=[rule], tensorboard=False, run_dir=str(tmp_path))
-    options = compute_options(c, ["final_norm"], 2, logits=False)
+    options = compute_options(c.replace(logits=False), ["final_norm"], 2)
     with pytest.raises(ConfigError, match=r"`alerts`.*family 'logits'.*logits=True"):
         make_router(c, RunDir(str(tmp_path)), logging_dir=None, options=options)
     # the same rule with the family on builds
@@ -310,9 +312,132 @@ def test_a_family_named_in_families_is_on_only_for_the_options_that_name_it():
         other = ComputeOptions(topology=False)
         assert "user_rows" not in metric_names(other)
         assert explain_unknown("user_rows", other) == (
-            "metric 'user_rows' belongs to the family 'user_rows', which is off: name it in `families`"
+            f"metric 'user_rows' belongs to the family 'user_rows', which is off: name {spec!r} in `families`"
         )
+        # named, and switched off by its own option: the message names that option
+        off = ComputeOptions(topology=False, families=(spec,), family_options={"user_rows": {"rows": False}})
+        assert "user_rows" not in metric_names(off)
+        assert explain_unknown("user_rows", off).endswith("set family_options['user_rows']['rows']=True")
     finally:
         unregister_family("user_rows")
     with pytest.raises(ValueError, match="must name a MetricFamily in module 'numpy', found nothing"):
         load_families(["numpy:NO_SUCH_FAMILY"])
+
+
+# -- a family's switch and options are named once: its declaration (and the config field of that name)
+
+
+def _switch_mentions(
+    path: pathlib.Path, switches: set[str], root: pathlib.Path = PACKAGE.parent
+) -> list[str]:
+    """Where a module reads or passes a family switch: ``c.logits``, ``lora=...``, ``"lora_metrics"``."""
+    rel = path.relative_to(root).as_posix()
+    names = {f.name for f in families()}
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docs = _docstrings(tree)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in switches:
+            out.append(f"{rel}:{node.lineno}: reads .{node.attr}")
+        elif isinstance(node, ast.keyword) and node.arg in switches | names:
+            out.append(f"{rel}:{node.value.lineno}: passes {node.arg}=")
+        elif isinstance(node, ast.Constant) and node.value in switches and id(node) not in docs:
+            if node.value not in names:  # a family's name is its own word
+                out.append(f"{rel}:{node.lineno}: spells {node.value!r}")
+    return out
+
+
+def test_a_family_switch_is_named_in_the_family_declaration_only(tmp_path):
+    from topomon.config_checks import _family_switches
+    from topomon.metrics.builtin_families import BUILTIN
+
+    switches = {f.switch for f in BUILTIN if f.switch in f.options}
+    assert switches == {"spectral", "topology", "logits", "trajectory", "lora_metrics"}
+    assert set(_family_switches()) == switches  # the config's bool checks come from the declarations
+    allowed = {"topomon/metrics/builtin_families.py"}
+    # the capture's own flags are named after the need ("logits" in needs), not the switch
+    found = [
+        m
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if p.relative_to(PACKAGE.parent).as_posix() not in allowed
+        and p.relative_to(PACKAGE).parts[0] != "capture"
+        for m in _switch_mentions(p, switches)
+    ]
+    assert not found, "a family switch named outside its declaration:\n" + "\n".join(found)
+    # the old code, seen: stage.py's `lora=c.lora_metrics and ...`, pipeline.py's `logits=c.logits`
+    old = tmp_path / "old_stage.py"
+    old.write_text("o = compute_options(c, lora=c.lora_metrics and has, logits=c.logits)\n")
+    assert len(_switch_mentions(old, switches, root=tmp_path)) == 4
+
+
+def test_every_config_switch_and_option_reaches_its_family_through_the_registry():
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(MonitorConfig)}
+    for fam in families():
+        for name, default in fam.options.items():
+            if name in fields and name != "topology_layers":  # layers are resolved against the capture
+                value = not default if isinstance(default, bool) else default
+                opts = compute_options(MonitorConfig(**{name: value}), ["final_norm"], 2)
+                assert opts.family_options[fam.name][name] == value, (fam.name, name)
+                assert getattr(opts, name) == value
+        if fam.switch in fam.options:
+            off = compute_options(MonitorConfig(**{fam.switch: False}), ["final_norm"], 2)
+            assert fam not in enabled_families(off)
+            assert fam in enabled_families(compute_options(MonitorConfig(), ["final_norm"], 2))
+
+
+def test_family_options_are_checked_against_the_declarations():
+    with pytest.raises(ConfigError, match="family_options"):
+        MonitorConfig(family_options={"x": 1})
+    with pytest.raises(ConfigError, match="not registered"):
+        compute_options(MonitorConfig(family_options={"nope": {"a": 1}}), ["final_norm"], 2)
+    with pytest.raises(ConfigError, match="topomon's own family 'topology'.*topology_points"):
+        compute_options(MonitorConfig(family_options={"topology": {"topology_points": 9}}), ["final_norm"], 2)
+    spec = "tests.metrics.user_family:ROWS"
+    try:
+        with pytest.raises(ConfigError, match=r"unknown option\(s\) \['scale'\].*rows_scale"):
+            compute_options(
+                MonitorConfig(families=(spec,), family_options={"user_rows": {"scale": 2}}), ["final_norm"], 2
+            )
+        opts = compute_options(
+            MonitorConfig(families=(spec,), family_options={"user_rows": {"rows_scale": 2}}),
+            ["final_norm"],
+            2,
+        )
+        assert opts.family_options["user_rows"] == {"rows": True, "rows_scale": 2}
+        with pytest.raises(TypeError, match="unknown option 'no_such'"):
+            ComputeOptions(no_such=1)
+        with pytest.raises(ValueError, match=r"options \['topology_points'\], already options of family"):
+            register_family(
+                MetricFamily(
+                    name="clash",
+                    scope="layer",
+                    keys=("clash_x",),
+                    needs=frozenset({"points"}),
+                    start=_Count,
+                    options={"topology_points": 1},
+                )
+            )
+        with pytest.raises(ValueError, match="`switch` of family 'bad' must name a bool"):
+            MetricFamily(name="bad", scope="layer", keys=("b",), needs=frozenset(), start=_Count, switch="on")
+    finally:
+        unregister_family("user_rows")
+
+
+def test_figure_names_and_tags_are_spelled_in_topomon_figures_only():
+    from topomon.figures import FIGURES
+
+    assert {n for f in families() for n in f.figures} == set(FIGURES)
+    found = []
+    for p in sorted(PACKAGE.rglob("*.py")):
+        rel = p.relative_to(PACKAGE.parent).as_posix()
+        if rel == "topomon/figures.py":
+            continue
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                if node.value in FIGURES or node.value.startswith("topomon_figures"):
+                    found.append(f"{rel}:{node.lineno}: {node.value!r}")
+    assert not found, "figure names outside topomon/figures.py:\n" + "\n".join(found)

@@ -76,6 +76,7 @@ BAD: dict[str, list] = {
     "seed": [1.5, -1, 2**40],
     "custom_metrics": [["a:b"], {"x": "nocolon"}, {"": "a:b"}, {"x": 3}],
     "families": ["a:b", ["nocolon"], [3], {"a": "b:c"}],
+    "family_options": ["x", {"fam": 1}, {1: {}}, {"fam": {1: 2}}],
     "alerts": [5, "defualt", [1], [{"type": "drop"}], [{"type": "drop", "metric": "rankme", "colour": 1}]],
     "webhook_url": [5, "ftp://example.com/hook", "file:///etc/passwd", "http://", "example.com/hook"],
     "actions": ["stop", [1], [{"kind": "explode"}], [{"kind": "replay", "value": -1}]],

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from topomon.metrics.families import family
+from topomon.metrics.families import FamilyComputer, family
 from topomon.metrics.logits import logit_metrics
 from topomon.metrics.lora import LORA_SUBSPACE_FORMAT, lora_update_subspace
 from topomon.types import Snapshot
@@ -131,3 +131,67 @@ def test_topological_drift_is_zero_at_the_first_capture_then_the_bottleneck_to_i
     want = bottleneck_distance(later.arrays["dgm_h1"], first.arrays["dgm_h1"])
     assert want > 0
     assert later.metrics["topo_drift"] == want == later.metrics["topo_activity"]
+
+
+class _Counter(FamilyComputer):
+    """A stateful family's computer whose state key ("seen") another family uses too."""
+
+    def __init__(self, options):
+        self.seen = 0
+
+    def compute(self, inp):
+        return None
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = int(state.get("seen", 0))
+
+
+def test_engine_state_is_kept_per_family_and_a_flat_state_from_before_still_loads():
+    from topomon.metrics.families import MetricFamily, register_family, unregister_family
+
+    opts = ComputeOptions(spectral=False, trajectory=False, pca_dim=None)
+    engine = MetricEngine(opts)
+    engine.process(Snapshot(0, "sft", {"final_norm": cloud(seed=1)}))
+    state = engine.state_dict()
+    assert list(state) == ["topology"] and set(state["topology"]) == {"prev", "first"}
+    # a checkpoint written before the state was namespaced: the topology keys at the top level
+    old = MetricEngine(opts)
+    old.load_state_dict(state["topology"])
+    assert old.state_dict() == state
+    fresh = MetricEngine(opts)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    later = Snapshot(4, "sft", {"final_norm": cloud(seed=2)})
+    assert (
+        old.process(later)[0].metrics == fresh.process(later)[0].metrics == engine.process(later)[0].metrics
+    )
+
+    # two stateful families with the same state key keep their own values
+    fams = [
+        MetricFamily(
+            name=f"count_{i}",
+            scope="model",
+            keys=(f"count_{i}",),
+            needs=frozenset({"points"}),
+            start=_Counter,
+            stateful=True,
+        )
+        for i in (1, 2)
+    ]
+    for f in fams:
+        register_family(f)
+    try:
+        eng = MetricEngine(ComputeOptions(spectral=False, topology=False, trajectory=False))
+        for n, (_, comp) in enumerate(c for c in eng._families if c[0] in fams):
+            comp.seen = n + 5
+        saved = eng.state_dict()
+        assert saved == {"count_1": {"seen": 5}, "count_2": {"seen": 6}}
+        again = MetricEngine(ComputeOptions(spectral=False, topology=False, trajectory=False))
+        again.load_state_dict(saved)
+        assert again.state_dict() == saved
+    finally:
+        for f in fams:
+            unregister_family(f.name)

@@ -234,6 +234,14 @@ def test_state_survives_a_restart_through_the_shadow_engine():
     assert ex2.close(timeout=30)
     fn = [r for r in again.records if r.layer == "final_norm"][0]
     assert fn.metrics["topo_activity"] == 0.0
+    # a checkpoint from before the state was kept per family holds the topology keys flat: the same
+    assert set(state) == {"topology"}
+    old = Sink()
+    ex3 = make_executor("process", OPTS, old, state=state["topology"])
+    assert ex3.shadow.state_dict() == state
+    ex3.submit(snapshot(1, seed=0))
+    assert ex3.close(timeout=30)
+    assert [r for r in old.records if r.layer == "final_norm"][0].metrics["topo_activity"] == 0.0
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")

@@ -3,6 +3,9 @@
 Each submodule follows one family of the research (see the module docstrings for the papers).
 """
 
+# the registry of metric families: topomon's own families register here, with their options, so
+# that ComputeOptions (topomon.metrics.options) knows every option name however it is imported
+from topomon.metrics import families as families
 from topomon.metrics.logits import (
     LOGIT_STAT_KEYS,
     expected_calibration_error,

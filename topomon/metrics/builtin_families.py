@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from topomon.figures import EIGENSPECTRA, PERSISTENCE
 from topomon.metrics.family_base import (
     FamilyComputer,
     FamilyInput,
@@ -60,7 +61,7 @@ def _mean_finite(xs: Iterable[float]) -> float:
 
 class _Spectral(FamilyComputer):
     def __init__(self, options: ComputeOptions):
-        self.window = options.alpha_window
+        self.window = options.alpha_window  # the engine's: the eigenspectra figure shades it too
 
     def compute(self, inp: FamilyInput) -> FamilyOutput:
         _, points = inp.layer_arrays()
@@ -78,26 +79,27 @@ class _Topology(FamilyComputer):
 
     def __init__(self, options: ComputeOptions):
         self.o = options
+        self.s = TOPOLOGY.settings(options)
         self._prev: dict[str, tuple[int, list[np.ndarray]]] = {}
         self._first: dict[str, list[np.ndarray]] = {}
 
     def compute(self, inp: FamilyInput) -> FamilyOutput | None:
-        o = self.o
-        if not ("*" in o.topology_layers or inp.layer in o.topology_layers):
+        o, s = self.o, self.s
+        if not ("*" in s["topology_layers"] or inp.layer in s["topology_layers"]):
             return None
         x, _ = inp.layer_arrays()
         # A fixed subsample of the captured rows (the same rows at every capture), then the same
         # preprocessing as the spectral family.
-        idx = subsample_indices(len(x), o.topology_points, o.seed)
+        idx = subsample_indices(len(x), s["topology_points"], o.seed)
         pts = prepare_points(
             x[idx], outlier_factor=o.outlier_factor, normalize=o.normalize, treatment=o.massive_treatment
         ).points
         values, dgms = topology_metrics(
             pts,
             maxdim=1,
-            n_landmarks=o.n_landmarks,
-            pca_dim=o.pca_dim,
-            engine=o.topology_engine,
+            n_landmarks=s["n_landmarks"],
+            pca_dim=s["pca_dim"],
+            engine=s["topology_engine"],
             seed=o.seed,
             n_threads=o.threads,
         )
@@ -191,7 +193,7 @@ class _Lora(FamilyComputer):
     """The LoRA update of each adapted module (``lora/<module>/A|B|scaling`` extras), averaged."""
 
     def __init__(self, options: ComputeOptions):
-        self.paths = options.lora_reference
+        self.paths = tuple(LORA.settings(options)["lora_reference"])
         self._reference: dict[str, list[tuple[np.ndarray, np.ndarray]]] | None = None
 
     def compute(self, inp: FamilyInput) -> FamilyOutput | None:
@@ -272,8 +274,8 @@ SPECTRAL = MetricFamily(
     scope="layer",
     keys=SPECTRAL_KEYS,
     needs=frozenset({"points"}),
-    switch="set spectral=True",
-    is_on=lambda o: o.spectral,
+    options={"spectral": True},
+    switch="spectral",
     start=_Spectral,
     relative=("rankme", "rankme_pca", "alpha_req", "participation_ratio", "stable_rank", "anisotropy"),
     headline=("rankme", "rankme_pca", "alpha_req", "participation_ratio", "anisotropy"),
@@ -286,6 +288,7 @@ SPECTRAL = MetricFamily(
         "top_pc_share": False,
     },
     arrays={"eigenspectrum": "eigenspectrum"},
+    figures=(EIGENSPECTRA,),
 )
 TOPOLOGY = MetricFamily(
     name="topology",
@@ -301,12 +304,21 @@ TOPOLOGY = MetricFamily(
         "topo_drift",
     ),
     needs=frozenset({"points"}),
-    switch="set topology=True (and name the layer in topology_layers)",
-    is_on=lambda o: o.topology,
+    options={
+        "topology": True,
+        "topology_layers": ("*",),  # layer names, "*" for all (MonitorConfig's are resolved: compute_options)
+        "topology_points": 256,
+        "pca_dim": 32,
+        "n_landmarks": None,
+        "topology_engine": "auto",
+    },
+    switch="topology",
+    hint="(and name the layer in topology_layers)",
     start=_Topology,
     relative=("h1_total_persistence",),
     headline=("h1_total_persistence", "topo_activity"),
     arrays={"dgm_h0": "h0", "dgm_h1": "h1"},
+    figures=(PERSISTENCE,),
     stateful=True,
 )
 LOGITS = MetricFamily(
@@ -314,8 +326,8 @@ LOGITS = MetricFamily(
     scope="model",
     keys=("logit_entropy", "logit_top1_prob", "logit_accuracy", "logit_ece", "logit_nll"),
     needs=frozenset({"logits"}),
-    switch="set logits=True",
-    is_on=lambda o: o.logits,
+    options={"logits": True},
+    switch="logits",
     start=_Logits,
     higher_is_better={"logit_accuracy": True, "logit_ece": False, "logit_nll": False},
 )
@@ -324,8 +336,9 @@ TRAJECTORY = MetricFamily(
     scope="model",
     keys=("traj_cosine_mean", "traj_straightness_mean", "traj_path_length_mean", "cka_adjacent_mean"),
     needs=frozenset({"points", "aligned_layers"}),
-    switch="set trajectory=True (pooling 'all' in probe mode, or passive mode)",
-    is_on=lambda o: o.trajectory,
+    options={"trajectory": True},
+    switch="trajectory",
+    hint="(pooling 'all' in probe mode, or passive mode)",
     start=_Trajectory,
     arrays={"cka": "cka", "cka_layers": "cka_layers"},
 )
@@ -341,8 +354,9 @@ LORA = MetricFamily(
         "lora_overlap_prev",
     ),
     needs=frozenset({"lora_factors"}),
-    switch="set lora_metrics=True and train a model with LoRA adapters",
-    is_on=lambda o: o.lora,
+    options={"lora_metrics": True, "lora_reference": ()},  # reference: earlier stages' .npz files
+    switch="lora_metrics",
+    hint="and train a model with LoRA adapters",
     start=_Lora,
     higher_is_better={"lora_overlap_prev": False},
 )
@@ -353,7 +367,7 @@ MASSIVE = MetricFamily(
     keys=("massive_tokens", "massive_dims", "massive_share"),
     needs=frozenset({"points"}),
     switch="set spectral=True or topology=True (the massive part is counted on their points)",
-    is_on=lambda o: o.spectral or o.topology,
+    is_on=lambda o: SPECTRAL.enabled(o) or TOPOLOGY.enabled(o),
     start=_Massive,
     higher_is_better={"massive_tokens": False, "massive_dims": False, "massive_share": False},
 )

@@ -1,4 +1,4 @@
-"""Metric families, each declared once: the registry of its keys, scope, needs, metadata and computer.
+"""Metric families, each declared once: the registry of their keys, scope, needs, options and computers.
 
 The engine, the router, the report and the config checks read these declarations; none of them
 names a family or a metric of one. A family is a :class:`MetricFamily` and a
@@ -7,7 +7,9 @@ captures; both in :mod:`topomon.metrics.family_base`). topomon's own families ar
 :mod:`topomon.metrics.builtin_families` and registered here. Adding a family is one declaration in
 an importable module, named in ``MonitorConfig.families`` as ``"module:OBJECT"``
 (:func:`load_families` registers it in the training process and in the worker); the user's
-``custom_metrics`` become one more family, built from the options (:func:`custom_family`).
+``custom_metrics`` become one more family, built from the options (:func:`custom_family`). A
+family's options and switch are declared with it; :func:`options_from_config` is the one map from a
+monitor config (its flat fields, its ``family_options``) to ``{family: options}``.
 
 Example:
     >>> [f.name for f in families()]
@@ -18,7 +20,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from topomon.metrics.builtin_families import BUILTIN, CUSTOM, custom_family
 from topomon.metrics.builtin_families import LOGITS as LOGITS
@@ -40,7 +43,7 @@ from topomon.metrics.family_base import (
     resolve_function,
     worker_importable,
 )
-from topomon.metrics.options import ComputeOptions
+from topomon.metrics.options import ComputeOptions, declare_options, forget_options
 
 __all__ = [
     "BASE_KEYS",
@@ -65,9 +68,11 @@ __all__ = [
     "is_enabled",
     "load_families",
     "metric_names",
+    "options_from_config",
     "register_family",
     "relative_keys",
     "resolve_function",
+    "switch_message",
     "unregister_family",
     "unshipped_families",
     "worker_importable",
@@ -86,8 +91,12 @@ def register_family(fam: MetricFamily, *, replace: bool = False) -> MetricFamily
     family is named in ``MonitorConfig.families`` instead (:func:`load_families` registers it in the
     training process and in the worker).
 
+    Its options are declared with it (:func:`topomon.metrics.options.declare_options`): from then on
+    ``ComputeOptions`` takes them by name and fills their defaults.
+
     Raises:
-        ValueError: the name is taken (and not ``replace``), or a key belongs to another family.
+        ValueError: the name is taken (and not ``replace``), or a key or an option name belongs to
+            another family.
     """
     if fam.name == CUSTOM or (fam.name in _REGISTRY and not replace):
         raise ValueError(f"a metric family named {fam.name!r} is already registered")
@@ -95,6 +104,7 @@ def register_family(fam: MetricFamily, *, replace: bool = False) -> MetricFamily
         clash = sorted(set(fam.keys) & set(other.keys))
         if other.name != fam.name and clash:
             raise ValueError(f"family {fam.name!r} declares {clash}, already keys of family {other.name!r}")
+    declare_options(fam.name, fam.options)
     _REGISTRY[fam.name] = fam
     return fam
 
@@ -102,6 +112,7 @@ def register_family(fam: MetricFamily, *, replace: bool = False) -> MetricFamily
 def unregister_family(name: str) -> None:
     """Remove a registered family (no error when absent), and forget the specs that loaded it."""
     _REGISTRY.pop(name, None)
+    forget_options(name)
     for spec in [s for s, n in _LOADED.items() if n == name]:
         del _LOADED[spec]
 
@@ -136,7 +147,7 @@ def is_enabled(fam: MetricFamily, options: ComputeOptions) -> bool:
     """
     if fam.name in _LOADED.values() and fam.name not in {_LOADED.get(s) for s in options.families}:
         return False
-    return bool(fam.is_on(options))
+    return fam.enabled(options)
 
 
 def enabled_families(options: ComputeOptions) -> tuple[MetricFamily, ...]:
@@ -181,7 +192,7 @@ def capture_needs(options: ComputeOptions) -> frozenset[str]:
     same tokens in every layer).
 
     Example:
-        >>> sorted(capture_needs(ComputeOptions(lora=False, trajectory=False)))
+        >>> sorted(capture_needs(ComputeOptions(lora_metrics=False, trajectory=False)))
         ['logits', 'points']
     """
     return frozenset().union(*(f.needs for f in enabled_families(options)))
@@ -197,7 +208,88 @@ def explain_unknown(metric: str, options: ComputeOptions) -> str | None:
     fam = family_of(metric)
     if fam is None or is_enabled(fam, options):
         return None
-    return f"metric {metric!r} belongs to the family {fam.name!r}, which is off: {fam.switch}"
+    return (
+        f"metric {metric!r} belongs to the family {fam.name!r}, which is off: {switch_message(fam, options)}"
+    )
+
+
+def switch_message(fam: MetricFamily, options: ComputeOptions | None = None) -> str:
+    """How a user turns ``fam`` on, for messages: ``"set logits=True"``.
+
+    topomon's own families by their config field, a user family by ``family_options`` (or by naming
+    it in ``families`` when ``options`` do not); a family declared with ``is_on`` by its ``switch`` text.
+
+    Example:
+        >>> switch_message(family("lora"))
+        'set lora_metrics=True and train a model with LoRA adapters'
+    """
+    if fam.is_on is not None or fam.switch is None:
+        return fam.switch or "it is always on"
+    if fam.name in BUILTIN_FAMILIES:
+        where = fam.switch
+    else:
+        specs = [s for s, n in _LOADED.items() if n == fam.name]
+        if options is not None and specs and not set(specs) & set(options.families):
+            return f"name {specs[0]!r} in `families`"
+        where = f"family_options[{fam.name!r}][{fam.switch!r}]"
+    return f"set {where}=True" + (f" {fam.hint}" if fam.hint else "")
+
+
+def options_from_config(
+    fields: Mapping[str, Any],
+    family_options: Mapping[str, Mapping[str, Any]] = {},  # noqa: B006 - read only
+    *,
+    unavailable: Iterable[str] = (),
+) -> dict[str, dict[str, Any]]:
+    """``{family: {option: value}}`` of a monitor config: the one map from its keys to family options.
+
+    topomon's own families take each option from the flat config field of the same name
+    (``topology_points``, ``lora_metrics``: the user-facing keys); every family takes the options
+    given for it in ``family_options`` (``MonitorConfig.family_options``: a user family's options).
+    A family with a need the capture cannot meet (``unavailable``, e.g. ``"lora_factors"`` for a
+    model without LoRA adapters) is switched off here, and nowhere else.
+
+    Args:
+        fields: the config's fields by name (``vars(config)``).
+        family_options: family name -> its options.
+        unavailable: needs (:data:`NEEDS`) the capture cannot gather.
+
+    Raises:
+        ValueError: ``family_options`` naming a family that is not registered, an option the family
+            does not declare, or an option of topomon's own families (set by its flat field).
+
+    Example:
+        >>> options_from_config({"logits": False, "stage": "sft"})["logits"]
+        {'logits': False}
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for fam in _REGISTRY.values():
+        flat = fam.name in BUILTIN_FAMILIES
+        out[fam.name] = {k: fields[k] for k in fam.options if flat and k in fields}
+    for name, given in family_options.items():
+        if name not in _REGISTRY:
+            raise ValueError(
+                f"`family_options` names family {name!r}, which is not registered; registered: "
+                f"{list(_REGISTRY)} (a user family is named in `families`)"
+            )
+        fam = _REGISTRY[name]
+        if fam.name in BUILTIN_FAMILIES:
+            raise ValueError(
+                f"`family_options` sets options of topomon's own family {name!r}: set its fields "
+                f"({', '.join(fam.options)}) instead"
+            )
+        unknown = sorted(set(given) - set(fam.options), key=str)
+        if unknown:
+            raise ValueError(
+                f"`family_options[{name!r}]` has unknown option(s) {unknown}; family {name!r} declares "
+                f"{sorted(fam.options)}"
+            )
+        out[name].update(given)
+    missing = set(unavailable)
+    for fam in _REGISTRY.values():
+        if fam.needs & missing and fam.switch is not None and fam.switch in fam.options:
+            out[fam.name][fam.switch] = False
+    return out
 
 
 def load_families(specs: Iterable[str]) -> tuple[MetricFamily, ...]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from topomon.figures import FIGURES
 from topomon.metrics.options import ComputeOptions
 from topomon.metrics.preprocess import Prepared
 
@@ -111,34 +112,53 @@ class MetricFamily:
     """One metric family, declared once.
 
     Attributes:
-        name: the family's name (error lines, messages): ``"spectral"``, ``"logits"`` ...
+        name: the family's name (error lines, messages, its state's namespace): ``"spectral"`` ...
         scope: ``"layer"`` (one value per captured layer) or ``"model"`` (layer ``"model"``).
         keys: the metric names it produces, in order.
-        needs: what the capture must gather for it, among :data:`NEEDS`.
-        switch: how a user turns it on, for messages: ``"set logits=True"``.
-        is_on: whether it is on for some :class:`~topomon.metrics.options.ComputeOptions`.
+        needs: what the capture must gather for it, among :data:`NEEDS`; a need the capture cannot
+            meet (no LoRA adapters: ``"lora_factors"``) turns the family off.
         start: builds one engine's :class:`FamilyComputer` from the options (may raise ValueError).
+        options: its options and their defaults, ``{name: default}``; a name is also the flat name
+            (``ComputeOptions(name=...)``, and the ``MonitorConfig`` field of that name for topomon's
+            own families; a user family's options are set with ``MonitorConfig.family_options``).
+            Its computer reads them with :meth:`settings`.
+        switch: the option (a bool among ``options``) that turns it on; for a family declared the
+            older way (``is_on`` given), how a user turns it on, in words.
+        hint: what else turning it on takes, for messages (``"and train a model with LoRA adapters"``).
+        is_on: whether it is on for some :class:`~topomon.metrics.options.ComputeOptions` (None: its
+            ``switch`` option says; always on without one).
         relative: keys that get ``topomon_vs_base/`` and ``topomon_vs_stage/`` curves.
         headline: keys shown in the report's key-metric tables.
         higher_is_better: key -> True/False where a direction is meaningful (collapse-wise).
         arrays: record array name -> its key in the ``diagrams/*.npz`` files.
-        stateful: whether it keeps state across captures (then the engine observes and saves it).
+        figures: the figures drawn from its arrays, names of :data:`topomon.figures.FIGURES`.
+        stateful: whether it keeps state across captures (then the engine observes and saves it,
+            under the family's name).
 
     Raises:
-        ValueError: on an unknown scope or need, or metadata naming keys the family lacks.
+        ValueError: on an unknown scope, need or figure, a switch that is not a bool option, or
+            metadata naming keys the family lacks.
+
+    Example:
+        >>> from topomon.metrics.builtin_families import TOPOLOGY
+        >>> TOPOLOGY.switch, TOPOLOGY.options["topology_points"]
+        ('topology', 256)
     """
 
     name: str
     scope: str
     keys: tuple[str, ...]
     needs: frozenset[str]
-    switch: str
-    is_on: Callable[[ComputeOptions], bool]
     start: Callable[[ComputeOptions], FamilyComputer]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    switch: str | None = None
+    hint: str = ""
+    is_on: Callable[[ComputeOptions], bool] | None = None
     relative: tuple[str, ...] = ()
     headline: tuple[str, ...] = ()
     higher_is_better: Mapping[str, bool] = field(default_factory=dict)
     arrays: Mapping[str, str] = field(default_factory=dict)
+    figures: tuple[str, ...] = ()
     stateful: bool = False
 
     def __post_init__(self) -> None:
@@ -160,6 +180,28 @@ class MetricFamily:
             extra = [k for k in names if k not in self.keys]
             if extra:
                 raise ValueError(f"`{what}` of family {self.name!r} names {extra}, not among its keys")
+        unknown = [f for f in self.figures if f not in FIGURES]
+        if unknown:
+            raise ValueError(f"`figures` of family {self.name!r} names {unknown}; valid: {sorted(FIGURES)}")
+        if (
+            self.is_on is None
+            and self.switch is not None
+            and not isinstance(self.options.get(self.switch), bool)
+        ):
+            raise ValueError(
+                f"`switch` of family {self.name!r} must name a bool among its options "
+                f"{sorted(self.options)}, got {self.switch!r}"
+            )
+
+    def settings(self, options: ComputeOptions) -> dict[str, Any]:
+        """The family's options in ``options``: the declared defaults, then the given values."""
+        return {**self.options, **options.family_options.get(self.name, {})}
+
+    def enabled(self, options: ComputeOptions) -> bool:
+        """Whether ``options`` turn it on (its ``is_on``, else its switch; no switch: always on)."""
+        if self.is_on is not None:
+            return bool(self.is_on(options))
+        return self.switch is None or bool(self.settings(options)[self.switch])
 
 
 def _import_spec(spec: str, what: str, form: str) -> tuple[str, str, Any]:

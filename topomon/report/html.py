@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from topomon.report.load import KEY_METRICS, RunData, change_pct, load_run, retained_pct
+from topomon.metrics.families import headline_keys
+from topomon.report.load import RunData, change_pct, load_run, retained_pct
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -394,7 +395,7 @@ def _other_metrics(run: RunData) -> tuple[list[str], dict[str, float]]:
     more: list[str] = []
     constant: dict[str, float] = {}
     for m in run.metric_names:
-        if m in KEY_METRICS or not run.has_metric(m):
+        if m in headline_keys() or not run.has_metric(m):
             continue
         vals = {r["metrics"][m] for r in run.metrics if math.isfinite(r["metrics"].get(m, math.nan))}
         if len(vals) == 1:
@@ -472,7 +473,7 @@ def build_report(run_dir: str | os.PathLike[str], out: str | None = None, *, tit
     name = os.path.basename(os.path.normpath(os.path.abspath(run.run_dir)))
     title = title if title is not None else f"topomon report: {name}"
     layer = run.key_layer
-    keys = [m for m in KEY_METRICS if run.has_metric(m)]
+    keys = [m for m in headline_keys() if run.has_metric(m)]
     more, constant = _other_metrics(run)
     problems: list[str] = []
     figs = _figures(run, keys, more, problems)

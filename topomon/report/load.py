@@ -32,7 +32,6 @@ from topomon.run import BASE_STAGE
 from topomon.sinks.jsonl_read import read_jsonl
 
 __all__ = [
-    "KEY_METRICS",
     "Stage",
     "Capture",
     "DiagramFile",
@@ -45,9 +44,17 @@ __all__ = [
     "change_pct",
 ]
 
-#: The metrics the report shows first (summary table, trajectories, heatmaps): the families'
-#: ``headline`` keys.
-KEY_METRICS = headline_keys()
+
+def __getattr__(name: str) -> Any:
+    """``KEY_METRICS``, read when asked (no import-time snapshot of the registry).
+
+    The metrics the report shows first (summary table, trajectories, heatmaps): the registered
+    families' ``headline`` keys (:func:`topomon.metrics.families.headline_keys`).
+    """
+    if name == "KEY_METRICS":
+        return headline_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _LAYER_RE = re.compile(r"^(?:layer|layers|h|block|blocks)[_.]?(\d+)$")
 

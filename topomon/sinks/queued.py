@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from topomon.figures import figure_tags
 from topomon.sinks.base import prefixed_scalars, record_scalars
 from topomon.sinks.writer import OrderedWriter
 from topomon.types import Alert, MetricRecord
@@ -36,16 +37,8 @@ ALERT_COUNT_KEY = "topomon/alerts"
 
 
 def record_images(records: list[MetricRecord]) -> dict[str, np.ndarray]:
-    """The figures the worker drew, as ``(H, W, C)`` uint8 images under their TensorBoard tags."""
-    out: dict[str, np.ndarray] = {}
-    for r in records:
-        img = r.arrays.get("figure_persistence")
-        if img is not None:
-            out[f"topomon_figures/persistence/{r.layer}"] = np.asarray(img, dtype=np.uint8)
-        img = r.arrays.get("figure_eigenspectra")
-        if img is not None:
-            out["topomon_figures/eigenspectra"] = np.asarray(img, dtype=np.uint8)
-    return out
+    """The figures the worker drew, as ``(H, W, C)`` uint8 images under their tags (:func:`figure_tags`)."""
+    return figure_tags(records)
 
 
 def alert_title(alert: Alert) -> str:

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from topomon.figures import figure_tags
 from topomon.sinks.base import metric_tag, prefixed_scalars, scalars_by_step
 from topomon.types import Alert, MetricRecord
 
@@ -108,14 +109,9 @@ class TensorBoardSink:
         self._layout_done = True
 
     def _write_figures(self, r: MetricRecord) -> None:
-        # drawn by the worker (engine.process): a diagram per topology layer, the eigenspectra of every
-        # captured layer in one figure (carried by one of the capture's records)
-        img = r.arrays.get("figure_persistence")
-        if img is not None:
-            self.writer.add_image(f"topomon_figures/persistence/{r.layer}", img, r.step, dataformats="HWC")
-        img = r.arrays.get("figure_eigenspectra")
-        if img is not None:
-            self.writer.add_image("topomon_figures/eigenspectra", img, r.step, dataformats="HWC")
+        # drawn by the worker (engine.process), named in topomon.figures.FIGURES
+        for tag, img in figure_tags([r]).items():
+            self.writer.add_image(tag, img, r.step, dataformats="HWC")
 
     def close(self) -> None:
         """Flush and close the writer (idempotent)."""

@@ -23,6 +23,7 @@ from topomon.metrics.families import (
     FamilyInput,
     MetricFamily,
     enabled_families,
+    families,
     load_families,
     resolve_function,
 )
@@ -57,6 +58,7 @@ class MetricEngine:
         self._families = fams
         self._layer_families = [(f, c) for f, c in fams if f.scope == "layer"]
         self._model_families = [(f, c) for f, c in fams if f.scope == "model"]
+        self._figures_declared = any(f.figures for f, _ in fams)
 
     def process(self, snap: Snapshot) -> list[MetricRecord]:
         """All records of one snapshot: one per layer, in the snapshot's layer order."""
@@ -66,7 +68,7 @@ class MetricEngine:
         if model is not None:
             records.append(model)
         self.observe(records)
-        if figures:  # drawn here, in the worker: matplotlib never runs in the training process
+        if figures and self._figures_declared:  # drawn here, in the worker, never in the training process
             self._figures(records)
         return records
 
@@ -139,15 +141,23 @@ class MetricEngine:
         return rec
 
     def state_dict(self) -> dict[str, Any]:
-        """The stateful families' state (topology: its diagrams), as plain types (for resume)."""
-        state: dict[str, Any] = {}
-        for fam, comp in self._families:
-            if fam.stateful:
-                state.update(comp.state_dict())
-        return state
+        """The stateful families' state, ``{family name: its state}``, as plain types (for resume).
+
+        Example:
+            >>> list(MetricEngine(ComputeOptions()).state_dict())
+            ['topology']
+        """
+        return {fam.name: comp.state_dict() for fam, comp in self._families if fam.stateful}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (missing keys are fine)."""
+        """Restore what :meth:`state_dict` returned (a family missing from it starts afresh).
+
+        A state saved before states were kept per family (one flat dict, every stateful family's keys
+        merged: a checkpoint of topomon 0.1.0 and before) is given whole to every stateful family, as
+        it was then. It is that form when none of its keys is a registered family's name.
+        """
+        registered = {f.name for f in families()}
+        flat = bool(state) and not registered.intersection(state)
         for fam, comp in self._families:
             if fam.stateful:
-                comp.load_state_dict(state)
+                comp.load_state_dict(state if flat else state.get(fam.name, {}))
