@@ -114,7 +114,7 @@ def test_a_stop_action_ends_the_fit_and_a_checkpoint_action_saves_one(tok, tmp_p
     trainer = fit(LitLM(tiny_causal_lm("llama", seed=0), tok), tok, tmp_path, [mon], max_steps=10)
     assert trainer.global_step == 1  # the baseline's alert was acted on at the first step's end
     assert [a.kind for a in mon.actions] == ["diversity", "checkpoint", "stop"]
-    assert mon.session.interventions.diversity.weight == 0.1
+    assert mon.session.interventions.target("diversity").weight == 0.1
     path = tmp_path / "checkpoints" / "topomon-step=1.ckpt"
     assert mon.checkpoints == [str(path)]
     state = torch.load(path, weights_only=False)["callbacks"]["TopoMonitorCallback"]
@@ -131,7 +131,7 @@ def test_the_diversity_regulariser_acts_in_the_lightning_training_forward(tok, t
         actions=[{"kind": "diversity", "value": 0.1}],
     )
     fit(LitLM(tiny_causal_lm("llama", seed=0), tok), tok, tmp_path, [mon], max_steps=3)
-    reg = mon.session.interventions.diversity
+    reg = mon.session.interventions.target("diversity")
     assert reg.weight == 0.1 and reg.n_applied > 0
 
 

@@ -26,12 +26,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from topomon.config import ConfigError, MonitorConfig, as_config
-from topomon.interventions import Signals
+from topomon.interventions import Signals, unsupported
 from topomon.session import MonitorSession
 from topomon.sinks.trackers import tracker_sinks
 from topomon.types import Alert
 
 __all__ = ["Watch", "watch"]
+
+PROVIDES = frozenset({"pre_optimizer_step"})  # what a plain loop gives an intervention (REQUIREMENTS)
+_HINTS = {
+    "trainer_data": "a plain loop owns its data: remove the action, or mix replay examples into your own "
+    "loader",
+    "grpo_trainer": "a plain loop has no GRPO trainer: remove the action",
+}
 
 
 class Watch:
@@ -48,7 +55,8 @@ class Watch:
         total_steps: the loop's length, if known (a run the overhead budget starves still gets a
             capture at its middle).
         on_alert: called with every alert (on the collector thread).
-        replay_dataset: not supported here (a plain loop owns its data): a ``replay`` action is a
+        replay_dataset: not supported here (a plain loop owns its data): an action that requires
+            the trainer's data (``replay``) or a TRL trainer (``entropy_bonus``) is a
             :class:`~topomon.config.ConfigError`.
 
     Raises:
@@ -67,11 +75,9 @@ class Watch:
         **overrides: Any,
     ):
         c = as_config(config, overrides)
-        if any(spec.get("kind") == "replay" for spec in c.actions):
-            raise ConfigError(
-                "a 'replay' action mixes examples into a Trainer's data loader; a plain loop owns its data: "
-                "remove the action, or mix replay examples into your own loader"
-            )
+        why = unsupported(c.actions, PROVIDES, _HINTS)
+        if why is not None:
+            raise ConfigError(why)
         self.session = MonitorSession(c, tokenizer=tokenizer, on_alert=on_alert)
         self.model = model
         self.output_dir = os.fspath(output_dir)
