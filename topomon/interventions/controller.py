@@ -12,6 +12,7 @@ the deciding process's :meth:`~Interventions.decisions` on the others) and repor
 holds it uses these methods only, never its fields.
 
 Example:
+    >>> from topomon.interventions import Interventions, Signals
     >>> iv = Interventions([{"kind": "stop"}])
     >>> iv.setup(model, run_path, "sft")  # doctest: +SKIP
     >>> signals = Signals()
