@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     monitor.attach(trainer)  # on every process: each one takes part in the probe forwards
     trainer.train()
-    div = monitor.interventions.diversity
+    div = monitor.interventions.target("diversity")
     seen = {
         "rank": int(os.environ.get("RANK", "0")),
         "world": world,

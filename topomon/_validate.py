@@ -28,6 +28,7 @@ __all__ = [
     "is_int",
     "is_number",
     "check_int",
+    "check_weight",
     "check_optional_int",
     "check_number",
     "check_choice",
@@ -269,3 +270,13 @@ def check_str(
     if not isinstance(value, str) or not (empty or value):
         raise _fail(error, name, value, "a string" if empty else "a non-empty string", quote)
     return value
+
+
+def check_weight(weight: Any) -> float:
+    """A regulariser weight as a float: ``"weight must be ..."``, finite and ``>= 0``.
+
+    Raises:
+        TypeError: for a non-number (bools included).
+        ValueError: for a negative or non-finite weight.
+    """
+    return check_number("weight", weight, 0, type_error=TypeError, plain=True, quote=False)

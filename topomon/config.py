@@ -148,7 +148,14 @@ class MonitorConfig:
             0.01}`` (TRL GRPOTrainer, with ``.attach(trainer)``), ``{"kind": "checkpoint"}``,
             ``{"kind": "stop"}``. Settable kinds revert when the alert recovers.
         diversity: options of the diversity regulariser: ``layers`` (default ``[-1]``), ``kind``
-            ("logdet", "entropy", "uniformity"), ``max_tokens``.
+            ("logdet", "entropy", "uniformity"), ``max_tokens`` (shorthand for
+            ``intervention_options: {diversity: {...}}``).
+        intervention_options: per action kind, the options of its intervention (checked against the
+            kind's ``OPTIONS`` before step 1; unknown kinds and options are an error), e.g.
+            ``{"lora_decorrelation": {"one_sided": 0.0}}`` (the weight of the one-sided terms: 0
+            penalises only the update inside both old subspaces), ``{"diversity": {"layers": [0, -1],
+            "kind": "entropy"}}``. A kind's options act
+            when an action of that kind is configured (a warning says when none is).
     """
 
     stage: str = "train"
@@ -202,6 +209,7 @@ class MonitorConfig:
     trackers: tuple[str, ...] | None = None
     actions: tuple[Any, ...] = ()
     diversity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    intervention_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Normalise sequences given as lists (YAML) to tuples, so the frozen config stays hashable-ish.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import urllib.parse
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -128,12 +129,7 @@ def check_fields(c: Any) -> None:
             raise ConfigError(f"`actions[{i}]`: {e}") from None
     if not isinstance(c.diversity, Mapping):
         raise ConfigError(f"`diversity` must be a mapping of regulariser options, got {c.diversity!r}")
-    from topomon.interventions.kinds import DiversityIntervention  # the regulariser's own list
-
-    allowed = set(DiversityIntervention.OPTIONS)
-    unknown = sorted(set(c.diversity) - allowed, key=repr)
-    if unknown:
-        raise ConfigError(f"`diversity` has unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    _check_intervention_options(c)
     if c.webhook_url is not None:
         _check_webhook_url(c.webhook_url)
     if c.trackers is not None:
@@ -250,4 +246,43 @@ def _check_webhook_url(url: Any) -> None:
         raise ConfigError(
             "`webhook_url` is a redacted URL as run.json stores it (only its host is kept); "
             "give the real URL to send alerts"
+        )
+
+
+def _check_intervention_options(c: Any) -> None:
+    """``intervention_options`` and its shorthand ``diversity``: each kind's options, checked by its class."""
+    from topomon.interventions import INTERVENTIONS  # the registry, with the built-in kinds
+
+    field = "intervention_options"
+    opts = c.intervention_options
+    if not isinstance(opts, Mapping) or not all(isinstance(v, Mapping) for v in opts.values()):
+        raise ConfigError(
+            f"`{field}` must map action kinds to mappings of their options, e.g. "
+            f"{{'lora_decorrelation': {{'one_sided': 0.0}}}}, got {opts!r}"
+        )
+    unknown = sorted((k for k in opts if k not in INTERVENTIONS), key=repr)
+    if unknown:
+        raise ConfigError(
+            f"`{field}` names unknown action kind(s) {unknown}; registered: {list(INTERVENTIONS)}"
+        )
+    for name, kind, given in [(f"{field}[{k!r}]", k, v) for k, v in opts.items()] + [
+        ("diversity", "diversity", c.diversity)
+    ]:
+        try:
+            INTERVENTIONS[kind].check_options(given)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"`{name}`: {e}") from None
+    both = sorted(set(c.diversity) & set(opts.get("diversity", {})), key=repr)
+    if both:
+        raise ConfigError(
+            f"`{field}['diversity']` and `diversity` both set {both}: give the diversity options in "
+            "one of them"
+        )
+    acting = {a.get("kind") for a in c.actions}
+    unused = sorted(k for k, v in opts.items() if v and k not in acting)
+    if unused:
+        warnings.warn(
+            f"`{field}` sets options of {unused} but no action of that kind is configured: they are unused",
+            UserWarning,
+            stacklevel=5,
         )

@@ -29,11 +29,12 @@ from typing import Any
 from topomon.capture.lora_weights import lora_extras
 from topomon.config import ConfigError
 from topomon.distributed import Comm
+from topomon.interventions.base import InterventionError
 from topomon.session_base import SessionBase, guarded
 from topomon.sinks.base import RecordSink
 from topomon.sinks.trackers import record_sinks
 from topomon.stage import cap_snapshot, release, write_state
-from topomon.types import Alert, Snapshot
+from topomon.types import Action, Alert, Snapshot
 
 __all__ = ["MonitorSession"]
 
@@ -288,37 +289,35 @@ class MonitorSession(SessionBase):
                 (self._router.drain_alerts(), True),
             ):
                 self.alerts.extend(alerts)
-                if alerts and control is None and record and self.interventions.policy.specs:
+                if alerts and control is None and record and self.interventions.configured:
                     self._late(alerts)
                 if alerts and control is not None:
-                    n = len(self.interventions.taken)
-                    try:
-                        self.interventions.act(alerts, control, step)
-                    except Exception as e:  # noqa: BLE001 - the actions that could be applied were
-                        self._report("actions", e)
-                    done = list(self.interventions.taken[n:])
+                    done = self._applied(self.interventions.act, alerts, control, step)
                     self._record_actions(done, step, write=record)
                     taken += done
-        if not collective or comm is None or comm.broken is not None or not self.interventions.policy.specs:
+        if not collective or comm is None or comm.broken is not None or not self.interventions.configured:
             return taken
         if comm.broadcast_int(len(taken)) == 0:
             return taken
         payload: dict[str, Any] | None = comm.broadcast(
-            {"actions": [a.to_dict() for a in taken], "policy": self.interventions.policy.state_dict()}
-            if comm.is_main
-            else None
+            self.interventions.decisions(taken) if comm.is_main else None
         )
         if comm.is_main or payload is None:
             return taken
-        n = len(self.interventions.taken)
-        try:
-            self.interventions.apply(payload["actions"], control)
-        except Exception as e:  # noqa: BLE001 - the actions that could be applied were
-            self._report("actions", e)
-        self.interventions.policy.load_state_dict(payload["policy"])
-        taken = list(self.interventions.taken[n:])
+        taken = self._applied(self.interventions.follow, payload, control)
         self.actions.extend(taken)
         return taken
+
+    def _applied(self, act: Callable[..., list[Action]], *args: Any) -> list[Action]:
+        """``act(*args)`` (the interventions applying actions): the actions applied, also when some failed."""
+        try:
+            return act(*args)
+        except InterventionError as e:  # the others were applied
+            self._report("actions", e)
+            return e.applied
+        except Exception as e:  # noqa: BLE001 - nothing was applied
+            self._report("actions", e)
+            return []
 
     def _late(self, alerts: list[Alert]) -> None:
         """Alerts whose results came back after the last step: say that their actions did not run."""

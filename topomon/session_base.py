@@ -93,12 +93,17 @@ class SessionBase:
         self.schedule = c.make_schedule()
         try:
             self.interventions = Interventions(
-                list(c.actions), diversity=c.diversity, replay_dataset=replay_dataset, replay_seed=c.seed
+                list(c.actions),
+                diversity=c.diversity,
+                replay_dataset=replay_dataset,
+                replay_seed=c.seed,
+                options=c.intervention_options,
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"`actions`: {e}") from None
-        if "replay" in self.interventions.needs and replay_dataset is None:
-            raise ConfigError("a 'replay' action needs replay_dataset=...: the examples to mix in")
+        mixing = self.interventions.requires.get("trainer_data")
+        if mixing and replay_dataset is None:
+            raise ConfigError(f"a {mixing[0]!r} action needs replay_dataset=...: the examples to mix in")
         self._stage = c.stage  # the configured stage name (a re-run into it gets a new one)
         self._started = False
         self._depth = 0
@@ -130,8 +135,7 @@ class SessionBase:
         self._router: ResultRouter | None = None
         self._strategy: CaptureStrategy | None = None
         self._needs: frozenset[str] = frozenset()
-        self.interventions.taken.clear()
-        self.interventions.policy.load_state_dict({})
+        self.interventions.reset()
 
     # ------------------------------------------------------------------ properties
     @property

@@ -213,7 +213,8 @@ def monitor_spec(section: Mapping[str, Any] | None, *, preset: str | None, comma
 
     Raises:
         ConfigError: an unknown key (named, with the closest field), a bad value, a bad
-            ``replay_dataset``, or a ``replay`` action without one.
+            ``replay_dataset``, or an action that mixes examples into the training data (``replay``)
+            without one.
     """
     section = dict(section or {})
     chosen = preset if preset is not None else section.get("preset")
@@ -222,11 +223,12 @@ def monitor_spec(section: Mapping[str, Any] | None, *, preset: str | None, comma
     fields.update({k: v for k, v in section.items() if k not in EXTRA_KEYS})
     config = MonitorConfig.from_dict(fields)
     replay = _replay_specs(section.get("replay_dataset"))
-    from topomon.interventions.actions import ActionSpec
+    from topomon.interventions import requirements
 
-    if any(ActionSpec.from_dict(a).kind == "replay" for a in config.actions) and not replay:
+    mixing = requirements(config.actions).get("trainer_data")
+    if mixing and not replay:
         raise ConfigError(
-            "a 'replay' action needs `replay_dataset:` in the topomon section, e.g. "
+            f"a {mixing[0]!r} action needs `replay_dataset:` in the topomon section, e.g. "
             "{path: json, data_files: replay.jsonl}: the examples to mix in"
         )
     return MonitorSpec(config=config, replay_datasets=replay)

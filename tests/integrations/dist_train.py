@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             self.saves: list[int] = []
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            div = mon.interventions.diversity
+            div = mon.interventions.target("diversity")
             strategy = mon.session._strategy
             passive = getattr(strategy, "passive", None)
             rows = passive._rows if passive is not None and passive.armed is False else None
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             self.saves.append(int(state.global_step))
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            div = mon.interventions.diversity
+            div = mon.interventions.target("diversity")
             marker = {
                 "rank": rank,
                 "world": world,

@@ -296,7 +296,7 @@ def test_actions_decided_on_the_main_process_are_applied_on_another_rank(two_ran
 
     mon = TopoMonitor(worker="sync", actions=[{"kind": "checkpoint"}, {"kind": "stop"}])
     stop = Action(step=3, kind="stop", params={}, cause={"rule": "always"}, spec="stop:*")
-    payload = {"actions": [stop.to_dict()], "policy": mon.interventions.policy.state_dict()}
+    payload = mon.interventions.decisions([stop])  # what the main process broadcasts
     session = mon.session
     session.comm = FakeComm(1, {"broadcast_int": lambda _: 1, "broadcast": lambda _: payload})
     control = TrainerControl()

@@ -49,10 +49,10 @@ def test_replay_and_diversity_are_switched_on_by_an_alert(tok, sft_data, tmp_pat
     )
     mon.attach(trainer)
     trainer.train()
-    assert mon.interventions.replay.ratio == 0.5
-    assert mon.interventions.replay.n_replayed > 0
-    assert mon.interventions.diversity.weight == 0.1
-    assert mon.interventions.diversity.n_applied > 0
+    assert mon.interventions.target("replay").ratio == 0.5
+    assert mon.interventions.target("replay").n_replayed > 0
+    assert mon.interventions.target("diversity").weight == 0.1
+    assert mon.interventions.target("diversity").n_applied > 0
     acc = scalar_events(tmp_path / "topomon" / "tensorboard" / "train")
     ratio = {e.step: e.value for e in acc.Scalars("topomon/interventions/replay")}
     assert ratio[1] == 0.5 and all(v == 0.5 for v in ratio.values())

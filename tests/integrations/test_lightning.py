@@ -114,7 +114,7 @@ def test_a_stop_action_ends_the_fit_and_a_checkpoint_action_saves_one(tok, tmp_p
     trainer = fit(LitLM(tiny_causal_lm("llama", seed=0), tok), tok, tmp_path, [mon], max_steps=10)
     assert trainer.global_step == 1  # the baseline's alert was acted on at the first step's end
     assert [a.kind for a in mon.actions] == ["diversity", "checkpoint", "stop"]
-    assert mon.session.interventions.diversity.weight == 0.1
+    assert mon.session.interventions.target("diversity").weight == 0.1
     path = tmp_path / "checkpoints" / "topomon-step=1.ckpt"
     assert mon.checkpoints == [str(path)]
     state = torch.load(path, weights_only=False)["callbacks"]["TopoMonitorCallback"]
@@ -131,7 +131,7 @@ def test_the_diversity_regulariser_acts_in_the_lightning_training_forward(tok, t
         actions=[{"kind": "diversity", "value": 0.1}],
     )
     fit(LitLM(tiny_causal_lm("llama", seed=0), tok), tok, tmp_path, [mon], max_steps=3)
-    reg = mon.session.interventions.diversity
+    reg = mon.session.interventions.target("diversity")
     assert reg.weight == 0.1 and reg.n_applied > 0
 
 
@@ -269,10 +269,9 @@ def test_what_the_lightning_callback_cannot_use_is_a_clear_error_before_step_1(t
         fit(LitLM(tiny_causal_lm("llama"), tok), tok, tmp_path, [TopoMonitorCallback(trackers=["mlflow"])])
     with pytest.raises(ConfigError, match=r"pass TopoMonitorCallback\(tokenizer=\.\.\.\)"):
         fit(LitLM(tiny_causal_lm("llama")), tok, tmp_path, [TopoMonitorCallback(**FAST)], max_steps=1)
-    # GRPO's entropy bonus: no TRL trainer here
-    bonus = TopoMonitorCallback(actions=[{"kind": "entropy_bonus", "value": 0.1}], **FAST)
+    # GRPO's entropy bonus: no TRL trainer here (refused at construction: the kind requires one)
     with pytest.raises(ConfigError, match=r"entropy_bonus.*GRPOTrainer.*Lightning has no GRPO entropy bonus"):
-        fit(LitLM(tiny_causal_lm("llama"), tok), tok, tmp_path, [bonus], max_steps=1)
+        TopoMonitorCallback(actions=[{"kind": "entropy_bonus", "value": 0.1}], **FAST)
 
     class Holder(LitLM):
         def __init__(self):

@@ -87,7 +87,7 @@ def test_a_stop_action_ends_the_loop_and_a_regulariser_acts(tok, tmp_path):
         done = train(model, tok, mon, steps=10)
     assert done == 1  # the baseline's alert was acted on at the first step end
     assert [a.kind for a in mon.actions] == ["diversity", "stop"]
-    assert mon.session.interventions.diversity.weight == 0.1
+    assert mon.session.interventions.target("diversity").weight == 0.1
 
 
 def test_using_it_before_it_started_is_a_clear_error(tok):

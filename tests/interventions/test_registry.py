@@ -246,11 +246,17 @@ def test_finish_removes_hooks_and_a_later_setup_builds_again(tmp_path) -> None: 
     iv = Interventions([{"kind": "diversity", "value": 0.1}])
     iv.setup(model, str(tmp_path), "s")
     iv.act([alert("r", 1)], Signals(), step=1)
-    first = iv.diversity
+    first = iv.target("diversity")
     iv.finish()
-    assert iv.diversity is first and not first.hooked and iv.values()["diversity"] == 0.1  # still readable
+    assert (
+        iv.target("diversity") is first and not first.hooked and iv.values()["diversity"] == 0.1
+    )  # still readable
     iv.setup(model, str(tmp_path), "s")
-    assert iv.diversity is not first and iv.diversity.hooked and iv.diversity.weight == 0.1  # value kept
+    assert (
+        iv.target("diversity") is not first
+        and iv.target("diversity").hooked
+        and iv.target("diversity").weight == 0.1
+    )  # value kept
 
 
 # ---------------------------------------------------------------- the registry

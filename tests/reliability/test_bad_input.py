@@ -81,6 +81,14 @@ BAD: dict[str, list] = {
     "webhook_url": [5, "ftp://example.com/hook", "file:///etc/passwd", "http://", "example.com/hook"],
     "actions": ["stop", [1], [{"kind": "explode"}], [{"kind": "replay", "value": -1}]],
     "diversity": [[1], {"colour": 1}, {1: 2, "a": 3}],
+    "intervention_options": [
+        [1],
+        {"explode": {}},
+        {"diversity": 3},
+        {"lora_decorrelation": {"two_sided": 1.0}},
+        {"stop": {"now": True}},
+        {"diversity": {1: 2}},
+    ],
 }
 CASES = [(name, v) for name, values in BAD.items() for v in values]
 

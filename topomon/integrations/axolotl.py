@@ -37,6 +37,7 @@ from typing import Any
 from pydantic import BaseModel, field_validator
 
 from topomon.config import ConfigError
+from topomon.interventions import runnable_kinds, unsupported
 from topomon.trl_cli import MonitorSpec, monitor_spec
 
 try:
@@ -52,11 +53,31 @@ __all__ = ["TopoMonArgs", "TopoMonPlugin", "axolotl_spec", "SECTION"]
 SECTION = "topomon"
 """The key of the monitor's section in an Axolotl YAML."""
 
-_NO_REPLAY = (
-    "a 'replay' action and `replay_dataset` are not available in the Axolotl plugin: Axolotl tokenises "
-    "and packs its own data and the replay examples would have to be in that form; remove them (the "
-    "diversity, lora_decorrelation, checkpoint and stop actions work)"
+PROVIDES = frozenset({"pre_optimizer_step"})
+"""What the plugin gives an intervention (of REQUIREMENTS): it adds the monitor as a callback, no attach."""
+
+_NO_DATA = (
+    "not available in the Axolotl plugin: Axolotl tokenises and packs its own data and the replay "
+    "examples would have to be in that form"
 )
+
+
+def _check_actions(actions: Any) -> None:
+    """Refuse the actions whose requirements the plugin does not provide (the registry says which)."""
+    if not isinstance(actions, (list, tuple)):
+        return  # the config says what is wrong with it
+    works = ", ".join(runnable_kinds(PROVIDES))
+    why = unsupported(
+        actions,
+        PROVIDES,
+        {
+            "trainer_data": f"it is {_NO_DATA}; remove it (the {works} actions work)",
+            "grpo_trainer": "the Axolotl plugin adds the monitor as a callback, without "
+            f"monitor.attach(trainer): remove the action (the {works} actions work)",
+        },
+    )
+    if why is not None:
+        raise ConfigError(why)
 
 
 def _plain(value: Any) -> Any:
@@ -90,7 +111,9 @@ def axolotl_spec(section: Any, *, rl: Any = None) -> MonitorSpec:
 
     Raises:
         ConfigError: the section is not a mapping, has an unknown key (named, with the closest field),
-            a bad value or an unknown preset, or configures replay.
+            a bad value or an unknown preset, or configures an action the plugin cannot run (one that
+            requires the trainer's data, such as ``replay``, or a TRL trainer given to
+            ``monitor.attach``, such as ``entropy_bonus``).
 
     Example:
         >>> axolotl_spec({"preset": "light", "every_n_steps": 20}).config.every_n_steps  # doctest: +SKIP
@@ -104,15 +127,11 @@ def axolotl_spec(section: Any, *, rl: Any = None) -> MonitorSpec:
             f"`preset`), got {section!r}"
         )
     section = _plain(section)
-    actions = section.get("actions")
-    if "replay_dataset" in section or (
-        isinstance(actions, list)
-        and any(isinstance(a, Mapping) and a.get("kind") == "replay" for a in actions)
-    ):
-        raise ConfigError(_NO_REPLAY)
+    if "replay_dataset" in section:
+        raise ConfigError(f"`replay_dataset` is {_NO_DATA}; remove it")
+    _check_actions(section.get("actions"))
     spec = monitor_spec(section, preset=None, command=_stage(rl))
-    if any(isinstance(a, Mapping) and a.get("kind") == "replay" for a in spec.config.actions):
-        raise ConfigError(_NO_REPLAY)  # from a preset file
+    _check_actions(spec.config.actions)  # from a preset file
     return spec
 
 

@@ -54,7 +54,7 @@ from topomon.alerts.sinks import StepText
 from topomon.capture.layers import unwrap_model
 from topomon.config import ConfigError, MonitorConfig, as_config
 from topomon.integrations.base import MonitorAdapter
-from topomon.interventions import Signals
+from topomon.interventions import Signals, unsupported
 from topomon.session import MonitorSession
 from topomon.sinks.base import RecordSink, prefixed_scalars, scalars_by_step
 from topomon.types import Alert, MetricRecord
@@ -62,6 +62,13 @@ from topomon.types import Alert, MetricRecord
 __all__ = ["TopoMonitorCallback", "LightningLoggerSink", "find_language_model"]
 
 logger = logging.getLogger("topomon")
+
+PROVIDES = frozenset({"pre_optimizer_step"})  # what Lightning gives an intervention (REQUIREMENTS)
+_HINTS = {
+    "trainer_data": "a LightningModule owns its data: remove the action, or mix replay examples in your "
+    "DataModule",
+    "grpo_trainer": "Lightning has no GRPO entropy bonus: remove the action",
+}
 
 _WRONG_TRAINER = (
     "topomon.integrations.lightning.TopoMonitorCallback is the PyTorch Lightning callback; "
@@ -271,8 +278,9 @@ class TopoMonitorCallback(MonitorAdapter, Callback):
     ``checkpoint`` actions wrote; :meth:`state_dict` is the one Lightning's checkpoints hold.
 
     Raises:
-        ConfigError: a configuration value is wrong, or a ``replay`` action (a LightningModule owns
-            its data); at ``on_train_start``: no language model or tokenizer found, or what
+        ConfigError: a configuration value is wrong, or an action that requires the trainer's data
+            (``replay``: a LightningModule owns its data) or a TRL trainer (``entropy_bonus``); at
+            ``on_train_start``: no language model or tokenizer found, or what
             :meth:`MonitorSession.begin <topomon.session.MonitorSession.begin>` raises.
 
     Example:
@@ -291,11 +299,9 @@ class TopoMonitorCallback(MonitorAdapter, Callback):
         **overrides: Any,
     ):
         c = as_config(config, overrides)
-        if any(spec.get("kind") == "replay" for spec in c.actions):
-            raise ConfigError(
-                "a 'replay' action mixes examples into a Hugging Face Trainer's data loader; a "
-                "LightningModule owns its data: remove the action, or mix replay examples in your DataModule"
-            )
+        why = unsupported(c.actions, PROVIDES, _HINTS)
+        if why is not None:
+            raise ConfigError(why)
         if model_attr is not None and not (isinstance(model_attr, str) and model_attr):
             raise ConfigError(f"`model_attr` must be a non-empty attribute path, got {model_attr!r}")
         self.session = MonitorSession(c, tokenizer=tokenizer, on_alert=on_alert)

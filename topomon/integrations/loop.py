@@ -27,11 +27,18 @@ from typing import Any
 
 from topomon.config import ConfigError, MonitorConfig, as_config
 from topomon.integrations.base import MonitorAdapter
-from topomon.interventions import Signals
+from topomon.interventions import Signals, unsupported
 from topomon.session import MonitorSession
 from topomon.types import Alert
 
 __all__ = ["Watch", "watch"]
+
+PROVIDES = frozenset({"pre_optimizer_step"})  # what a plain loop gives an intervention (REQUIREMENTS)
+_HINTS = {
+    "trainer_data": "a plain loop owns its data: remove the action, or mix replay examples into your own "
+    "loader",
+    "grpo_trainer": "a plain loop has no GRPO trainer: remove the action",
+}
 
 
 class Watch(MonitorAdapter):
@@ -48,7 +55,8 @@ class Watch(MonitorAdapter):
         total_steps: the loop's length, if known (a run the overhead budget starves still gets a
             capture at its middle).
         on_alert: called with every alert (on the collector thread).
-        replay_dataset: not supported here (a plain loop owns its data): a ``replay`` action is a
+        replay_dataset: not supported here (a plain loop owns its data): an action that requires
+            the trainer's data (``replay``) or a TRL trainer (``entropy_bonus``) is a
             :class:`~topomon.config.ConfigError`.
 
     The session's results and counters are read here: ``captures``, ``alerts``, ``actions``,
@@ -71,11 +79,9 @@ class Watch(MonitorAdapter):
         **overrides: Any,
     ):
         c = as_config(config, overrides)
-        if any(spec.get("kind") == "replay" for spec in c.actions):
-            raise ConfigError(
-                "a 'replay' action mixes examples into a Trainer's data loader; a plain loop owns its data: "
-                "remove the action, or mix replay examples into your own loader"
-            )
+        why = unsupported(c.actions, PROVIDES, _HINTS)
+        if why is not None:
+            raise ConfigError(why)
         self.session = MonitorSession(c, tokenizer=tokenizer, on_alert=on_alert)
         self.model = model
         self.output_dir = os.fspath(output_dir)

@@ -3,8 +3,10 @@
 An alert engages an :class:`ActionSpec`; the :class:`ActionPolicy` (pure decision:
 :func:`decide_actions`) turns alerts into :class:`Action` records; :class:`Interventions` applies
 them to one registered :class:`Intervention` per kind (``replay``, ``diversity``,
-``lora_decorrelation``, ``checkpoint``, ``stop``, and any kind added with
-:func:`register_intervention`). ``checkpoint`` and ``stop`` set ``should_save`` /
+``lora_decorrelation``, ``entropy_bonus``, ``checkpoint``, ``stop``, and any kind added with
+:func:`register_intervention`). Each kind declares what it requires of the training
+(:data:`REQUIREMENTS`); adapters ask :func:`requirements` / :func:`unsupported` whether they can run
+the configured actions. ``checkpoint`` and ``stop`` set ``should_save`` /
 ``should_training_stop`` on a ``transformers.TrainerControl`` or on a framework-free
 :class:`Signals`.
 
@@ -27,12 +29,16 @@ from typing import TYPE_CHECKING, Any
 from topomon.interventions.actions import Action, ActionPolicy, ActionSpec, PolicyState, decide_actions
 from topomon.interventions.base import (
     INTERVENTIONS,
+    REQUIREMENTS,
     BuildContext,
     Intervention,
     InterventionError,
     Signals,
     intervention_kinds,
     register_intervention,
+    requirements,
+    runnable_kinds,
+    unsupported,
 )
 from topomon.interventions.controller import Interventions
 from topomon.interventions.kinds import (
@@ -41,7 +47,6 @@ from topomon.interventions.kinds import (
     LoRADecorrelationIntervention,
     ReplayIntervention,
     StopIntervention,
-    earlier_lora_subspaces,
     lora_subspace_path,
 )
 
@@ -70,20 +75,23 @@ __all__ = [
     "LoRADecorrelation",
     "LoRADecorrelationIntervention",
     "PolicyState",
+    "REQUIREMENTS",
     "ReplayDataset",
     "ReplayIntervention",
     "ReplayMixer",
     "Signals",
     "StopIntervention",
     "decide_actions",
-    "earlier_lora_subspaces",
     "install_replay",
     "intervention_kinds",
     "load_lora_subspaces",
     "lora_subspace_path",
     "merge_lora_subspaces",
     "register_intervention",
+    "requirements",
+    "runnable_kinds",
     "save_lora_subspaces",
+    "unsupported",
 ]
 
 _LAZY = {

@@ -333,7 +333,8 @@ class ActionPolicy:
             if kind not in params:
                 raise ValueError(f"baselines keys must be among {', '.join(params)}, got {kind!r}")
             self.baselines[kind] = _check_value(kind, value, "baseline")
-        self.state = PolicyState(applied={k: self.baselines.get(k, 0.0) for k in params})
+        self.state = PolicyState()
+        self.reset()
 
     def decide(self, alerts: Sequence[Alert]) -> list[Action]:
         """Update what is switched on and return the actions to apply (see :func:`decide_actions`)."""
@@ -366,6 +367,10 @@ class ActionPolicy:
             )
             for kind, param in _params().items()
         ]
+
+    def reset(self) -> None:
+        """Nothing engaged, every kind at its baseline (as constructed)."""
+        self.state = PolicyState(applied={k: self.baselines.get(k, 0.0) for k in _params()})
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-typed state for checkpoints: engaged specs (with their alerts) and values in effect."""

@@ -7,6 +7,12 @@ registered with :func:`register_intervention`:
 
 * ``kind`` (class attribute) and ``settable`` (whether it has a value, e.g. a ratio or a weight;
   ``param`` names that value in :attr:`Action.params <topomon.interventions.actions.Action.params>`);
+* ``requires`` (class attribute): what it needs from the training, among :data:`REQUIREMENTS`
+  (``trainer_data``: examples mixed into the trainer's data; ``pre_optimizer_step``: the event
+  between gradient clipping and the optimizer step; ``grpo_trainer``: TRL's ``GRPOTrainer``). The
+  adapters and the config ask :func:`requirements` / :func:`unsupported`, never a kind's name;
+* ``OPTIONS`` (class attribute): the options ``MonitorConfig.intervention_options[kind]`` may set
+  (keyword arguments of the class; :meth:`Intervention.check_options` refuses the others);
 * ``value`` / ``set_value(v)`` (checked by :meth:`Intervention.check_value`, which also validates
   the value of an action spec in the config);
 * ``attach_trainer(trainer)`` (optional, before training: e.g. replay wraps the training set);
@@ -15,7 +21,8 @@ registered with :func:`register_intervention`:
 * ``apply(action, control)``: settable kinds take the action's value, the others act through a
   control object with ``transformers.TrainerControl``'s attribute names (a real ``TrainerControl``
   or a :class:`Signals`);
-* ``pre_optimizer_step()`` (optional: gradients added after clipping, before the optimizer step);
+* ``pre_optimizer_step()`` (gradients added after clipping, before the optimizer step; called only on
+  a kind whose ``requires`` has ``"pre_optimizer_step"``);
 * ``scalars()`` (what to log), ``state_dict()`` / ``load_state_dict()`` and ``remove()``.
 
 Example:
@@ -29,7 +36,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -41,12 +48,25 @@ __all__ = [
     "InterventionError",
     "TargetIntervention",
     "INTERVENTIONS",
+    "REQUIREMENTS",
     "Signals",
     "intervention_kinds",
     "register_intervention",
+    "requirements",
+    "runnable_kinds",
+    "unsupported",
 ]
 
 _KIND = re.compile(r"[a-z][a-z0-9_]*")
+
+REQUIREMENTS: dict[str, str] = {
+    "trainer_data": "mixes examples (replay_dataset=...) into the training data of a Hugging Face Trainer "
+    "given to monitor.attach(trainer)",
+    "pre_optimizer_step": "acts between gradient clipping and the optimizer step (the adapter's "
+    "pre-optimizer-step event)",
+    "grpo_trainer": "changes the loss of TRL's GRPOTrainer, given to monitor.attach(trainer)",
+}
+"""What an intervention may require of the training (:attr:`Intervention.requires`): name -> what it means."""
 
 
 @dataclass
@@ -110,6 +130,8 @@ class Intervention:
     kind: ClassVar[str] = ""
     settable: ClassVar[bool] = True
     param: ClassVar[str] = "weight"  # the value's name in Action.params
+    requires: ClassVar[frozenset[str]] = frozenset()  # among REQUIREMENTS
+    OPTIONS: ClassVar[tuple[str, ...]] = ()  # what MonitorConfig.intervention_options[kind] may set
 
     def __init__(self) -> None:
         self._value = 0.0
@@ -131,6 +153,22 @@ class Intervention:
                 f"got {value!r}"
             )
         return v
+
+    @classmethod
+    def check_options(cls, options: Any) -> dict[str, Any]:
+        """The options the config gives this kind (``intervention_options[kind]``), checked by name.
+
+        Raises:
+            TypeError: ``options`` is not a mapping with string keys.
+            ValueError: an option this kind does not have (the message lists the valid ones).
+        """
+        if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+            raise TypeError(f"the options of {cls.kind!r} must be a mapping of option names, got {options!r}")
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            valid = f"valid options are {list(cls.OPTIONS)}" if cls.OPTIONS else "it has no options"
+            raise ValueError(f"unknown {cls.kind!r} option(s) {unknown}; {valid}")
+        return dict(options)
 
     @property
     def built(self) -> bool:
@@ -180,7 +218,10 @@ class Intervention:
         self.set_value(action.params[self.param])
 
     def pre_optimizer_step(self) -> float | None:
-        """Called after gradient clipping, before the optimizer step; returns a penalty or None."""
+        """Called after gradient clipping, before the optimizer step; returns a penalty or None.
+
+        Only called on a kind that declares ``"pre_optimizer_step"`` in :attr:`requires`.
+        """
         return None
 
     def scalars(self) -> dict[str, float]:
@@ -219,13 +260,28 @@ def register_intervention(cls: _I, *, replace: bool = False) -> _I:
 
     Raises:
         TypeError: ``cls`` is not an :class:`Intervention` subclass.
-        ValueError: a malformed ``kind``, or a kind already registered (without ``replace``).
+        ValueError: a malformed ``kind``, a kind already registered (without ``replace``), a
+            requirement not in :data:`REQUIREMENTS`, or ``pre_optimizer_step`` overridden without
+            ``"pre_optimizer_step"`` in ``requires`` (it would never be called).
     """
     if not (isinstance(cls, type) and issubclass(cls, Intervention)):
         raise TypeError(f"register_intervention needs an Intervention subclass, got {cls!r}")
     kind = cls.kind
     if not isinstance(kind, str) or not _KIND.fullmatch(kind):
         raise ValueError(f"{cls.__name__}.kind must match [a-z][a-z0-9_]*, got {kind!r}")
+    bad = sorted(set(cls.requires) - set(REQUIREMENTS))
+    if bad or not isinstance(cls.requires, frozenset):
+        raise ValueError(
+            f"{cls.__name__}.requires must be a frozenset of {sorted(REQUIREMENTS)}, got {cls.requires!r}"
+        )
+    if (
+        cls.pre_optimizer_step is not Intervention.pre_optimizer_step
+        and "pre_optimizer_step" not in cls.requires
+    ):
+        raise ValueError(
+            f"{cls.__name__} overrides pre_optimizer_step(): declare requires = "
+            'frozenset({"pre_optimizer_step"}) so that it is called'
+        )
     if kind in INTERVENTIONS and INTERVENTIONS[kind] is not cls and not replace:
         raise ValueError(
             f"kind {kind!r} is already registered by {INTERVENTIONS[kind].__name__}; pass replace=True"
@@ -240,6 +296,68 @@ def intervention_kinds() -> tuple[str, ...]:
     The built-in kinds are replay, diversity, lora_decorrelation, entropy_bonus, checkpoint and stop.
     """
     return tuple(INTERVENTIONS)
+
+
+def _kind_of(spec: Any) -> str | None:
+    if isinstance(spec, str):
+        kind: Any = spec
+    else:
+        kind = spec.get("kind") if isinstance(spec, Mapping) else getattr(spec, "kind", None)
+    return kind if isinstance(kind, str) and kind in INTERVENTIONS else None
+
+
+def requirements(actions: Iterable[Any]) -> dict[str, tuple[str, ...]]:
+    """What the configured actions require of the training: requirement -> the kinds that need it.
+
+    Args:
+        actions: action specs (mappings or :class:`~topomon.interventions.actions.ActionSpec`) or
+            kind names; entries that are not of a registered kind are skipped (the config refuses them).
+
+    Returns:
+        Per requirement of :data:`REQUIREMENTS` that some configured kind has, those kinds in the
+        order they are configured.
+
+    Example:
+        >>> requirements([{"kind": "replay", "value": 0.5}, {"kind": "stop"}])
+        {'trainer_data': ('replay',)}
+    """
+    out: dict[str, list[str]] = {}
+    for spec in actions:
+        kind = _kind_of(spec)
+        if kind is None:
+            continue
+        for req in sorted(INTERVENTIONS[kind].requires):
+            if kind not in out.setdefault(req, []):
+                out[req].append(kind)
+    return {req: tuple(kinds) for req, kinds in out.items()}
+
+
+def unsupported(actions: Iterable[Any], provided: Collection[str], hints: Mapping[str, str]) -> str | None:
+    """Why an adapter cannot run the configured actions, or None when it can run them all.
+
+    Args:
+        actions: action specs, as :func:`requirements`.
+        provided: the requirements the adapter provides (of :data:`REQUIREMENTS`).
+        hints: per requirement the adapter lacks, what to do instead (ends the message).
+
+    Returns:
+        A message naming the first action with an unmet requirement: the kind, what it requires and
+        the adapter's hint; None when every requirement is provided.
+
+    Example:
+        >>> unsupported([{"kind": "replay", "value": 0.5}], set(), {"trainer_data": "remove it"})[:30]
+        "the 'replay' action mixes exam"
+    """
+    for req, kinds in requirements(actions).items():
+        if req not in provided:
+            hint = hints.get(req, "remove the action")
+            return f"the {kinds[0]!r} action {REQUIREMENTS[req]}; {hint}"
+    return None
+
+
+def runnable_kinds(provided: Collection[str]) -> tuple[str, ...]:
+    """The registered kinds whose every requirement is in ``provided`` (registration order)."""
+    return tuple(k for k, cls in INTERVENTIONS.items() if cls.requires <= set(provided))
 
 
 class TargetIntervention(Intervention):

@@ -5,10 +5,14 @@ registered :class:`~topomon.interventions.base.Intervention` per configured kind
 its config ``kind``, its state key and its TensorBoard tag). It installs what needs the trainer
 (:meth:`~Interventions.attach_trainer`), builds the rest on the model at train begin
 (:meth:`~Interventions.setup`, which raises when a configured intervention cannot act), applies the
-policy's actions (:meth:`~Interventions.act` on the deciding process, :meth:`~Interventions.apply`
-on the others) and reports their values (:meth:`~Interventions.values`).
+policy's actions (:meth:`~Interventions.act` on the deciding process; :meth:`~Interventions.follow`
+the deciding process's :meth:`~Interventions.decisions` on the others) and reports their values
+(:meth:`~Interventions.values`). What the configured kinds require of the training is
+:attr:`~Interventions.requires`; a new training starts from :meth:`~Interventions.reset`. Whoever
+holds it uses these methods only, never its fields.
 
 Example:
+    >>> from topomon.interventions import Interventions, Signals
     >>> iv = Interventions([{"kind": "stop"}])
     >>> iv.setup(model, run_path, "sft")  # doctest: +SKIP
     >>> signals = Signals()
@@ -22,11 +26,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from topomon.interventions.actions import Action, ActionPolicy, ActionSpec
-from topomon.interventions.base import INTERVENTIONS, BuildContext, Intervention, InterventionError
-from topomon.interventions.kinds import lora_subspace_path
+from topomon.interventions.base import (
+    INTERVENTIONS,
+    BuildContext,
+    Intervention,
+    InterventionError,
+    requirements,
+)
 from topomon.types import Alert
 
-__all__ = ["Interventions", "lora_subspace_path"]
+__all__ = ["Interventions"]
 
 
 class Interventions:
@@ -37,9 +46,10 @@ class Interventions:
         diversity: options of the diversity regulariser (``layers``, ``kind``, ``max_tokens``, ...).
         replay_dataset: replay examples, installed by :meth:`attach_trainer`.
         replay_seed: seed of the replay draws (None: the trainer's seed).
-        options: per kind, the keyword arguments of its intervention class (for registered kinds
-            beyond the built-in ones; ``diversity`` / ``replay_dataset`` / ``replay_seed`` fill in
-            the built-in ones).
+        options: per kind, the keyword arguments of its intervention class
+            (``MonitorConfig.intervention_options``; ``diversity`` / ``replay_dataset`` /
+            ``replay_seed`` are added to those of ``diversity`` and ``replay``). Options of a kind
+            without an action are unused.
 
     Raises:
         ValueError: a spec or an option is invalid (the message names it).
@@ -78,9 +88,36 @@ class Interventions:
         """The configured kinds: each has an intervention that :meth:`setup` builds."""
         return set(self.interventions)
 
+    @property
+    def configured(self) -> bool:
+        """Whether any action is configured (else alerts never act and nothing is shared)."""
+        return bool(self.policy.specs)
+
+    @property
+    def requires(self) -> dict[str, tuple[str, ...]]:
+        """What the configured kinds require of the training: requirement -> kinds.
+
+        See :func:`~topomon.interventions.base.requirements`.
+        """
+        return requirements(self.interventions)
+
     def get(self, kind: str) -> Intervention | None:
         """The intervention of ``kind``, or None when that kind is not configured."""
         return self.interventions.get(kind)
+
+    def target(self, kind: str) -> Any:
+        """The object the intervention of ``kind`` drives once built, or None.
+
+        A :class:`~topomon.interventions.replay.ReplayMixer`, a
+        :class:`~topomon.interventions.diversity.DiversityRegularizer`, a
+        :class:`~topomon.interventions.lora_decorrelation.LoRADecorrelation`.
+        """
+        return getattr(self.interventions.get(kind), "target", None)
+
+    def reset(self) -> None:
+        """Forget the actions taken and what the policy switched on: a new training starts from here."""
+        self.taken.clear()
+        self.policy.reset()
 
     def attach_trainer(self, trainer: Any) -> None:
         """Install into a built trainer what needs it (replay mixing), before ``train()``.
@@ -144,7 +181,8 @@ class Interventions:
 
         Raises:
             InterventionError: some actions failed; every other one was applied (a failure never
-                loses a stop). ``.applied`` holds the applied actions, ``.failed`` the failures.
+                loses a stop). ``.applied`` holds the applied actions (what this call applied),
+                ``.failed`` the failures.
         """
         decided = [dataclasses.replace(a, step=step) for a in self.policy.decide(alerts)]
         return self._apply_all(decided, control)
@@ -161,9 +199,36 @@ class Interventions:
         """
         return self._apply_all([Action.from_dict(d) for d in actions], control)
 
+    def decisions(self, actions: Sequence[Action]) -> dict[str, Any]:
+        """What the deciding process shares after :meth:`act`: the actions and the policy's state (plain)."""
+        return {"actions": [a.to_dict() for a in actions], "policy": self.policy.state_dict()}
+
+    def follow(self, decisions: Mapping[str, Any], control: Any) -> list[Action]:
+        """Apply another process's :meth:`decisions` and adopt its policy state (also on failure).
+
+        Returns:
+            The actions applied.
+
+        Raises:
+            TypeError: a malformed entry (nothing is applied).
+            InterventionError: some actions failed; every other one was applied (``.applied``).
+        """
+        try:
+            return self.apply(decisions["actions"], control)
+        finally:
+            self.policy.load_state_dict(decisions["policy"])
+
     def pre_optimizer_step(self) -> float | None:
-        """Let the interventions add gradients (LoRA decorrelation); returns the summed penalty, or None."""
-        values = [v for v in (iv.pre_optimizer_step() for iv in self.interventions.values()) if v is not None]
+        """Let the kinds that require this event add gradients (LoRA decorrelation).
+
+        Returns:
+            The summed penalty, or None when no kind added any.
+        """
+        values = [
+            v
+            for iv in self.interventions.values()
+            if "pre_optimizer_step" in iv.requires and (v := iv.pre_optimizer_step()) is not None
+        ]
         return sum(values) if values else None
 
     def values(self) -> dict[str, float]:
@@ -208,19 +273,3 @@ class Interventions:
                 self._apply_all(restore, control)
             finally:
                 del self.taken[n:]  # restoring is not an action taken
-
-    # ------------------------------------------------------------------ the built-in targets, by kind
-    @property
-    def replay(self) -> Any:
-        """The :class:`~topomon.interventions.replay.ReplayMixer` of the ``replay`` kind, or None."""
-        return getattr(self.interventions.get("replay"), "target", None)
-
-    @property
-    def diversity(self) -> Any:
-        """The :class:`~topomon.interventions.diversity.DiversityRegularizer` of ``diversity``, or None."""
-        return getattr(self.interventions.get("diversity"), "target", None)
-
-    @property
-    def lora_decorrelation(self) -> Any:
-        """The :class:`~topomon.interventions.lora_decorrelation.LoRADecorrelation` of its kind, or None."""
-        return getattr(self.interventions.get("lora_decorrelation"), "target", None)

@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
+from topomon._validate import check_weight
 from topomon.capture.layers import model_layout, resolve_layer_indices, unwrap_model
-from topomon.interventions._validate import check_weight
 
 __all__ = [
     "KINDS",

@@ -1,7 +1,9 @@
 """The built-in interventions, registered under their kinds.
 
-The kinds are replay, diversity, lora_decorrelation, entropy_bonus, checkpoint and stop. Each is a
-thin :class:`~topomon.interventions.base.Intervention` around the object that does the work
+The kinds are replay, diversity, lora_decorrelation, entropy_bonus, checkpoint and stop. Each
+declares what it requires of the training (``requires``) and the options the config may set
+(``OPTIONS``, in ``MonitorConfig.intervention_options[kind]``), and is a thin
+:class:`~topomon.interventions.base.Intervention` around the object that does the work
 (:class:`~topomon.interventions.replay.ReplayMixer`,
 :class:`~topomon.interventions.diversity.DiversityRegularizer`,
 :class:`~topomon.interventions.lora_decorrelation.LoRADecorrelation`, TRL ``GRPOTrainer``'s entropy
@@ -27,25 +29,12 @@ __all__ = [
     "CheckpointIntervention",
     "StopIntervention",
     "lora_subspace_path",
-    "earlier_lora_subspaces",
 ]
 
 
 def lora_subspace_path(run_path: str, stage: str) -> str:
     """Where a stage's LoRA update subspace is saved in a run directory (``<run_path>/lora/<stage>.npz``)."""
     return RunDir(run_path).lora_path(stage)
-
-
-def earlier_lora_subspaces(run_path: str, stage: str) -> list[str]:
-    """The saved LoRA subspace files of the stages before ``stage`` (:meth:`RunDir.earlier_lora`)."""
-    return RunDir(run_path).earlier_lora(stage)
-
-
-def _check_options(kind: str, options: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(allowed), key=repr)
-    if unknown:
-        raise ValueError(f"unknown {kind!r} option(s) {unknown}; valid options are {list(allowed)}")
-    return dict(options)
 
 
 @register_intervention
@@ -61,6 +50,7 @@ class ReplayIntervention(TargetIntervention):
 
     kind = "replay"
     param = "ratio"
+    requires = frozenset({"trainer_data"})
     setter = "set_ratio"  # target: the ReplayMixer (every DataLoader worker reads it at its next draw)
 
     def __init__(self, dataset: Any = None, seed: int | None = None, prepare: Any = "auto") -> None:
@@ -163,7 +153,7 @@ class DiversityIntervention(TargetIntervention):
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
-        self.options = _check_options(self.kind, options, self.OPTIONS)
+        self.options = self.check_options(options)
         self._model: Any = None
 
     def build(self, ctx: BuildContext) -> None:
@@ -210,11 +200,12 @@ class LoRADecorrelationIntervention(TargetIntervention):
     """
 
     kind = "lora_decorrelation"
+    requires = frozenset({"pre_optimizer_step"})
     OPTIONS = ("one_sided", "adapter_name")
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
-        self.options = _check_options(self.kind, options, self.OPTIONS)
+        self.options = self.check_options(options)
 
     def build(self, ctx: BuildContext) -> None:
         """Load the earlier stages' subspaces for the model's LoRA adapters.
@@ -238,7 +229,7 @@ class LoRADecorrelationIntervention(TargetIntervention):
                 "train with LoRA (peft get_peft_model, or SFTTrainer(peft_config=LoraConfig(...))) or "
                 "remove the action"
             )
-        earlier = earlier_lora_subspaces(ctx.run_path, ctx.stage)
+        earlier = RunDir(ctx.run_path).earlier_lora(ctx.stage)
         if not earlier:
             raise ValueError(
                 "a 'lora_decorrelation' action needs an earlier stage's LoRA update subspace, but "
@@ -283,6 +274,7 @@ class EntropyBonusIntervention(Intervention):
 
     kind = "entropy_bonus"
     param = "coef"
+    requires = frozenset({"grpo_trainer"})
     TRAINER_FIELDS = ("entropy_coef", "_entropy_bonus_enabled", "use_adaptive_entropy")
 
     def __init__(self) -> None:

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from topomon._validate import check_weight
 from topomon.capture.layers import unwrap_model
-from topomon.interventions._validate import check_weight
 from topomon.metrics.lora import LORA_SUBSPACE_FORMAT as _FORMAT
 from topomon.metrics.lora import load_lora_subspaces
 
