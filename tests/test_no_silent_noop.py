@@ -793,3 +793,21 @@ def test_a_topology_rule_on_a_layer_without_topology_fails_before_step_1(tmp_pat
 )
 def test_passive_mode_with_a_pooling_it_cannot_apply_fails_before_step_1(tmp_path: Path) -> None:
     fails_before_step_1(tmp_path, "pooling", mode="passive", pooling="last")
+
+
+@pytest.mark.slow
+def test_a_named_tracker_gets_the_curves_of_a_plain_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the `trackers` case's other half: with a run to write into, the named tracker gets every curve
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # mlflow's ./mlruns artifacts
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # no global set_tracking_uri left for later tests
+    with mlflow.start_run() as active:
+        r = run(tmp_path, trackers=["mlflow"], alerts=ALWAYS)
+    history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(
+        active.info.run_id, "topomon/rankme/final_norm"
+    )
+    want = {x["step"]: x["metrics"]["rankme"] for x in r.metrics("final_norm")}
+    assert {m.step: m.value for m in history} == pytest.approx(want)
