@@ -169,7 +169,9 @@ def fails_before_step_1(tmp_path: Path, match: str, **config: Any) -> None:
             mon.begin()
         finally:
             mon.session.close()
-    assert not (tmp_path / "bad" / "topomon" / "alerts.jsonl").exists()
+    assert not [
+        r for r in read_jsonl(tmp_path / "bad" / "topomon" / "metrics.jsonl") if r["kind"] == "metrics"
+    ]
 
 
 # ------------------------------------------------------------------------------------ the field cases
