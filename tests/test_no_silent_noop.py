@@ -787,14 +787,24 @@ def test_a_topology_rule_on_a_layer_without_topology_fails_before_step_1(tmp_pat
     fails_before_step_1(tmp_path, "layer_0", alerts=[_always("h1_total_persistence", "layer_0", "t")])
 
 
+PROBE_OPTIONS = {
+    "pooling": "last",
+    "max_probes": 5,
+    "max_length": 8,
+    "probe_batch_size": 3,
+    "probe_field": "body",
+}
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="silent no-op: in passive mode `pooling` is ignored (every counted token of the batch is "
-    "taken) and a non-default pooling neither acts nor raises (config_checks rejects `probes` in passive "
-    "mode, not `pooling`)",
+    reason="silent no-op: passive mode captures the training batch's tokens, so the probe-set options "
+    "(pooling, max_probes, max_length, probe_batch_size, probe_field) do nothing there, yet a value other "
+    "than the default is accepted without an error or a warning (config_checks rejects only `probes`)",
 )
-def test_passive_mode_with_a_pooling_it_cannot_apply_fails_before_step_1(tmp_path: Path) -> None:
-    fails_before_step_1(tmp_path, "pooling", mode="passive", pooling="last")
+@pytest.mark.parametrize("field", list(PROBE_OPTIONS))
+def test_a_probe_set_option_in_passive_mode_fails_before_step_1(field: str, tmp_path: Path) -> None:
+    fails_before_step_1(tmp_path, field, mode="passive", **{field: PROBE_OPTIONS[field]})
 
 
 @pytest.mark.slow
