@@ -7,6 +7,7 @@ its YAML and its presets are in :mod:`topomon.config`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import urllib.parse
@@ -16,6 +17,9 @@ from typing import Any
 
 from topomon._validate import check_int, check_number, check_str
 from topomon.sinks.registry import TRACKERS
+
+#: MonitorConfig fields that shape the probe set, so mode 'probe' only
+PROBE_SET_OPTIONS = ("probe_field", "max_probes", "max_length", "probe_batch_size", "pooling")
 
 __all__ = ["CHOICES", "TRACKERS", "ConfigError", "check_fields"]
 
@@ -197,6 +201,16 @@ def check_fields(c: Any) -> None:
         )
     if c.mode == "passive" and c.probes is not None:
         raise ConfigError("`probes` is only used in mode 'probe'; remove it or set mode='probe'")
+    if c.mode == "passive":
+        # passive mode captures the training batch's tokens: the probe-set options would do nothing
+        defaults = {f.name: f.default for f in dataclasses.fields(c)}
+        changed = [n for n in PROBE_SET_OPTIONS if getattr(c, n) != defaults[n]]
+        if changed:
+            raise ConfigError(
+                f"{', '.join(f'`{n}`' for n in changed)}: probe-set options, used only in mode 'probe' "
+                "(passive mode captures the training batch's tokens, every counted one, subsampled to "
+                "`max_points`); remove them or set mode='probe'"
+            )
 
 
 def _require_str(name: str, value: Any) -> None:

@@ -29,6 +29,7 @@ from topomon.metrics.families import (
     MODEL_LAYER,
     array_names,
     explain_unknown,
+    family_of,
     load_families,
     metric_names,
     options_from_config,
@@ -44,6 +45,8 @@ from topomon.types import Alert, MetricRecord
 __all__ = ["ResultRouter", "record_from_json", "compute_options", "make_router"]
 
 logger = logging.getLogger("topomon")
+
+_ANY_LAYER = ("*", "mean")  # rule layers that are not one captured layer
 
 
 def __getattr__(name: str) -> Any:
@@ -480,6 +483,20 @@ def make_router(
                 why = explain_unknown(metric, options)
                 if why is not None:
                     raise ConfigError(f"`alerts`: rule {rule.name!r}: {why}")
+            for layer, metric in rule.series:
+                fam = family_of(metric)
+                if (
+                    fam is not None
+                    and fam.layers_option is not None
+                    and layer not in _ANY_LAYER
+                    and not fam.computed_on(layer, options)
+                ):
+                    raise ConfigError(
+                        f"`alerts`: rule {rule.name!r} watches {metric!r} at layer {layer!r}, where the "
+                        f"{fam.name} family is not computed ({fam.layers_option}: "
+                        f"{list(fam.settings(options)[fam.layers_option])}): add the layer to "
+                        f"`{fam.layers_option}`, or watch one of those layers"
+                    )
         try:
             engine = AlertEngine(rules, metric_names(options))
         except ValueError as e:

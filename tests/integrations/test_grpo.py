@@ -179,7 +179,8 @@ def test_passive_capture_takes_the_loss_forward_never_a_generation_or_no_grad_pa
     monkeypatch.setattr(PassiveCapture, "collect", recording_collect)
     model = tiny_causal_lm("llama", seed=0)
     fw = Forwards(model)
-    mon = TopoMonitor(mode="passive", schedule="every", every_n_steps=1, max_points=4096, **FAST)
+    passive = {k: v for k, v in FAST.items() if k not in ("max_probes", "max_length")}  # probe-set options
+    mon = TopoMonitor(mode="passive", schedule="every", every_n_steps=1, max_points=4096, **passive)
     extra: dict[str, Any] = {}
     if variant == "lora_kl":
         from peft import LoraConfig

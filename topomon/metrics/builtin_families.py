@@ -312,6 +312,7 @@ TOPOLOGY = MetricFamily(
         "n_landmarks": None,
         "topology_engine": "auto",
     },
+    layers_option="topology_layers",
     switch="topology",
     hint="(and name the layer in topology_layers)",
     start=_Topology,

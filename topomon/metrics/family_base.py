@@ -134,6 +134,9 @@ class MetricFamily:
         figures: the figures drawn from its arrays, names of :data:`topomon.figures.FIGURES`.
         stateful: whether it keeps state across captures (then the engine observes and saves it,
             under the family's name).
+        layers_option: the option (among ``options``) naming the layers it is computed on, when not
+            every captured layer (``"*"`` in it: all); a rule on its keys at another layer is then a
+            ``ConfigError`` before step 1, not an alert that can never fire.
 
     Raises:
         ValueError: on an unknown scope, need or figure, a switch that is not a bool option, or
@@ -160,6 +163,7 @@ class MetricFamily:
     arrays: Mapping[str, str] = field(default_factory=dict)
     figures: tuple[str, ...] = ()
     stateful: bool = False
+    layers_option: str | None = None
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -183,6 +187,11 @@ class MetricFamily:
         unknown = [f for f in self.figures if f not in FIGURES]
         if unknown:
             raise ValueError(f"`figures` of family {self.name!r} names {unknown}; valid: {sorted(FIGURES)}")
+        if self.layers_option is not None and self.layers_option not in self.options:
+            raise ValueError(
+                f"`layers_option` of family {self.name!r} must name one of its options "
+                f"{sorted(self.options)}, got {self.layers_option!r}"
+            )
         if (
             self.is_on is None
             and self.switch is not None
@@ -196,6 +205,13 @@ class MetricFamily:
     def settings(self, options: ComputeOptions) -> dict[str, Any]:
         """The family's options in ``options``: the declared defaults, then the given values."""
         return {**self.options, **options.family_options.get(self.name, {})}
+
+    def computed_on(self, layer: str, options: ComputeOptions) -> bool:
+        """Whether ``options`` compute it at the captured ``layer`` (its :attr:`layers_option`)."""
+        if self.layers_option is None:
+            return True
+        names = tuple(self.settings(options)[self.layers_option])
+        return "*" in names or layer in names
 
     def enabled(self, options: ComputeOptions) -> bool:
         """Whether ``options`` turn it on (its ``is_on``, else its switch; no switch: always on)."""
