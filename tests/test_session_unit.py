@@ -103,7 +103,7 @@ def test_an_offline_session_captures_only_when_asked(model, tok, tmp_path):
     s.begin(model, tokenizer=tok, output_dir=tmp_path, baseline=False)
     assert s.captures == []
     s.capture(model, 7)
-    s.close(last_step=7)
+    s.close(7)
     assert s.captures == [7]
     assert {r["step"] for r in lines(tmp_path / "topomon" / "metrics.jsonl", "metrics")} == {7}
 
@@ -114,7 +114,7 @@ def test_an_alert_reaches_on_alert_and_its_action_sets_the_control(model, tok, t
     s.begin(model, tokenizer=tok, output_dir=tmp_path)
     control = Signals()
     taken = s.step_end(1, model, control)
-    s.close(last_step=1)
+    s.close(1)
     assert [a.rule for a in seen] == ["always"] and seen[0].step == 0
     assert [a.kind for a in taken] == ["checkpoint"] and control.should_save
     assert [a.kind for a in s.actions] == ["checkpoint"] and [a.rule for a in s.alerts] == ["always"]
@@ -130,7 +130,7 @@ def test_the_trainers_logged_values_feed_rules_on_layer_trainer(model, tok, tmp_
     quiet, loud = Signals(), Signals()
     assert s.log(1, {"loss": 1.0, "note": "text is skipped"}, quiet) == []
     taken = s.log(2, {"loss": torch.tensor(9.0)}, loud)
-    s.close(last_step=2)
+    s.close(2)
     assert not quiet.should_training_stop
     assert [a.kind for a in taken] == ["stop"] and loud.should_training_stop
     assert [(a.rule, a.step) for a in s.alerts] == [("loss_high", 2)]
@@ -145,7 +145,7 @@ def test_checkpoint_state_is_plain_json_and_save_state_writes_it(model, tok, tmp
     ckpt.mkdir()
     s.save_state(ckpt)
     state = s.checkpoint_state()
-    s.close(last_step=2)
+    s.close(2)
     assert json.loads(json.dumps(state)) == state  # plain types only
     assert state["stage"] == "unit" and state["captures"] == [0, 2]
     assert set(state) >= {"version", "step_offset", "router", "engine", "interventions"}
@@ -163,14 +163,16 @@ def test_a_resumed_session_continues_its_stage_with_its_captures_and_actions(mod
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()
     first.save_state(ckpt)
-    assert first.interventions.diversity.weight == 0.1
-    first.close(last_step=2)  # the run stops here; a new process resumes from the checkpoint
+    assert first.interventions.target("diversity").weight == 0.1
+    first.close(2)  # the run stops here; a new process resumes from the checkpoint
 
     second = session(alerts=ALWAYS, actions=act)
     second.begin(model, tokenizer=tok, output_dir=tmp_path, global_step=2, resume=read_state(ckpt))
     assert second.config.stage == "unit"  # the same stage continues (a fresh run would be "unit-2")
     assert second.captures == [0, 2]  # step 2 is not captured again
-    assert second.interventions.diversity.weight == 0.1  # the latched action is restored, not re-decided
+    assert (
+        second.interventions.target("diversity").weight == 0.1
+    )  # the latched action is restored, not re-decided
     second.step_end(3, model, Signals())
     second.step_end(4, model, Signals())
     second.end(4, model)
@@ -212,5 +214,5 @@ def test_an_error_inside_an_event_is_counted_never_raised(model, tok, tmp_path):
     s = session()
     s.begin(model, tokenizer=tok, output_dir=tmp_path)
     s.step_end(2, object(), Signals())  # not a model: the capture fails
-    s.close(last_step=2)
+    s.close(2)
     assert s.errors >= 1 and s.last_error and s.health()["monitor_errors"] >= 1
