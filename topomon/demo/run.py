@@ -49,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dpo-steps", type=int, default=d.dpo_steps)
     p.add_argument("--narrow-steps", type=int, default=d.narrow_steps)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke run, about a minute)")
+    p.add_argument(
+        "--quick", action="store_true", help="a few steps per stage (a smoke run: about 5 CPU-minutes)"
+    )
 
 
 def _quiet() -> None:
