@@ -19,7 +19,7 @@ from topomon._validate import check_int, check_number, check_str
 from topomon.sinks.registry import TRACKERS
 
 #: MonitorConfig fields that shape the probe set, so mode 'probe' only
-PROBE_SET_OPTIONS = ("probe_field", "max_probes", "max_length", "probe_batch_size", "pooling")
+PROBE_SET_OPTIONS = ("probes", "probe_field", "max_probes", "max_length", "probe_batch_size", "pooling")
 
 __all__ = ["CHOICES", "TRACKERS", "ConfigError", "check_fields"]
 
@@ -199,17 +199,16 @@ def check_fields(c: Any) -> None:
         raise ConfigError(
             f"`families` must be a list of 'module:OBJECT' (a MetricFamily), got {c.families!r}"
         )
-    if c.mode == "passive" and c.probes is not None:
-        raise ConfigError("`probes` is only used in mode 'probe'; remove it or set mode='probe'")
     if c.mode == "passive":
         # passive mode captures the training batch's tokens: the probe-set options would do nothing
         defaults = {f.name: f.default for f in dataclasses.fields(c)}
         changed = [n for n in PROBE_SET_OPTIONS if getattr(c, n) != defaults[n]]
         if changed:
+            names = ", ".join(f"`{n}`" for n in changed)
             raise ConfigError(
-                f"{', '.join(f'`{n}`' for n in changed)}: probe-set options, used only in mode 'probe' "
-                "(passive mode captures the training batch's tokens, every counted one, subsampled to "
-                "`max_points`); remove them or set mode='probe'"
+                f"{names} {'is' if len(changed) == 1 else 'are'} only used in mode 'probe': passive mode "
+                "captures the training batch's tokens (every counted one, subsampled to `max_points`); "
+                "remove it or set mode='probe'"
             )
 
 
