@@ -85,7 +85,7 @@ class _Topology(FamilyComputer):
 
     def compute(self, inp: FamilyInput) -> FamilyOutput | None:
         o, s = self.o, self.s
-        if not ("*" in s["topology_layers"] or inp.layer in s["topology_layers"]):
+        if not TOPOLOGY.computed_on(inp.layer, o):  # the one rule the alert checks use too
             return None
         x, _ = inp.layer_arrays()
         # A fixed subsample of the captured rows (the same rows at every capture), then the same
