@@ -228,6 +228,7 @@ def _commit() -> str | None:
 
 def run_stage(kind: str, variant: str, seed: int, out: str, sz: Sizes) -> dict[str, Any]:
     """Train one stage with the monitor and the harm measures; returns (and saves) its results."""
+    commit = _commit()  # the code this stage loads now (the checkout may move on while it trains)
     import torch
     from transformers import TrainerCallback
     from v2 import v2_rules
@@ -299,7 +300,7 @@ def run_stage(kind: str, variant: str, seed: int, out: str, sz: Sizes) -> dict[s
         "seed": seed,
         "recipe": RECIPES[(kind, variant)],
         "tiny": sz.tiny,
-        "commit": _commit(),
+        "commit": commit,
         "harm": {str(k): v for k, v in sorted(harm.items())},
         "indomain_loss": {str(k): v for k, v in sorted(indomain.items())},
         "loss": streams.get("loss", []),
