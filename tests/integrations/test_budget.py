@@ -95,7 +95,9 @@ def test_on_a_cpu_model_the_workers_cpu_counts_against_the_budget(
     h = cpu.health()
     assert h["worker_cpu_seconds"] >= 0.75 * h["completed"] and h["completed"] >= 2
     assert h["cost_seconds"] == pytest.approx(h["stall_seconds"] + h["worker_cpu_seconds"])
-    assert h["stall_fraction"] < 0.25  # the stall alone would have let far more captures through
+    # most of the cost is the worker's CPU, not the stall (CPU seconds do not grow when the machine is
+    # busy; the stall, a wall time, does, so no bound on it is asserted)
+    assert h["worker_cpu_seconds"] > h["stall_seconds"]
     assert cpu.captures_deferred >= 10 and h["dropped"] == 0
 
     # the same run as if the model were on an accelerator: the worker's CPU is free, the stall counts
