@@ -223,6 +223,26 @@ def test_one_logdir_shows_the_trainer_loss_beside_topomon(tmp_path):
     assert "train/loss" in tags and "topomon/rankme/final_norm" in tags
 
 
+def trackio_script_rows(tmp_path, script: str, *args: str) -> list[tuple[int, dict]]:
+    """Run ``script`` in a new process with trackio's store in ``tmp_path``; its metrics table rows."""
+    tdir = tmp_path / "trackio"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKIO_") and k != "HOME"}
+    env.update(HOME=str(tmp_path), TRACKIO_DIR=str(tdir), PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (db_path,) = glob.glob(str(tdir / "*.db"))
+    return [
+        (s, json.loads(m)) for s, m in sqlite3.connect(db_path).execute("select step, metrics from metrics")
+    ]
+
+
 _CONCURRENT = """
 import sys, trackio
 from topomon.sinks.trackio_sink import TrackioSink
@@ -239,22 +259,30 @@ trackio.finish()
 def test_trackio_trainer_rows_keep_their_numbering_while_topomon_writes_from_its_thread(tmp_path):
     # the sink's write and its put-back of the run's automatic step must not let a trainer row in
     # between (it did, under load, in a fresh-clone CI run: the trainer's rows began at step 1)
-    tdir = tmp_path / "trackio"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKIO_") and k != "HOME"}
-    env.update(HOME=str(tmp_path), TRACKIO_DIR=str(tdir), PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
     n = 300
-    proc = subprocess.run(
-        [sys.executable, "-c", _CONCURRENT, str(n)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (db_path,) = glob.glob(str(tdir / "*.db"))
-    rows = [
-        (s, json.loads(m)) for s, m in sqlite3.connect(db_path).execute("select step, metrics from metrics")
-    ]
+    rows = trackio_script_rows(tmp_path, _CONCURRENT, str(n))
     assert sorted(s for s, m in rows if "train/loss" in m) == list(range(n))
     assert sorted(s for s, m in rows if "topomon/x" in m) == [1000 + i for i in range(n)]
+
+
+_AFTER_FINISH = """
+import threading, trackio
+from topomon.sinks.trackio_sink import TrackioSink
+run = trackio.init(project="p", name="r", embed=False)
+sink = TrackioSink(trackio.context_vars.current_run.get(), figures=False, close_timeout=30)
+trackio.log({"train/loss": 1.0})
+trackio.finish()  # the trainer's callback finishes the run before topomon's last capture lands
+# trackio's sender thread still busy (finish waits for it 30 s at most): later rows queue behind it
+busy = threading.Event()
+run._local_sender_thread = threading.Thread(target=busy.wait, daemon=True)
+run._local_sender_thread.start()
+sink.write_scalars({"x": 1.0}, 7, "topomon")
+threading.Timer(1.0, busy.set).start()
+sink.close()  # the process exits right after: its daemon threads die with it
+"""
+
+
+def test_trackio_rows_written_after_the_run_finished_are_not_lost_at_exit(tmp_path):
+    rows = trackio_script_rows(tmp_path, _AFTER_FINISH)
+    assert [s for s, m in rows if "topomon/x" in m] == [7]
+    assert [s for s, m in rows if "train/loss" in m] == [0]

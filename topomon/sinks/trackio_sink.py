@@ -12,8 +12,12 @@ between topomon's row and the put-back (the sink writes on its own thread), the 
 ``log`` in a lock once (an instance attribute: ``trackio.log`` on the training thread goes through
 it), and holds that lock around its own write and the put-back. The trainer's
 ``TrackioCallback`` finishes the run in ``on_train_end``, before topomon's last capture is computed:
-a finished local run still writes (inline), and the run is never finished here. trackio reports its own
-write errors as warnings instead of raising, so those are not counted in topomon's health.
+a finished local run still writes, and the run is never finished here. But a row written after
+``finish`` can land in trackio's queue while its sender thread (a daemon, which ``finish`` waits for
+at most 30 s) is still busy, as on a loaded machine: at :meth:`close` the sink waits for that thread
+and then writes what is left in the queue, so that no row is lost when the process exits. trackio
+reports its own write errors as warnings instead of raising, so those are not counted in topomon's
+health.
 
 Example:
     >>> import trackio  # doctest: +SKIP
@@ -87,6 +91,19 @@ class TrackioSink(QueuedSink):
         self._alerts += 1
         self.run.alert(title=alert_title(alert), text=alert_text(alert), level=level, step=int(alert.step))
         self._log({ALERT_COUNT_KEY: float(self._alerts)}, alert.step)
+
+    def _finish(self) -> None:
+        """After ``finish``: wait for trackio's sender thread, then write what it left queued."""
+        stop = getattr(self.run, "_stop_flag", None)
+        if stop is None or not stop.is_set():  # a live run: its owner's finish writes the queue
+            return
+        sender = getattr(self.run, "_local_sender_thread", None)
+        if sender is not None and sender.is_alive():
+            sender.join(self.close_timeout)
+        if not (sender is not None and sender.is_alive()) and (
+            getattr(self.run, "_queued_logs", None) or getattr(self.run, "_queued_alerts", None)
+        ):
+            self.run._flush_queues_inline()
 
 
 def _locked_log(run: Any) -> Any:
