@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fidelity"))
 
+from common import code_commit  # noqa: E402  (examples/fidelity/common.py)
 from data import prose, render, splits  # noqa: E402
 from data2 import arithmetic_reward, stage_data  # noqa: E402
 from study import _load, item_stats, save_json, stage_outputs  # noqa: E402
@@ -213,22 +215,9 @@ def _rows(kind: str, tok: Any, data: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(("prompt", "completion"), render(tok, p, r), strict=True)) for p, r in data["train"]]
 
 
-def _commit() -> str | None:
-    """The checkout's commit (a stage records the code it ran), or None outside a git checkout."""
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
-        )
-    except OSError:
-        return None
-    return out.stdout.strip() or None
-
-
 def run_stage(kind: str, variant: str, seed: int, out: str, sz: Sizes) -> dict[str, Any]:
     """Train one stage with the monitor and the harm measures; returns (and saves) its results."""
-    commit = _commit()  # the code this stage loads now (the checkout may move on while it trains)
+    commit = code_commit()  # the code this stage loads now (the checkout may move on while it trains)
     import torch
     from transformers import TrainerCallback
     from v2 import v2_rules

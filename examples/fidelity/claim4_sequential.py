@@ -405,7 +405,7 @@ def _measure(model: Any, tok: Any, s: Settings, data: dict[str, Any], seed: int,
 
 def run_seed(s: Settings, seed: int, work: str) -> dict[str, Any]:
     """Every model of one seed, measured; the per-seed result."""
-    t0 = time.time()
+    t0, commit = time.time(), common.code_commit()
     work = os.path.join(work, f"claim4-s{seed}{'-smoke' if s.smoke else ''}")
     os.makedirs(work, exist_ok=True)
     data = _data(s, seed)
@@ -431,6 +431,7 @@ def run_seed(s: Settings, seed: int, work: str) -> dict[str, Any]:
         )
         del model
     res["seconds"] = round(time.time() - t0, 1)
+    res |= common.provenance(commit)
     return res
 
 

