@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -398,34 +399,37 @@ def test_the_probe_forward_runs_a_body_without_the_lm_head(model_type, body):
     assert not any(m is layout.head for m in layout.body.modules())
 
 
-def test_next_token_metrics_come_from_the_models_own_logits_when_it_rescales_before_its_head(tok, caplog):
-    """MiniCPM3 divides its last hidden state before the LM head: the probe then runs the whole model."""
+def transforming_lm(name: str) -> Any:
+    """A tiny causal LM that transforms around its LM head: MiniCPM3 divides the head's input; Gemma 2
+    soft-caps its output; Granite and Cohere scale it."""
     import transformers
 
-    from topomon.capture.logit_stats import reduce_logits
-    from topomon.capture.probe import head_reads_body_output
-
-    cfg = transformers.MiniCPM3Config(
-        **{
-            k: v
-            for k, v in tiny_zoo_text().items()
-            if k in ("hidden_size", "intermediate_size", "vocab_size")
-        },
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        pad_token_id=3,
-    )
+    text = {
+        k: v for k, v in tiny_zoo_text().items() if k in ("hidden_size", "intermediate_size", "vocab_size")
+    }
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 4, "pad_token_id": 3, "num_hidden_layers": 2}
+    extra: dict[str, Any] = {
+        "MiniCPM3": {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8},
+        "Gemma2": {"head_dim": 8, "final_logit_softcapping": 2.0},  # a low cap: it bends most logits
+        "Granite": {"logits_scaling": 8.0},
+        "Cohere": {"logit_scale": 0.0625},
+    }[name]
+    if name == "MiniCPM3":
+        extra["v_head_dim"] = 8
     torch.manual_seed(0)
-    model = transformers.MiniCPM3ForCausalLM(cfg).eval()
-    layout = model_layout(model)
-    assert not head_reads_body_output(layout, torch.tensor([[5, 6]]))
-    assert head_reads_body_output(model_layout(tiny_model("llama")), torch.tensor([[5, 6]]))
+    cfg = getattr(transformers, f"{name}Config")(**text, **heads, **extra)
+    return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["MiniCPM3", "Gemma2", "Granite", "Cohere"])
+def test_probe_next_token_metrics_are_the_models_own_when_it_transforms_around_its_head(name, tok, caplog):
+    """Such a model's logits are not its head on ``final_norm``: the probe runs the whole model instead."""
+    from topomon.capture.logit_stats import reduce_logits
+    from topomon.capture.probe import logits_are_head_of_body
+
+    model = transforming_lm(name)
+    assert not logits_are_head_of_body(model_layout(model), torch.tensor([[5, 6]]))
+    assert logits_are_head_of_body(model_layout(tiny_model("llama")), torch.tensor([[5, 6]]))
     plan = plan_tokens(
         tok,
         sample_texts(6),
@@ -438,10 +442,56 @@ def test_next_token_metrics_come_from_the_models_own_logits_when_it_rescales_bef
     )
     with caplog.at_level(logging.WARNING, logger="topomon"):
         snap = ProbeCapture(plan, [0, 1], logits=True).capture(model, 0, "s")
-    assert "MiniCPM3ForCausalLM transforms its last hidden state before its LM head" in caplog.text
+    assert f"{name}ForCausalLM transforms the input or the output of its LM head" in caplog.text
     with torch.no_grad():
         ref = [
-            reduce_logits(model(input_ids=i, attention_mask=a).logits, i, a, at=(s[:, 0], s[:, 1]))["nll"]
+            reduce_logits(model(input_ids=i, attention_mask=a).logits, i, a, at=(s[:, 0], s[:, 1]))
             for (i, a), s in zip(plan.batches, plan.select, strict=True)
         ]
-    np.testing.assert_allclose(snap.extras["logits/nll"], np.concatenate(ref), rtol=1e-5, atol=1e-6)
+    for k in ("nll", "entropy"):
+        want = np.concatenate([r[k] for r in ref])
+        np.testing.assert_allclose(snap.extras[f"logits/{k}"], want, rtol=1e-5, atol=1e-6)
+
+
+def _passive_logits(model: Any, batch: dict[str, Any], **forward: Any) -> dict[str, np.ndarray]:
+    """The logit statistics passive capture takes from one training forward of ``model`` (every token)."""
+    from topomon.capture.passive import PassiveCapture
+
+    modules = model_layout(model).capture_modules([0], True)
+    cap = PassiveCapture(modules, max_points=10_000, exclude_first=True, seed=0, needs=frozenset({"logits"}))
+    cap.attach(model.train())
+    try:
+        cap.arm(1)
+        if forward:  # e.g. the logits of the last position only (no loss of the model's own then)
+            model(**batch, **forward).logits.sum().backward()
+        else:
+            model(**batch, labels=batch["input_ids"]).loss.backward()
+        snap = cap.collect("s")
+    finally:
+        cap.detach()
+    assert snap is not None
+    return {k.removeprefix("logits/"): v for k, v in snap.extras.items()}
+
+
+@pytest.mark.parametrize("name", ["MiniCPM3", "Gemma2", "Granite", "Cohere", "llama"])
+def test_passive_next_token_metrics_are_the_training_forwards_own_logits(name, tok):
+    """Passive capture reduces the logits the training forward returned, whatever the model does around
+    its head; when the forward keeps the logits of the last position only, it runs the head on the
+    body's output (exact for a model that transforms nothing around its head)."""
+    from topomon.capture.logit_stats import reduce_logits
+
+    model = tiny_model("llama") if name == "llama" else transforming_lm(name)
+    batch = tok(sample_texts(4, seed=5), padding=True, truncation=True, max_length=24, return_tensors="pt")
+    got = _passive_logits(model, batch)
+    mask = batch["attention_mask"].bool().clone()
+    mask[:, 0] = False  # right padding: the first counted position is 0
+    rows, cols = mask.nonzero(as_tuple=True)
+    with torch.no_grad():
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        want = reduce_logits(model(**batch).logits, ids, att, labels=ids, at=(rows, cols))
+    for k in ("nll", "entropy"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5)
+    if name == "llama":
+        kept = _passive_logits(model, batch, logits_to_keep=1)
+        for k in ("nll", "entropy"):
+            np.testing.assert_allclose(kept[k], want[k], rtol=1e-4, atol=1e-5)

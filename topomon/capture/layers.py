@@ -11,8 +11,8 @@ Discovery goes by what the model says of itself, not by attribute names:
 - ``"final_norm"`` is the decoder's output (its last hidden state): what the causal LM hands to its
   LM head, i.e. the input of the LM head, which is the final norm's output in every model that has a
   final norm (Llama ``model.norm``, Phi ``final_layernorm``, Mamba ``norm_f``, GPT-2 ``ln_f``, ...);
-  a few models rescale it before the head (MiniCPM3; see
-  :func:`~topomon.capture.probe.head_reads_body_output`).
+  a few models transform it before the head, or the head's output after it (MiniCPM3, Gemma 2; see
+  :func:`~topomon.capture.probe.logits_are_head_of_body`).
   Hooking the decoder rather than the head keeps the probe forward's saving: the LM head runs on the
   counted positions only (:func:`~topomon.capture.logit_stats.reduce_logits_from_hidden`).
 

@@ -5,13 +5,16 @@ gradients enabled (the training forward; a DPO reference forward or any no-grad 
 subsample the counted tokens of that micro-batch, and detach them to CPU float32. Under gradient
 checkpointing a layer's forward runs again in the backward recompute: only the first call counts.
 
-When the families need logits, a hook on the decoder body (the model without its LM head) also
-takes the final hidden states of the training forward and sends the captured positions of each
-micro-batch through the LM head (:func:`~topomon.capture.logit_stats.reduce_logits_from_hidden`, as
-probe mode does; under FSDP the root's forward runs the head, and its logits are reduced): per-token
-next-token statistics against the forward's ``labels`` when it has them (else its ``input_ids``). It
-works whatever the trainer does with the logits (TRL's fused LM head computes none), and only
-``O(tokens)`` numbers leave the device, in ``snapshot.extras["logits/<stat>"]``.
+When the families need logits, a hook on the model's forward reduces the training forward's own logits
+at the captured positions of each micro-batch (:func:`~topomon.capture.logit_stats.reduce_logits`):
+per-token next-token statistics against the forward's ``labels`` when it has them (else its
+``input_ids``). They are the model's logits as it returns them, so whatever it does around its LM head
+(MiniCPM3 rescales the head's input; Gemma 2 soft-caps, Cohere and Granite scale its output) is in them.
+When the forward returns no logits for every position (a fused LM-head loss computes none; GRPO keeps
+the completion's only), the captured positions of what the LM head read (else of the decoder body's
+output) go through the head instead (:func:`~topomon.capture.logit_stats.reduce_logits_from_hidden`);
+a transform after the head is then not applied. Only ``O(tokens)`` numbers leave the device, in
+``snapshot.extras["logits/<stat>"]``.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class PassiveCapture:
         self._targets: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self._stats: dict[str, list[np.ndarray]] = {}
         self._head: Any = None
+        self._read: dict[str, torch.Tensor] = {}  # this forward: "body" output, "head" input
         self._warned = False
         self._handles: list[Any] = []
         self._armed_step: int | None = None
@@ -85,8 +89,13 @@ class PassiveCapture:
             self._head = layout.head
             if self._head is None:
                 self._warn("the model has no output embeddings (LM head)")
-            else:  # the decoder body; the root under FSDP (whose forward runs the LM head itself)
-                self._handles.append(_runner(model, layout).register_forward_hook(self._logits))
+            else:
+                runner = _runner(model, layout)  # the root under FSDP (a submodule sees only its shard)
+                root = model if runner is model else base
+                self._handles.append(root.register_forward_hook(self._logits))
+                if runner is not model:  # for a forward that returns no full logits
+                    self._handles.append(layout.body.register_forward_hook(self._keep_body))
+                    self._handles.append(self._head.register_forward_pre_hook(self._keep_head))
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_hook(lambda _m, _i, out, _n=name: self._take(_n, out)))
 
@@ -105,6 +114,7 @@ class PassiveCapture:
         self._taken = set()
         self._parts = {}
         self._stats = {}
+        self._read = {}
         self._seconds = 0.0
 
     @property
@@ -140,9 +150,19 @@ class PassiveCapture:
         self._targets = (ids, kwargs.get("attention_mask"), labels) if isinstance(ids, torch.Tensor) else None
         self._seconds += time.perf_counter() - t0
 
+    def _keep_body(self, _module: Any, _args: Any, out: Any) -> None:
+        if self._armed_step is not None and torch.is_grad_enabled() and "body" not in self._read:
+            self._read["body"] = _hidden(out).detach()
+
+    def _keep_head(self, _module: Any, args: tuple[Any, ...]) -> None:
+        if self._armed_step is not None and torch.is_grad_enabled() and "head" not in self._read:
+            if args and isinstance(args[0], torch.Tensor):
+                self._read["head"] = args[0].detach()
+
     def _logits(self, _module: Any, _args: Any, out: Any) -> None:
-        """The training forward's final hidden states (or logits) -> statistics at the captured positions."""
+        """The training forward's logits -> statistics at the captured positions."""
         targets, self._targets = self._targets, None
+        read, self._read = self._read, {}
         rows, cols = self._rows, self._cols
         if self._armed_step is None or rows is None or cols is None or not torch.is_grad_enabled():
             return
@@ -152,10 +172,13 @@ class PassiveCapture:
                 raise ValueError("the training forward was given no input_ids")
             ids, mask, labels = targets
             logits = getattr(out, "logits", None)
-            if isinstance(logits, torch.Tensor):  # the FSDP root's output
+            if isinstance(logits, torch.Tensor) and tuple(logits.shape[:2]) == tuple(ids.shape):
                 stats = reduce_logits(logits.detach(), ids, mask, labels=labels, at=(rows, cols))
-            else:
-                hidden = _hidden(out).detach()
+            else:  # no logits for every position: the head on what it read (else on the body's output)
+                head = read.get("head")
+                hidden = head if head is not None and head.shape[:2] == ids.shape else read.get("body")
+                if hidden is None:
+                    raise ValueError("the forward returned no logits for every position, and ran no LM head")
                 stats = reduce_logits_from_hidden(
                     hidden, self._head, ids, mask, labels=labels, at=(rows, cols)
                 )

@@ -23,7 +23,7 @@ from topomon.capture.logit_stats import reduce_logits, reduce_logits_from_hidden
 from topomon.metrics.preprocess import subsample_indices
 from topomon.types import Snapshot
 
-__all__ = ["TokenPlan", "plan_tokens", "ProbeCapture", "hooked_outputs", "head_reads_body_output"]
+__all__ = ["TokenPlan", "plan_tokens", "ProbeCapture", "hooked_outputs", "logits_are_head_of_body"]
 
 logger = logging.getLogger("topomon")
 
@@ -202,12 +202,13 @@ def _to_host(parts: list[dict[str, Any] | None]) -> list[dict[str, np.ndarray] |
 
 
 @torch.no_grad()
-def head_reads_body_output(layout: ModelLayout, ids: torch.Tensor) -> bool:
-    """Whether ``layout.head``'s input equals the body's output (``final_norm``), by one short forward.
+def logits_are_head_of_body(layout: ModelLayout, ids: torch.Tensor) -> bool:
+    """Whether the model's logits are its LM head on the body's output as it is (one short forward).
 
-    In almost every causal LM the head reads the body's last hidden state as it is; a few scale or
-    project it first (MiniCPM3, Inkling, NeoMMe), and then the next-token statistics cannot be computed
-    from ``final_norm``.
+    In most causal LMs the head reads the body's last hidden state (``final_norm``) and its output is the
+    logits. Some transform on either side of the head: MiniCPM3 and Inkling divide its input, NeoMMe
+    projects it; Gemma 2 soft-caps its output, Cohere, Granite and Falcon-H1 scale it. Their next-token
+    statistics then cannot be computed from ``final_norm`` through the head alone.
 
     Args:
         layout: the model's layout.
@@ -215,22 +216,33 @@ def head_reads_body_output(layout: ModelLayout, ids: torch.Tensor) -> bool:
     """
     if layout.head is None or layout.decoder is None:
         return False
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, Any] = {}
 
-    def keep(name: str, h: torch.Tensor) -> None:  # a hook that returns nothing changes nothing
+    def keep(name: str, h: Any) -> None:  # a hook that returns nothing changes nothing
         seen.setdefault(name, h)
 
     handles = [
         layout.head.register_forward_pre_hook(lambda _m, args: keep("head", args[0])),
+        layout.head.register_forward_hook(lambda _m, _a, out: keep("head_out", out)),
         layout.decoder.register_forward_hook(lambda _m, _a, out: keep("body", _hidden(out))),
     ]
     try:
-        layout.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        result = layout.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    head, body = seen.get("head"), seen.get("body")
-    return head is not None and body is not None and head.shape == body.shape and torch.equal(head, body)
+    head, body, head_out = seen.get("head"), seen.get("body"), seen.get("head_out")
+    logits = getattr(result, "logits", None)
+    return (
+        isinstance(head, torch.Tensor)
+        and isinstance(body, torch.Tensor)
+        and head.shape == body.shape
+        and torch.equal(head, body)
+        and isinstance(head_out, torch.Tensor)
+        and isinstance(logits, torch.Tensor)
+        and head_out.shape == logits.shape
+        and torch.equal(head_out.to(logits.dtype), logits)
+    )
 
 
 class ProbeCapture:
@@ -256,7 +268,7 @@ class ProbeCapture:
         self.layer_indices = list(layer_indices)
         self.include_final_norm = include_final_norm
         self.logits = logits
-        self._head_reads_body: dict[int, bool] = {}
+        self._logits_from_body: dict[int, bool] = {}
 
     def modules(self, model: Any) -> dict[str, torch.nn.Module]:
         """The modules hooked at a capture, by layer name."""
@@ -325,8 +337,12 @@ class ProbeCapture:
         was_training = model.training
         model.eval()
         try:
-            if head is not None and runner is layout.body and not self._reads_body(layout, pad.to(device)):
-                runner = base  # the model transforms the body's output first: it computes its own logits
+            if (
+                head is not None
+                and runner is layout.body
+                and not self._logits_from_body_output(layout, pad.to(device))
+            ):
+                runner = base  # a transform around the head: the model computes its own logits
             with hooked_outputs(mods, take):
                 for i in indices:
                     sel = self.plan.select[i] if i is not None else None
@@ -361,19 +377,19 @@ class ProbeCapture:
             model.train(was_training)
         return _to_host(out)
 
-    def _reads_body(self, layout: ModelLayout, ids: torch.Tensor) -> bool:
-        """Whether the LM head reads the body's output as it is (checked once per model, warned if not)."""
+    def _logits_from_body_output(self, layout: ModelLayout, ids: torch.Tensor) -> bool:
+        """Whether the logits are the LM head on the body's output (checked once per model, else warned)."""
         key = id(layout.model)
-        if key not in self._head_reads_body:
-            same = head_reads_body_output(layout, ids)
+        if key not in self._logits_from_body:
+            same = logits_are_head_of_body(layout, ids)
             if not same:
                 logger.warning(
-                    "topomon: %s transforms its last hidden state before its LM head; the probe forward "
+                    "topomon: %s transforms the input or the output of its LM head; the probe forward "
                     "runs the whole model (the head on every position) for the next-token metrics",
                     type(layout.model).__name__,
                 )
-            self._head_reads_body[key] = same
-        return self._head_reads_body[key]
+            self._logits_from_body[key] = same
+        return self._logits_from_body[key]
 
     def snapshot(
         self,
