@@ -127,6 +127,26 @@ def test_detectors_are_replayed_as_alarm_states_and_scored_per_step():
     assert a2.scores([grpo_h, *stages], "TRL entropy (grpo only)")["harmful"] == 1
 
 
+def test_no_detector_is_scored_before_every_registered_stage_is_saved(tmp_path, capsys):
+    import json
+
+    a2 = _load("analysis2")
+    (tmp_path / "stages").mkdir()
+    for i, (kind, harm) in enumerate((("dpo", 8), ("code", None))):
+        res = _stage(kind, 0, harm, nll_at=4) | {
+            "name": f"{kind}-benign-s0",
+            "tiny": False,
+            "commit": "ab" * 20,
+        }
+        (tmp_path / "stages" / f"{kind}-benign-s0.json").write_text(json.dumps(res | {"seconds": 10.0 + i}))
+    assert a2.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 of 36 pre-registered stages saved")
+    assert "| dpo-benign-s0 | 8 | 10.0 | ababab" in out and "| code-benign-s0 | - | 11.0 | ababab" in out
+    assert "| grpo-harmful-s2 | not run | | |" in out
+    assert not (tmp_path / "tables2.md").exists() and "precision" not in out
+
+
 def test_v2_minus_the_best_baseline_is_bootstrapped_over_whole_stage_types():
     a2 = _load("analysis2")
     # nll fires in every harmful stage of both types; nothing else fires: v2 == nll + loss on every resample
