@@ -46,15 +46,24 @@ def main() -> None:
         _train(cfg)
 
 
+def length_reward(completions: list, **_: object) -> list[float]:
+    """A GRPO reward for the tiny model (``trl: reward_funcs: [axolotl_run.length_reward]``): shorter is
+    better, so that completions of one prompt differ in reward."""
+    return [-float(len(c if isinstance(c, str) else str(c))) for c in completions]
+
+
 def _train(cfg: object) -> None:
     import axolotl
     import transformers
     from axolotl.cli.args import TrainerCliArgs
-    from axolotl.common.datasets import load_datasets
+    from axolotl.common.datasets import load_datasets, load_preference_datasets
     from axolotl.integrations.base import PluginManager
     from axolotl.train import train
 
-    meta = load_datasets(cfg=cfg, cli_args=TrainerCliArgs())
+    if cfg.get("rl"):  # type: ignore[attr-defined]
+        meta = load_preference_datasets(cfg=cfg, cli_args=TrainerCliArgs())
+    else:
+        meta = load_datasets(cfg=cfg, cli_args=TrainerCliArgs())
     _, _, trainer = train(cfg=cfg, dataset_meta=meta)
     plugin = PluginManager.get_instance().plugins["topomon.integrations.axolotl.TopoMonPlugin"]
     mon = plugin.monitors[-1]
@@ -67,6 +76,9 @@ def _train(cfg: object) -> None:
         "alerts": [a.rule for a in mon.alerts],
         "actions": [a.kind for a in mon.actions],
         "global_step": trainer.state.global_step,
+        "entropy_coef": getattr(trainer, "entropy_coef", None),
+        # TRL's GRPO log: the coefficient its loss applied at each logged step (only while it is on)
+        "logged_entropy_coef": [h["entropy_coef"] for h in trainer.state.log_history if "entropy_coef" in h],
         "max_steps": trainer.state.max_steps,
         "stage": mon.config.stage,
         "run_dir": os.path.abspath(mon.run.path) if mon.run else None,

@@ -36,7 +36,7 @@ def _need_venv() -> None:
         pytest.skip(msg)
 
 
-def run_axolotl(tmp_path: Path, sections: list, mode: str) -> list[dict]:
+def run_axolotl(tmp_path: Path, sections: list, mode: str, config: Path = CONFIG) -> list[dict]:
     """Run axolotl_run.py in the Axolotl venv, in tmp_path (where the tiny model and data are written)."""
     _need_venv()
     sys.path.insert(0, str(ROOT / "examples" / "axolotl"))
@@ -51,7 +51,7 @@ def run_axolotl(tmp_path: Path, sections: list, mode: str) -> list[dict]:
         [
             str(PY),
             str(ROOT / "tests" / "integrations" / "axolotl_run.py"),
-            str(CONFIG),
+            str(config),
             "sections.json",
             mode,
         ],
@@ -138,3 +138,41 @@ def test_an_alert_and_its_stop_action_end_axolotls_training(tmp_path):
     assert res["actions"] == ["stop"]
     # the baseline's alert is acted on at the first step's end: Axolotl's trainer stops there
     assert res["global_step"] == 1 < res["max_steps"] == 6
+
+
+def grpo_config(tmp_path: Path) -> Path:
+    """examples/axolotl/tiny.yaml as a GRPO stage (``rl: grpo``, TRL's trainer through Axolotl's RL
+    builder) on 16 prompts, with a reward that prefers short completions; returns its path."""
+    import yaml
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg.pop("dataset_prepared_path")
+    cfg |= {
+        "rl": "grpo",
+        "trl": {
+            "beta": 0.0,
+            "use_vllm": False,
+            "num_generations": 2,
+            "max_completion_length": 8,
+            "reward_funcs": ["axolotl_run.length_reward"],
+        },
+        "datasets": [{"path": "runs/axolotl-tiny/prompts.jsonl", "ds_type": "json", "split": "train"}],
+        "max_steps": 3,
+    }
+    (tmp_path / "runs" / "axolotl-tiny").mkdir(parents=True, exist_ok=True)
+    prompts = [json.dumps({"prompt": f"Count to {i + 1}:"}) for i in range(16)]
+    (tmp_path / "runs" / "axolotl-tiny" / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_an_entropy_bonus_action_raises_the_coefficient_of_axolotls_grpo_loss(tmp_path):
+    section = {"schedule": "every", "every_n_steps": 1, "worker": "sync", "alerts": ALWAYS}
+    section["actions"] = [{"kind": "entropy_bonus", "value": 0.5}]
+    (res,) = run_axolotl(tmp_path, [section], mode="train", config=grpo_config(tmp_path))
+    assert res["trainer"] == "AxolotlGRPOTrainer" and res["stage"] == "grpo"
+    assert res["actions"] == ["entropy_bonus"] and res["errors"] == 0
+    # the baseline's alert acts at step 1's end: TRL's own log shows its loss applying 0.5 from step 2
+    assert res["logged_entropy_coef"] == [0.5, 0.5]
+    assert res["entropy_coef"] == 0.0  # the configured coefficient is given back when training ends

@@ -20,8 +20,10 @@ How it hooks into Axolotl (0.19 to 0.21, read from its ``axolotl/integrations/ba
   (``axolotl train cfg.yaml`` stops before the model is loaded), with the message naming the key.
 - ``add_callbacks_post_trainer(cfg, trainer)`` (called by the trainer builders once the trainer exists;
   Axolotl then ``trainer.add_callback``-s what it returns) builds one
-  :class:`~topomon.integrations.hf.TopoMonitor` and returns it. ``stage`` defaults to the config's
-  ``rl`` (``dpo``, ``kto``, ...) or ``sft``; ``run_dir`` to ``<output_dir>/topomon``.
+  :class:`~topomon.integrations.hf.TopoMonitor`, installs into the trainer what its actions need
+  (``monitor.install(trainer)``: the ``entropy_bonus`` of a GRPO stage) and returns it. ``stage``
+  defaults to the config's ``rl`` (``dpo``, ``grpo``, ...) or ``sft``; ``run_dir`` to
+  ``<output_dir>/topomon``.
 
 Not available under Axolotl: a ``replay`` action and ``replay_dataset`` (Axolotl tokenises and packs its
 own data; replay examples would have to be in that form). Both are a configuration error, never ignored.
@@ -53,8 +55,9 @@ __all__ = ["TopoMonArgs", "TopoMonPlugin", "axolotl_spec", "SECTION"]
 SECTION = "topomon"
 """The key of the monitor's section in an Axolotl YAML."""
 
-PROVIDES = frozenset({"pre_optimizer_step"})
-"""What the plugin gives an intervention (of REQUIREMENTS): it adds the monitor as a callback, no attach."""
+PROVIDES = frozenset({"pre_optimizer_step", "grpo_trainer"})
+"""What the plugin gives an intervention (of REQUIREMENTS): the callback, and the trainer it installs into
+(``monitor.install``; Axolotl's GRPO trainer is TRL's)."""
 
 _NO_DATA = (
     "not available in the Axolotl plugin: Axolotl tokenises and packs its own data and the replay "
@@ -72,8 +75,6 @@ def _check_actions(actions: Any) -> None:
         PROVIDES,
         {
             "trainer_data": f"it is {_NO_DATA}; remove it (the {works} actions work)",
-            "grpo_trainer": "the Axolotl plugin adds the monitor as a callback, without "
-            f"monitor.attach(trainer): remove the action (the {works} actions work)",
         },
     )
     if why is not None:
@@ -112,8 +113,7 @@ def axolotl_spec(section: Any, *, rl: Any = None) -> MonitorSpec:
     Raises:
         ConfigError: the section is not a mapping, has an unknown key (named, with the closest field),
             a bad value or an unknown preset, or configures an action the plugin cannot run (one that
-            requires the trainer's data, such as ``replay``, or a TRL trainer given to
-            ``monitor.attach``, such as ``entropy_bonus``).
+            requires the trainer's data, such as ``replay``).
 
     Example:
         >>> axolotl_spec({"preset": "light", "every_n_steps": 20}).config.every_n_steps  # doctest: +SKIP
@@ -177,14 +177,16 @@ class TopoMonPlugin(BasePlugin):
         return f"{__name__}.TopoMonArgs"
 
     def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list[Any]:
-        """Build the monitor for ``trainer`` from ``cfg.topomon``; Axolotl adds it as a callback.
+        """Build the monitor from ``cfg.topomon``, install it into ``trainer``; Axolotl adds the callback.
 
         Raises:
-            ConfigError: the ``topomon:`` section is wrong (normally already caught by the schema).
+            ConfigError: the ``topomon:`` section is wrong (normally already caught by the schema), or
+                an action cannot be installed on this trainer (``entropy_bonus`` outside GRPO).
         """
         from topomon.integrations.hf import TopoMonitor
 
         spec = axolotl_spec(cfg.get(SECTION), rl=cfg.get("rl"))
         monitor = TopoMonitor(spec.config, tokenizer=getattr(trainer, "processing_class", None))
+        monitor.install(trainer)
         self.monitors.append(monitor)
         return [monitor]

@@ -99,12 +99,23 @@ class TopoMonitor(MonitorAdapter, TrainerCallback):
         Returns:
             The monitor itself.
         """
+        self.install(trainer)
+        trainer.add_callback(self)
+        return self
+
+    def install(self, trainer: Any) -> None:
+        """Install into a built trainer what the actions need, without adding the callback.
+
+        :meth:`attach` without its last line, for a framework that adds the callback itself (the
+        Axolotl plugin's ``add_callbacks_post_trainer``).
+
+        Raises:
+            ConfigError: an action cannot be installed on this trainer (the message says why).
+        """
         try:
             self.session.interventions.attach_trainer(trainer)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"`actions`: {e}") from None
-        trainer.add_callback(self)
-        return self
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> TopoMonitor:
