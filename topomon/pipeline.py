@@ -40,7 +40,7 @@ from topomon.run import BASE_STAGE, RunDir
 from topomon.sinks.base import AlertsOnly, RecordSink, SinkFan
 from topomon.sinks.jsonl import JsonlWriter
 from topomon.sinks.tensorboard import TensorBoardSink
-from topomon.types import Alert, MetricRecord
+from topomon.types import Alert, MetricRecord, Snapshot
 
 __all__ = ["ResultRouter", "record_from_json", "compute_options", "make_router"]
 
@@ -185,25 +185,25 @@ class ResultRouter:
         self._latency_max = 0.0
 
     # -- the training thread's side
-    def submitted(self, step: int) -> None:
-        """A capture of ``step`` was handed to the worker now."""
+    def submitted(self, snap: Snapshot, health: dict[str, float]) -> None:
+        """A capture was handed to the worker now.
+
+        Args:
+            snap: the capture: its step, and whether it carries figures (``meta["figures"]``: its arrays
+                are saved when its records arrive).
+            health: the monitor's counters, written to the sinks with the next records.
+        """
         with self._lock:
-            self._submit_times[step] = time.monotonic()
+            self._submit_times[snap.step] = time.monotonic()
+            if snap.meta.get("figures"):
+                self._figure_steps.add(snap.step)
+            self._health = dict(health)
 
     def dropped(self, step: int) -> None:
         """The capture of ``step`` was not accepted by the worker: no result will come."""
         with self._lock:
             self._submit_times.pop(step, None)
-
-    def mark_figures(self, step: int) -> None:
-        """The capture of ``step`` carries figures: save its arrays when its records arrive."""
-        with self._lock:
-            self._figure_steps.add(step)
-
-    def set_health(self, health: dict[str, float]) -> None:
-        """The monitor's counters, written to TensorBoard with the next records."""
-        with self._lock:
-            self._health = dict(health)
+            self._figure_steps.discard(step)
 
     def counters(self) -> dict[str, float]:
         """The router's own health counters: alerts fired, records made durable, worker latency."""

@@ -258,12 +258,10 @@ class MonitorSession(SessionBase):
             except Exception as e:  # noqa: BLE001 - the capture lands without the update's metrics
                 self._report("LoRA factors", e)
         if c.figures_every and len(self.captures) % c.figures_every == 0:
-            snap.meta["figures"] = True
-            self._router.mark_figures(snap.step)
+            snap.meta["figures"] = True  # the worker draws them, the router saves the arrays
         self.captures.append(snap.step)
         self.capture_seconds.append(float(snap.meta.get("capture_seconds", 0.0)))
-        self._router.set_health(self.health())
-        self._router.submitted(snap.step)
+        self._router.submitted(snap, self.health())
         if final:  # the stage's last capture waits for room rather than being dropped (bounded)
             deadline = time.monotonic() + c.flush_timeout
             while self._executor.pending >= c.queue_size and time.monotonic() < deadline:

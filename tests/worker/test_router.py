@@ -5,7 +5,7 @@ import threading
 
 from topomon.pipeline import ResultRouter
 from topomon.run import RunDir
-from topomon.types import MetricRecord
+from topomon.types import MetricRecord, Snapshot
 
 
 class CountingEngine:
@@ -31,12 +31,11 @@ def test_submissions_and_results_on_two_threads_lose_no_alert_check(tmp_path):
     def training():  # hands captures over, marks figures, drops some, sets health: as fast as it can
         started.wait()
         for step in range(n):
-            router.submitted(step)
-            router.mark_figures(step)
-            router.set_health({"captures": float(step)})
+            snap = Snapshot(step=step, stage="sft", layers={}, meta={"figures": True})
+            router.submitted(snap, {"captures": float(step)})
             if step % 7 == 0:
                 router.dropped(step)
-                router.submitted(step)
+                router.submitted(snap, {"captures": float(step)})
             router.in_flight()
             router.counters()
 
