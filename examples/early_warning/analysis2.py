@@ -23,13 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fair import wilson  # noqa: E402
 from study import _series, load_stages, publish, spike_first  # noqa: E402
-from study2 import harm_step  # noqa: E402
+from study2 import SEEDS, TYPES, VARIANTS, harm_step, stage_name  # noqa: E402
 
 Stage = dict[str, Any]
 # a detector: the steps at which it is in alarm (sorted), over the steps it was evaluated at
 State = dict[int, bool]
 Detector = Callable[[Stage], State]
 
+REGISTERED = len(TYPES) * len(VARIANTS) * len(SEEDS)  # the stages part 3 pre-registered (36)
 KNOBS = {"drop_rankme": 0.15, "drop_rankme_pca": 0.25, "nll": 0.02, "loss": 0.30, "loss_spike": 0.5}
 KNOBS |= {"grad_spike": 1.0, "grad_level": 1.5, "entropy": 0.5}
 
@@ -264,11 +265,9 @@ def table(stages: list[Stage], n_boot: int = 10_000) -> str:
 
 def progress(stages: list[Stage]) -> str:
     """Which pre-registered stages are saved (no detector is scored): name, harm step, time, commit."""
-    from study2 import SEEDS, TYPES, VARIANTS, stage_name
-
     saved = {r["name"]: r for r in stages}
     out = [
-        f"{len(saved)} of {len(TYPES) * len(VARIANTS) * len(SEEDS)} pre-registered stages saved; "
+        f"{len(saved)} of {REGISTERED} pre-registered stages saved; "
         "the scores are computed once all are (docs/EARLY_WARNING.md part 3).\n",
         "| stage | harm step | seconds | commit |",
         "|---|---|---|---|",
@@ -298,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if not stages:
         print(f"no saved stages in {folder}", file=sys.stderr)
         return 1
-    from study2 import SEEDS, TYPES, VARIANTS
-
-    if not all(r.get("tiny") for r in stages) and len(stages) < len(TYPES) * len(VARIANTS) * len(SEEDS):
+    if not all(r.get("tiny") for r in stages) and len(stages) < REGISTERED:
         print(progress(stages))  # the pre-registration: no score before every stage is saved
         return 0
     return publish(os.path.join(a.out, "tables2.md"), table(stages, a.bootstrap))

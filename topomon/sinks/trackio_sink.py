@@ -100,9 +100,9 @@ class TrackioSink(QueuedSink):
         sender = getattr(self.run, "_local_sender_thread", None)
         if sender is not None and sender.is_alive():
             sender.join(self.close_timeout)
-        if not (sender is not None and sender.is_alive()) and (
-            getattr(self.run, "_queued_logs", None) or getattr(self.run, "_queued_alerts", None)
-        ):
+            if sender.is_alive():  # still writing after close_timeout: the queue is its own
+                return
+        if getattr(self.run, "_queued_logs", None) or getattr(self.run, "_queued_alerts", None):
             self.run._flush_queues_inline()
 
 
