@@ -26,6 +26,7 @@ __all__ = [
     "eigenspectrum_figure",
     "figure_images",
     "figure_tags",
+    "import_drawing",
 ]
 
 PERSISTENCE = "figure_persistence"
@@ -42,6 +43,19 @@ FIGURES: dict[str, str] = {
 A family declares the figures drawn from its arrays (``MetricFamily.figures``); the worker draws them
 (:func:`figure_images`), the sinks find them by :func:`figure_tags`.
 """
+
+
+def import_drawing() -> None:
+    """Import the matplotlib modules the figures use, on the calling thread.
+
+    A thread's first ``import matplotlib.figure`` leaves the module half initialised in ``sys.modules``
+    for a moment. A library that looks there without importing fails on it: trackio's ``log`` checks
+    ``sys.modules["matplotlib.figure"].Figure`` for every value, and drops a value of the trainer's
+    row when that check raises. The thread worker calls this at set-up, on the training thread,
+    so that its first figure imports nothing.
+    """
+    import matplotlib.figure  # noqa: F401
+    from matplotlib.backends import backend_agg  # noqa: F401
 
 
 def figure_tags(records: Iterable[Any]) -> dict[str, np.ndarray]:

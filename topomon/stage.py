@@ -474,6 +474,7 @@ def setup_stage(
         queue_size=c.queue_size,
         task_timeout=c.task_timeout,
         state=resume.get("engine") if resume else None,
+        figures=c.figures_every > 0,
     )
     run.begin_stage(
         c.stage,

@@ -1,6 +1,8 @@
 import math
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -260,3 +262,20 @@ def test_the_worker_process_runs_at_the_configured_priority(priority, policy, ni
     finally:
         ex.close(timeout=30)
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the training process is untouched
+
+
+@pytest.mark.parametrize("figures", [True, False])
+def test_a_thread_worker_that_will_draw_imports_matplotlib_before_training_starts(figures):
+    # A worker thread's first import of matplotlib.figure is half done for a moment in sys.modules,
+    # where trackio's log looks on the training thread (it then dropped a value of the trainer's row).
+    code = (
+        "import sys\n"
+        "from topomon.worker.engine import ComputeOptions\n"
+        "from topomon.worker.executor import make_executor\n"
+        f"ex = make_executor('thread', ComputeOptions(), lambda records: None, figures={figures})\n"
+        "print('matplotlib.figure' in sys.modules, 'matplotlib.backends.backend_agg' in sys.modules)\n"
+        "ex.close()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(figures), str(figures)]

@@ -58,7 +58,8 @@ class MetricEngine:
         self._families = fams
         self._layer_families = [(f, c) for f, c in fams if f.scope == "layer"]
         self._model_families = [(f, c) for f, c in fams if f.scope == "model"]
-        self._figures_declared = any(f.figures for f, _ in fams)
+        self.figures_declared = any(f.figures for f, _ in fams)
+        """Whether an enabled family declares figures (drawn on captures whose snapshot asks for them)."""
 
     def process(self, snap: Snapshot) -> list[MetricRecord]:
         """All records of one snapshot: one per layer, in the snapshot's layer order."""
@@ -68,7 +69,7 @@ class MetricEngine:
         if model is not None:
             records.append(model)
         self.observe(records)
-        if figures and self._figures_declared:  # drawn here, in the worker, never in the training process
+        if figures and self.figures_declared:  # drawn here, in the worker, never in the training process
             self._figures(records)
         return records
 

@@ -162,6 +162,9 @@ class ThreadExecutor(Executor):
 
     A metric that hangs cannot be killed in a thread: the queue then fills and new snapshots are
     dropped (counted); use the process executor where that matters.
+
+    ``figures``: some captures will draw figures; matplotlib is then imported here, on the thread
+    that builds the executor (:func:`topomon.figures.import_drawing` says why).
     """
 
     def __init__(
@@ -171,8 +174,13 @@ class ThreadExecutor(Executor):
         *,
         queue_size: int = 4,
         state: dict[str, Any] | None = None,
+        figures: bool = False,
     ):
         super().__init__(options, handler, queue_size=queue_size, state=state)
+        if figures and self.shadow.figures_declared:
+            from topomon.figures import import_drawing
+
+            import_drawing()  # here, on the training thread: never half-imported beside training
         self._queue: queue.Queue[Snapshot | None] = queue.Queue()
         self._pending = 0
         self._engine = MetricEngine(options)
@@ -546,14 +554,19 @@ class ProcessExecutor(Executor):
         return left == 0
 
 
-def make_executor(kind: str, options: ComputeOptions, handler: Handler, **kwargs: Any) -> Executor:
-    """Build the executor named by ``kind`` ("process", "thread" or "sync")."""
+def make_executor(
+    kind: str, options: ComputeOptions, handler: Handler, *, figures: bool = False, **kwargs: Any
+) -> Executor:
+    """Build the executor named by ``kind`` ("process", "thread" or "sync").
+
+    ``figures``: some captures will draw figures (a thread worker imports matplotlib at set-up).
+    """
     if kind == "process":
         return ProcessExecutor(options, handler, **kwargs)
     kwargs.pop("task_timeout", None)
     kwargs.pop("max_restarts", None)
     if kind == "thread":
-        return ThreadExecutor(options, handler, **kwargs)
+        return ThreadExecutor(options, handler, figures=figures, **kwargs)
     if kind == "sync":
         return SyncExecutor(options, handler, **kwargs)
     raise ValueError(f"worker must be 'process', 'thread' or 'sync', got {kind!r}")
