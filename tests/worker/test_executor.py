@@ -279,3 +279,43 @@ def test_a_thread_worker_that_will_draw_imports_matplotlib_before_training_start
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [str(figures), str(figures)]
+
+
+CTRL_C_SCRIPT = """
+import time
+from tests.worker.test_executor import Sink, snapshot
+from topomon.worker.engine import ComputeOptions
+from topomon.worker.executor import make_executor
+
+opts = ComputeOptions(topology=False, trajectory=False, custom_metrics={"slow": "tests.faults:slow"})
+ex = make_executor("process", opts, Sink(), queue_size=2)
+ex.submit(snapshot(1))
+while not any(t is not None for _, t in ex._pending_tasks.values()):  # until the worker started it
+    time.sleep(0.05)
+print(ex.pid, flush=True)
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    ex.close(0.0)
+    print("closed", flush=True)
+"""
+
+
+def test_ctrl_c_in_a_terminal_stops_the_worker_without_a_second_traceback(tmp_path):
+    # a terminal's Ctrl-C reaches the whole foreground process group: the worker as well
+    env = {**os.environ, "TOPOMON_TEST_SLOW": "60", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    worker = int(proc.stdout.readline())  # the worker is inside the slow metric
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.split() == ["closed"], err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "1 snapshot(s) still pending" in err  # the interrupted monitor abandoned it, and said so
+    assert wait_for(lambda: not os.path.exists(f"/proc/{worker}"), timeout=10)

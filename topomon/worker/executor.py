@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -315,6 +316,11 @@ def _cpu() -> float:
     return t.user + t.system
 
 
+def _leave_on_interrupt(_signum: int, _frame: Any) -> None:
+    """The worker's SIGINT handler: exit at once, quietly (the status of a process ended by SIGINT)."""
+    os._exit(128 + signal.SIGINT)
+
+
 def _worker_main(tasks: Any, results: Any, options: ComputeOptions, state: dict[str, Any]) -> None:
     """Entry point of the worker process: compute until a ``None`` task arrives.
 
@@ -323,6 +329,9 @@ def _worker_main(tasks: Any, results: Any, options: ComputeOptions, state: dict[
     threading.Thread(
         target=_exit_with_parent, args=(os.getppid(),), name="topomon-watchdog", daemon=True
     ).start()
+    # Ctrl-C in a terminal reaches the whole process group: the training process decides (its
+    # interrupted monitor abandons what is pending); the worker leaves without a second traceback
+    signal.signal(signal.SIGINT, _leave_on_interrupt)
     _limit_threads(options.threads)
     set_priority(options.priority)
     engine = MetricEngine(options)
