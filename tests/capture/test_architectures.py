@@ -474,10 +474,11 @@ def _passive_logits(model: Any, batch: dict[str, Any], **forward: Any) -> dict[s
 
 
 @pytest.mark.parametrize("name", ["MiniCPM3", "Gemma2", "Granite", "Cohere", "llama"])
-def test_passive_next_token_metrics_are_the_training_forwards_own_logits(name, tok):
+def test_passive_next_token_metrics_are_the_training_forwards_own_logits(name, tok, caplog):
     """Passive capture reduces the logits the training forward returned, whatever the model does around
-    its head; when the forward keeps the logits of the last position only, it runs the head on the
-    body's output (exact for a model that transforms nothing around its head)."""
+    its head. When the forward keeps the logits of the last positions only, it runs the head on the
+    body's output where that is the model's logits (a model that transforms nothing around its head),
+    else it takes the model's own logits at the captured positions it kept."""
     from topomon.capture.logit_stats import reduce_logits
 
     model = tiny_model("llama") if name == "llama" else transforming_lm(name)
@@ -495,3 +496,16 @@ def test_passive_next_token_metrics_are_the_training_forwards_own_logits(name, t
         kept = _passive_logits(model, batch, logits_to_keep=1)
         for k in ("nll", "entropy"):
             np.testing.assert_allclose(kept[k], want[k], rtol=1e-4, atol=1e-5)
+    else:  # GRPO's logits_to_keep: the model's own logits at the captured positions it kept
+        keep = 6
+        off = ids.shape[1] - keep
+        with caplog.at_level(logging.WARNING, logger="topomon"):
+            kept = _passive_logits(model, batch, logits_to_keep=keep)
+        assert f"returns logits for the last {keep} of {ids.shape[1]} positions" in caplog.text
+        inside = cols >= off
+        with torch.no_grad():
+            full = model(**batch).logits
+        mine = reduce_logits(full, ids, att, labels=ids, at=(rows[inside], cols[inside]))
+        assert 0 < len(kept["nll"]) < len(want["nll"])
+        for k in ("nll", "entropy"):
+            np.testing.assert_allclose(kept[k], mine[k], rtol=1e-4, atol=1e-5)

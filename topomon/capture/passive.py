@@ -10,10 +10,13 @@ at the captured positions of each micro-batch (:func:`~topomon.capture.logit_sta
 per-token next-token statistics against the forward's ``labels`` when it has them (else its
 ``input_ids``). They are the model's logits as it returns them, so whatever it does around its LM head
 (MiniCPM3 rescales the head's input; Gemma 2 soft-caps, Cohere and Granite scale its output) is in them.
-When the forward returns no logits for every position (a fused LM-head loss computes none; GRPO keeps
-the completion's only), the captured positions of what the LM head read (else of the decoder body's
-output) go through the head instead (:func:`~topomon.capture.logit_stats.reduce_logits_from_hidden`);
-a transform after the head is then not applied. Only ``O(tokens)`` numbers leave the device, in
+When the forward returns logits for the last positions only (GRPO keeps the completion's), the head
+on the body's output is compared once with the model's logits at the last kept position: equal, the
+captured positions of what the LM head read (else of the body's output) go through the head
+(:func:`~topomon.capture.logit_stats.reduce_logits_from_hidden`); different (a transform around the
+head), the model's own logits are reduced at the captured positions it kept, and only there (with a
+warning). A forward with no logits (a fused LM-head loss) goes through the head as above, where a
+transform after the head is not applied. Only ``O(tokens)`` numbers leave the device, in
 ``snapshot.extras["logits/<stat>"]``.
 """
 
@@ -68,6 +71,9 @@ class PassiveCapture:
         self._head: Any = None
         self._read: dict[str, torch.Tensor] = {}  # this forward: "body" output, "head" input
         self._warned = False
+        self._transform: bool | None = None  # the model's logits differ from its head on the body
+        self._warned_window = False
+        self._model_name = ""
         self._handles: list[Any] = []
         self._armed_step: int | None = None
         self._mask: torch.Tensor | None = None
@@ -83,6 +89,7 @@ class PassiveCapture:
         """Register the hooks (they do nothing until :meth:`arm`)."""
         self.detach()
         base = unwrap_model(model)
+        self._model_name, self._transform = type(base).__name__, None
         self._handles.append(base.register_forward_pre_hook(self._pre, with_kwargs=True))
         if self.logits:
             layout = model_layout(base)  # the one discovery: its LM head and the body that feeds it
@@ -172,8 +179,12 @@ class PassiveCapture:
                 raise ValueError("the training forward was given no input_ids")
             ids, mask, labels = targets
             logits = getattr(out, "logits", None)
-            if isinstance(logits, torch.Tensor) and tuple(logits.shape[:2]) == tuple(ids.shape):
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != ids.shape[0]:
+                logits = None
+            if logits is not None and logits.shape[1] == ids.shape[1]:
                 stats = reduce_logits(logits.detach(), ids, mask, labels=labels, at=(rows, cols))
+            elif logits is not None and logits.shape[1] < ids.shape[1] and self._transforms(read, logits):
+                stats = self._kept_window(logits.detach(), ids, mask, labels, rows, cols)
             else:  # no logits for every position: the head on what it read (else on the body's output)
                 head = read.get("head")
                 hidden = head if head is not None and head.shape[:2] == ids.shape else read.get("body")
@@ -188,6 +199,51 @@ class PassiveCapture:
         for k, v in stats.items():
             self._stats.setdefault(k, []).append(v)
         self._seconds += time.perf_counter() - t0
+
+    def _transforms(self, read: dict[str, torch.Tensor], logits: torch.Tensor) -> bool:
+        """Whether the model's logits differ from its LM head on the body's output (checked once).
+
+        On the last position the forward kept: Gemma 2's soft-cap, Cohere's and Granite's scales and
+        MiniCPM3's scaled head input all show there.
+        """
+        if self._transform is None:
+            body = read.get("body")
+            if body is None or body.shape[0] != logits.shape[0]:
+                return False  # nothing to compare with: the head on the hidden state, as before
+            with torch.no_grad():
+                mine = self._head(body[:1, -1:]).float()
+            self._transform = not torch.allclose(mine, logits[:1, -1:].float(), rtol=1e-3, atol=1e-4)
+        return self._transform
+
+    def _kept_window(
+        self,
+        logits: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+    ) -> dict[str, np.ndarray]:
+        """The statistics of the captured positions among the last ones the forward kept logits for.
+
+        For a model that transforms around its LM head while the forward keeps the logits of the last
+        positions only (GRPO's ``logits_to_keep``): its own logits, where they exist.
+        """
+        off = ids.shape[1] - logits.shape[1]
+        if not self._warned_window:
+            self._warned_window = True
+            logger.warning(
+                "topomon: %s transforms around its LM head and its training forward returns logits for "
+                "the last %d of %d positions: passive next-token statistics are of those positions only",
+                self._model_name,
+                logits.shape[1],
+                ids.shape[1],
+            )
+        keep = cols.to(ids.device) >= off
+        at = (rows.to(ids.device)[keep], cols.to(ids.device)[keep] - off)
+        mask = None if mask is None else mask[:, off:]
+        labels = None if labels is None else labels[:, off:]
+        return reduce_logits(logits, ids[:, off:], mask, labels=labels, at=at)
 
     def _warn(self, why: str) -> None:
         if not self._warned:
