@@ -254,7 +254,7 @@ class MonitorSession(SessionBase):
         self._size_warned |= cut
         if "lora_factors" in self._needs:  # what the model-level families need beyond the points
             try:
-                snap.extras.update(lora_extras(model))
+                snap.extras.update(lora_extras(model, grams="lora_grams" in self._needs))
             except Exception as e:  # noqa: BLE001 - the capture lands without the update's metrics
                 self._report("LoRA factors", e)
         if c.figures_every and len(self.captures) % c.figures_every == 0:
@@ -432,11 +432,11 @@ class MonitorSession(SessionBase):
 
     @guarded
     def _save_lora_subspace(self, model: Any) -> None:
-        from topomon.capture.lora_weights import lora_factors
+        from topomon.capture.lora_weights import has_lora
         from topomon.interventions.lora_decorrelation import save_lora_subspaces
 
         assert self.run is not None
-        if lora_factors(model):
+        if has_lora(model):
             path = self.run.lora_path(self.config.stage)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             save_lora_subspaces(model, path)

@@ -23,6 +23,7 @@ from topomon.capture.probes import load_probes
 from topomon.capture.strategy import CaptureStrategy, PassiveStrategy, ProbeStrategy
 from topomon.config import ConfigError, MonitorConfig
 from topomon.interventions.controller import Interventions
+from topomon.metrics.builtin_families import LORA
 from topomon.metrics.families import (
     capture_needs,
     load_families,
@@ -410,7 +411,7 @@ def setup_stage(
     Raises:
         ConfigError: the configuration cannot work with this model, tokenizer or run directory.
     """
-    from topomon.capture.lora_weights import lora_factors
+    from topomon.capture.lora_weights import has_lora
     from topomon.pipeline import compute_options, make_router
     from topomon.worker.executor import make_executor
 
@@ -435,10 +436,15 @@ def setup_stage(
         list(modules),
         model_layout(model).n_layers,
         run.earlier_lora(c.stage, like=info.get("like")),
-        unavailable=() if lora_factors(model) else ("lora_factors",),
+        unavailable=() if has_lora(model) else ("lora_factors",),
     )
     check_worker_families(c, options)
     needs = capture_needs(options)
+    if "lora_factors" in needs and not LORA.settings(options)["lora_reference"]:
+        # no earlier stage's subspace to compare with: the update's spectrum needs only the Gram
+        # matrices of its factors (2 r^2 numbers per module instead of r (in + out): about 1 MiB
+        # instead of 160 for r=16 on every linear layer of an 8B Llama)
+        needs |= {"lora_grams"}
     strategy = make_strategy(c, model, needs=needs, tokenizer=tokenizer, probes=probes, run=run)
     # where this stage sits on the run's step axis, and what was already captured (resume)
     step_offset = stage_step_offset(c, run)

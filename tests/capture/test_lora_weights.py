@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
-from topomon.capture.lora_weights import lora_factors
+from topomon.capture.lora_weights import has_lora, lora_extras, lora_factors, lora_grams
 from topomon.metrics.lora import lora_update_singular_values
 from topomon.testing import tiny_causal_lm
 
@@ -141,3 +141,22 @@ def test_bad_input() -> None:
         lora_factors("model")
     with pytest.raises(TypeError, match="adapter_name"):
         lora_factors(_llama(), adapter_name=1)  # type: ignore[arg-type]
+
+
+def test_the_gram_matrices_are_those_of_the_factors_and_the_extras_ship_one_or_the_other() -> None:
+    model = _peft_llama()
+    factors, grams = lora_factors(model), lora_grams(model)
+    assert set(grams) == set(factors) and has_lora(model) and not has_lora(_llama())
+    for name, (a, b, scaling) in factors.items():
+        ga, gb, sc = grams[name]
+        assert ga.shape == gb.shape == (4, 4) and ga.dtype == np.float64 and sc == scaling
+        np.testing.assert_allclose(ga, a.astype(np.float64) @ a.T, rtol=1e-5)
+        np.testing.assert_allclose(gb, b.T.astype(np.float64) @ b, rtol=1e-5)
+    small, full = lora_extras(model, grams=True), lora_extras(model)
+    name = next(iter(factors))
+    assert {k for k in small if k.startswith(f"lora/{name}/")} == {
+        f"lora/{name}/{p}" for p in ("gram_A", "gram_B", "scaling")
+    }
+    shipped = {k for k in full if k.startswith(f"lora/{name}/")}
+    assert shipped == {f"lora/{name}/{p}" for p in ("A", "B", "scaling")}
+    assert sum(v.nbytes for v in small.values()) < sum(v.nbytes for v in full.values())

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topomon.metrics.lora import (
+    lora_gram_metrics,
+    lora_gram_singular_values,
     lora_update_metrics,
     lora_update_singular_values,
     lora_update_subspace,
@@ -23,14 +25,18 @@ def _numerical_rank(s: np.ndarray, tol: float = 1e-9) -> int:
     return int(np.sum(s > tol * s.max()))
 
 
-@settings(max_examples=60, deadline=None)
-@given(
+RANDOM_FACTORS = given(
     seed=st.integers(0, 2**32 - 1),
     out=st.integers(1, 12),
     inp=st.integers(1, 12),
     r=st.integers(1, 6),
     scaling=st.floats(-4, 4).filter(lambda s: abs(s) > 1e-3),
 )
+"""Random factor shapes and scalings: each test draws its own factors from ``seed``."""
+
+
+@settings(max_examples=60, deadline=None)
+@RANDOM_FACTORS
 def test_singular_values_match_dense_svd(seed: int, out: int, inp: int, r: int, scaling: float) -> None:
     rng = np.random.default_rng(seed)
     a, b = rng.normal(size=(r, inp)), rng.normal(size=(out, r))
@@ -188,3 +194,33 @@ def test_overlap_validation() -> None:
         subspace_overlap(e, np.ones(5))
     with pytest.raises(ValueError, match="more columns than rows"):
         subspace_overlap(np.ones((2, 3)), e)
+
+
+@settings(max_examples=60, deadline=None)
+@RANDOM_FACTORS
+def test_the_gram_matrices_give_the_factors_spectrum_and_metrics(
+    seed: int, out: int, inp: int, r: int, scaling: float
+) -> None:
+    # what a capture ships when no earlier stage's subspace is compared: A A^T and B^T B
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(r, inp)), rng.normal(size=(out, r))
+    want = lora_update_singular_values(a, b, scaling)
+    got = lora_gram_singular_values(a @ a.T, b.T @ b, scaling)
+    assert got.shape == (r,)
+    np.testing.assert_allclose(got, want, atol=1e-7 * max(1.0, want.max()))
+    m, g = lora_update_metrics(a, b, scaling), lora_gram_metrics(a @ a.T, b.T @ b, scaling)
+    assert m.keys() == g.keys()
+    for k in m:
+        assert g[k] == pytest.approx(m[k], rel=1e-6)
+
+
+def test_the_gram_metrics_of_a_zero_update_and_of_a_known_rank() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 30))
+    zero = lora_gram_metrics(a @ a.T, np.zeros((4, 4)), 2.0)  # B = 0 at LoRA initialisation
+    assert math.isnan(zero["lora_effective_rank"]) and zero["lora_norm"] == 0.0
+    b = rng.normal(size=(40, 2)) @ rng.normal(size=(2, 4))  # rank 2 through a rank-4 adapter
+    s = lora_gram_singular_values(a @ a.T, b.T @ b, 1.0)
+    assert _numerical_rank(s, tol=1e-6) == 2
+    with pytest.raises(ValueError, match="same r"):
+        lora_gram_singular_values(np.eye(3), np.eye(4), 1.0)

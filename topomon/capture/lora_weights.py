@@ -22,11 +22,12 @@ gathered by the caller first (a sharded parameter reads as empty and is skipped)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-__all__ = ["lora_factors", "lora_extras"]
+__all__ = ["lora_factors", "lora_grams", "lora_extras", "has_lora"]
 
 
 def _to_numpy(t: Any) -> np.ndarray:
@@ -34,7 +35,8 @@ def _to_numpy(t: Any) -> np.ndarray:
     return np.array(t.detach().float().cpu().numpy(), dtype=np.float32, copy=True)
 
 
-def _module_factors(module: Any, adapter: str) -> tuple[np.ndarray, np.ndarray, float] | None:
+def _module_tensors(module: Any, adapter: str) -> tuple[Any, Any, float] | None:
+    """``(A, B, scaling)`` of one adapted module as the live tensors (see the module's conventions)."""
     import torch
 
     if adapter not in module.scaling:
@@ -58,7 +60,40 @@ def _module_factors(module: Any, adapter: str) -> tuple[np.ndarray, np.ndarray, 
         return None
     if a.ndim != 2 or b.ndim != 2 or a.numel() == 0 or b.numel() == 0 or a.shape[0] != b.shape[1]:
         return None
-    return _to_numpy(a), _to_numpy(b), scaling
+    return a, b, scaling
+
+
+def _lora_tensors(model: Any, adapter_name: str | None) -> Iterator[tuple[str, Any, Any, float]]:
+    """``(module name, A, B, scaling)`` of every LoRA-adapted module, as live tensors."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if adapter_name is not None and not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be a str or None, got {adapter_name!r}")
+    from peft.tuners.lora import LoraLayer
+
+    root = model
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):  # PeftModel: name modules relative to the underlying transformers model
+        root = get_base()
+    for name, module in root.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if adapter_name is None:
+            active = list(module.active_adapters)
+            if not active:
+                continue
+            if len(active) > 1:
+                raise ValueError(
+                    f"module {name!r} has several active adapters {active}; pass adapter_name to choose one"
+                )
+            adapter = active[0]
+        else:
+            adapter = adapter_name
+        found = _module_tensors(module, adapter)
+        if found is not None:
+            yield (name, *found)
 
 
 def lora_factors(
@@ -92,48 +127,48 @@ def lora_factors(
         >>> a.shape, b.shape, scaling
         ((4, 32), (32, 4), 2.0)
     """
+    return {name: (_to_numpy(a), _to_numpy(b), sc) for name, a, b, sc in _lora_tensors(model, adapter_name)}
+
+
+def has_lora(model: Any) -> bool:
+    """Whether ``model`` has a LoRA-adapted module with an active adapter (nothing is copied)."""
+    return next(_lora_tensors(model, None), None) is not None
+
+
+def lora_grams(model: Any) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """``(A A^T, B^T B, scaling)`` of every LoRA-adapted module: two ``r x r`` float64 Gram matrices.
+
+    Computed where the factors live (one small product each), so only ``2 r^2`` numbers per module
+    leave the device instead of ``r (in + out)``: the update's singular values follow from them
+    (:func:`topomon.metrics.lora.lora_gram_metrics`), its singular vectors do not.
+    """
     import torch
 
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if adapter_name is not None and not isinstance(adapter_name, str):
-        raise TypeError(f"adapter_name must be a str or None, got {adapter_name!r}")
-    from peft.tuners.lora import LoraLayer
-
-    root = model
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):  # PeftModel: name modules relative to the underlying transformers model
-        root = get_base()
     out: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
-    for name, module in root.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        if adapter_name is None:
-            active = list(module.active_adapters)
-            if not active:
-                continue
-            if len(active) > 1:
-                raise ValueError(
-                    f"module {name!r} has several active adapters {active}; pass adapter_name to choose one"
-                )
-            adapter = active[0]
-        else:
-            adapter = adapter_name
-        factors = _module_factors(module, adapter)
-        if factors is not None:
-            out[name] = factors
+    with torch.no_grad():
+        for name, a, b, sc in _lora_tensors(model, None):
+            if a.device.type == "mps":  # no float64 there
+                a, b = a.cpu(), b.cpu()
+            a64, b64 = a.detach().double(), b.detach().double()
+            out[name] = ((a64 @ a64.T).cpu().numpy(), (b64.T @ b64).cpu().numpy(), sc)
     return out
 
 
-def lora_extras(model: Any) -> dict[str, np.ndarray]:
-    """The LoRA factors of ``model`` as snapshot extras: ``lora/<module>/A``, ``.../B``, ``.../scaling``.
+def lora_extras(model: Any, *, grams: bool = False) -> dict[str, np.ndarray]:
+    """The LoRA updates of ``model`` as snapshot extras, per adapted module ``lora/<module>/...``.
+
+    Args:
+        model: a ``torch.nn.Module`` (a ``peft.PeftModel`` or one with adapters injected).
+        grams: ship ``gram_A`` and ``gram_B`` (:func:`lora_grams`: enough for the update's spectrum)
+            instead of the factors ``A`` and ``B`` (needed for its subspace); ``scaling`` either way.
 
     Returns:
         An empty mapping for a model without LoRA adapters.
     """
     extras: dict[str, np.ndarray] = {}
-    for name, (a, b, scaling) in lora_factors(model).items():
-        extras[f"lora/{name}/A"] = a
-        extras[f"lora/{name}/B"] = b
+    parts = ("gram_A", "gram_B") if grams else ("A", "B")
+    for name, (x, y, scaling) in (lora_grams(model) if grams else lora_factors(model)).items():
+        extras[f"lora/{name}/{parts[0]}"] = x
+        extras[f"lora/{name}/{parts[1]}"] = y
         extras[f"lora/{name}/scaling"] = np.asarray(scaling, dtype=np.float64)
     return extras

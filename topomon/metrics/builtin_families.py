@@ -25,6 +25,7 @@ from topomon.metrics.family_base import (
 from topomon.metrics.logits import logit_metrics
 from topomon.metrics.lora import (
     load_lora_subspaces,
+    lora_gram_metrics,
     lora_update_metrics,
     lora_update_subspace,
     subspace_overlap,
@@ -190,7 +191,12 @@ class _Trajectory(FamilyComputer):
 
 
 class _Lora(FamilyComputer):
-    """The LoRA update of each adapted module (``lora/<module>/A|B|scaling`` extras), averaged."""
+    """The LoRA update of each adapted module, averaged.
+
+    From its factors (``lora/<module>/A|B|scaling`` extras), or from their Gram matrices
+    (``gram_A|gram_B``, shipped when there is no earlier stage's subspace to compare with: the same
+    spectrum from ``r x r`` numbers instead of ``r (in + out)``).
+    """
 
     def __init__(self, options: ComputeOptions):
         self.paths = tuple(LORA.settings(options)["lora_reference"])
@@ -208,13 +214,17 @@ class _Lora(FamilyComputer):
         names = sorted({k.split("/")[1] for k in extras if k.startswith("lora/")})
         eff, stab, norms, overlaps = [], [], [], []
         for name in names:
-            a = extras[f"lora/{name}/A"]
-            b = extras[f"lora/{name}/B"]
             scaling = float(extras[f"lora/{name}/scaling"])
-            m = lora_update_metrics(a, b, scaling)
+            if f"lora/{name}/A" not in extras:  # the Gram matrices: the spectrum, no subspace
+                m = lora_gram_metrics(extras[f"lora/{name}/gram_A"], extras[f"lora/{name}/gram_B"], scaling)
+            else:
+                a, b = extras[f"lora/{name}/A"], extras[f"lora/{name}/B"]
+                m = lora_update_metrics(a, b, scaling)
             eff.append(m["lora_effective_rank"])
             stab.append(m["lora_stable_rank"])
             norms.append(m["lora_norm"])
+            if f"lora/{name}/A" not in extras:
+                continue
             for u_ref, v_ref in self._reference.get(name, []):
                 u, v = lora_update_subspace(a, b, scaling)
                 if u.shape[1] and u_ref.shape[1]:

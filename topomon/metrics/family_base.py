@@ -42,7 +42,10 @@ BASE_KEYS: tuple[str, ...] = ("n_points", "n_outliers", "n_nonfinite")
 
 SCOPES = ("layer", "model")
 NEEDS = frozenset({"points", "logits", "lora_factors", "aligned_layers"})
-"""What a capture can gather: layer points, logit statistics, LoRA factors, the same tokens in every layer."""
+"""What a capture can gather: layer points, logit statistics, LoRA factors, the same tokens in every layer.
+
+(The stage adds ``"lora_grams"`` beside ``"lora_factors"`` when the Gram matrices of the factors are
+enough: :func:`topomon.stage.setup_stage`.)"""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ import numpy.typing as npt
 __all__ = [
     "lora_update_metrics",
     "lora_update_singular_values",
+    "lora_gram_metrics",
+    "lora_gram_singular_values",
     "lora_update_subspace",
     "subspace_overlap",
     "load_lora_subspaces",
@@ -133,11 +135,62 @@ def lora_update_metrics(
         >>> m["lora_effective_rank"], m["lora_stable_rank"]
         (2.0, 2.0)
     """
+    return _spectrum_metrics(lora_update_singular_values(A, B, scaling), eps)
+
+
+def lora_gram_singular_values(gram_a: npt.ArrayLike, gram_b: npt.ArrayLike, scaling: float) -> np.ndarray:
+    """Singular values of ``scaling * B @ A`` from the Gram matrices ``A A^T`` and ``B^T B`` alone.
+
+    The squared singular values are the eigenvalues of ``B^T B A A^T``, computed as those of the
+    symmetric ``H (B^T B) H`` with ``H = (A A^T)^(1/2)``. Singular values below about ``1e-8`` of the
+    largest lose relative precision (they are square roots of eigenvalues); the ranks and the norm of
+    :func:`lora_gram_metrics` do not notice.
+
+    Args:
+        gram_a: ``A A^T``, shape ``(r, r)``.
+        gram_b: ``B^T B``, shape ``(r, r)``.
+        scaling: the adapter's scaling; its sign does not matter.
+
+    Returns:
+        Shape ``(r,)``, float64, non-negative and decreasing, as :func:`lora_update_singular_values`.
+
+    Example:
+        >>> a, b = np.eye(2, 5), 3.0 * np.eye(4, 2)
+        >>> lora_gram_singular_values(a @ a.T, b.T @ b, 0.5)
+        array([1.5, 1.5])
+    """
+    ga = _matrix(gram_a, "gram_A", "(r, r)")
+    gb = _matrix(gram_b, "gram_B", "(r, r)")
+    if ga.shape[0] != ga.shape[1] or ga.shape != gb.shape:
+        raise ValueError(f"gram_A and gram_B must be (r, r) of the same r, got {ga.shape} and {gb.shape}")
+    if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {scaling!r}")
+    w, v = np.linalg.eigh(0.5 * (ga + ga.T))
+    half = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    ev = np.linalg.eigvalsh(half @ (0.5 * (gb + gb.T)) @ half)
+    return abs(float(scaling)) * np.sqrt(np.clip(ev, 0.0, None))[::-1]
+
+
+def lora_gram_metrics(
+    gram_a: npt.ArrayLike, gram_b: npt.ArrayLike, scaling: float, eps: float = 1e-7
+) -> dict[str, float]:
+    """:func:`lora_update_metrics` from the Gram matrices ``A A^T`` and ``B^T B`` of the factors.
+
+    Example:
+        >>> a, b = np.eye(2, 5), np.eye(4, 2)
+        >>> m = lora_gram_metrics(a @ a.T, b.T @ b, 1.0, eps=0.0)
+        >>> m["lora_effective_rank"], m["lora_stable_rank"]
+        (2.0, 2.0)
+    """
+    return _spectrum_metrics(lora_gram_singular_values(gram_a, gram_b, scaling), eps)
+
+
+def _spectrum_metrics(s: np.ndarray, eps: float) -> dict[str, float]:
+    """Effective rank, stable rank and Frobenius norm of an update with singular values ``s`` (decreasing)."""
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a non-negative real number, got {eps!r}")
     if not (math.isfinite(float(eps)) and eps >= 0):
         raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
-    s = lora_update_singular_values(A, B, scaling)
     total = float(np.sum(s))
     norm = float(np.sqrt(np.sum(s**2)))
     if total == 0.0:
