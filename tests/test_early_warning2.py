@@ -160,6 +160,33 @@ def test_v2_minus_the_best_baseline_is_bootstrapped_over_whole_stage_types():
     text = a2.table(stages, n_boot=100)
     assert "v2 minus the best other detector" in text and "| dpo-x-s0 | 8 |" in text
     assert np.isfinite(a2.scores(stages, "flag every stage")["fa_per_1000"])
+    # v2 and "nll + loss" tie: the geometry adds nothing, "nll + loss" ships (part 3, "What ships")
+    assert "Ships (part 3" in text and "**nll + loss (any of)**" in text
+
+
+def test_what_ships_follows_the_pre_registered_order_and_never_the_reference():
+    a2 = _load("analysis2")
+
+    def sc(f1, before, fa=1.0):
+        return {"f1": f1, "before": before, "fa_per_1000": fa}
+
+    base = {n: sc(0.5, 1) for n in a2.DETECTORS}
+    assert a2.shipped(base | {a2.V2: sc(0.8, 3)}) == a2.V2
+    # v2 best, but "nll + loss" has its F1 and strictly-before count: the geometry adds nothing
+    assert a2.shipped(base | {a2.V2: sc(0.8, 3, fa=0.5), a2.NLL_LOSS: sc(0.8, 3, fa=2.0)}) == a2.NLL_LOSS
+    assert a2.shipped(base | {a2.V2: sc(0.8, 4), a2.NLL_LOSS: sc(0.8, 3)}) == a2.V2
+    # ties on F1: more alerts strictly before the harm, then fewer false alarms
+    assert a2.shipped(base | {"probe NLL": sc(0.9, 2), "loss spike": sc(0.9, 5)}) == "loss spike"
+    assert (
+        a2.shipped(base | {"probe NLL": sc(0.9, 5, fa=3.0), "loss spike": sc(0.9, 5, fa=1.0)}) == "loss spike"
+    )
+    # flagging every stage is the reference, never the default; nor TRL's entropy (GRPO stages only)
+    best = base | {
+        a2.REFERENCE: sc(0.95, 9),
+        "TRL entropy (grpo only)": sc(1.0, 9),
+        "grad-norm level": sc(0.6, 1),
+    }
+    assert a2.shipped(best) == "grad-norm level"
 
 
 def _replay_live(rules, res):

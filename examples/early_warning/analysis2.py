@@ -146,6 +146,41 @@ DETECTORS: dict[str, Detector] = {
 }
 
 
+V2 = "v2 (any of geometry, nll, loss)"
+NLL_LOSS = "nll + loss (any of)"
+REFERENCE = "flag every stage"
+SHIPPABLE = [n for n in DETECTORS if n != REFERENCE and not n.startswith("TRL entropy")]
+"""What can become the default alert rules (amendment 2, before any study-2 score): every detector
+but the reference that alerts in every stage, and TRL's entropy rule (scored on GRPO stages only)."""
+
+
+def rank_key(s: dict[str, Any]) -> tuple[float, int, float]:
+    """Part 3's order: F1, then alerts strictly before the harm, then fewer false alarms per 1,000 steps."""
+    fa = s["fa_per_1000"]
+    return (s["f1"], s["before"], -fa if fa == fa else 0.0)
+
+
+def shipped(all_scores: dict[str, dict[str, Any]]) -> str:
+    """The detector part 3's "What ships" names: the best shippable one; where that is v2 but "nll +
+    loss" has at least its F1 and strictly-before count, the geometry adds nothing and "nll + loss" ships.
+    """
+    best = max(SHIPPABLE, key=lambda n: rank_key(all_scores[n]))
+    ng, v2 = all_scores[NLL_LOSS], all_scores[V2]
+    if best == V2 and ng["f1"] >= v2["f1"] and ng["before"] >= v2["before"]:
+        return NLL_LOSS
+    return best
+
+
+def score_line(name: str, s: dict[str, Any]) -> str:
+    """One detector's held-out numbers as the README states them."""
+    return (
+        f"{name}: precision {s['precision']:.2f} [{s['p_ci'][0]:.2f}, {s['p_ci'][1]:.2f}], recall "
+        f"{s['recall']:.2f} [{s['r_ci'][0]:.2f}, {s['r_ci'][1]:.2f}], F1 {s['f1']:.2f}, strictly before the "
+        f"first measured harm in {s['before']} of {s['harmful']} harmful stages, "
+        f"{s['fa_per_1000']:.1f} false alarms per 1,000 benign steps"
+    )
+
+
 def first_alert(state: State) -> int | None:
     """The first step in alarm."""
     return min((st for st, on in state.items() if on), default=None)
@@ -249,17 +284,24 @@ def table(stages: list[Stage], n_boot: int = 10_000) -> str:
             f"{'-' if s['lead_median'] is None else s['lead_median']} | {s['fa_per_1000']:.1f} | "
             f"{s['benign_ck_in_alarm']:.2f} |"
         )
-    v2 = "v2 (any of geometry, nll, loss)"
-    rivals = [n for n in DETECTORS if n != v2 and not n.startswith("TRL entropy")]
-    best = max(
-        rivals, key=lambda n: (all_scores[n]["f1"], all_scores[n]["before"], -all_scores[n]["fa_per_1000"])
-    )
-    d, lo, hi = difference(stages, v2, best, n=n_boot)
+    rivals = [n for n in DETECTORS if n != V2 and not n.startswith("TRL entropy")]
+    best = max(rivals, key=lambda n: rank_key(all_scores[n]))
+    d, lo, hi = difference(stages, V2, best, n=n_boot)
     verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
     out.append(
         f"\nv2 minus the best other detector ({best}): F1 {d:+.2f}, 95% interval over stage types "
         f"[{lo:+.2f}, {hi:+.2f}] ({verdict})."
     )
+    ships = shipped(all_scores)
+    runner_up = max((n for n in SHIPPABLE if n != ships), key=lambda n: rank_key(all_scores[n]))
+    out += [
+        f'\nShips (part 3, "What ships"; amendment 2): **{ships}**.',
+        f"- {score_line(ships, all_scores[ships])}.",
+        f"- best other: {score_line(runner_up, all_scores[runner_up])}.",
+        f"- reference: {score_line(REFERENCE, all_scores[REFERENCE])}.",
+    ]
+    if rank_key(all_scores[REFERENCE]) >= rank_key(all_scores[ships]):
+        out.append("- No shippable detector beat flagging every stage: the README says so.")
     return "\n".join(out)
 
 
