@@ -215,15 +215,15 @@ class _Lora(FamilyComputer):
         eff, stab, norms, overlaps = [], [], [], []
         for name in names:
             scaling = float(extras[f"lora/{name}/scaling"])
-            if f"lora/{name}/A" not in extras:  # the Gram matrices: the spectrum, no subspace
+            a, b = extras.get(f"lora/{name}/A"), extras.get(f"lora/{name}/B")
+            if a is None or b is None:  # the Gram matrices: the spectrum, no subspace to compare
                 m = lora_gram_metrics(extras[f"lora/{name}/gram_A"], extras[f"lora/{name}/gram_B"], scaling)
             else:
-                a, b = extras[f"lora/{name}/A"], extras[f"lora/{name}/B"]
                 m = lora_update_metrics(a, b, scaling)
             eff.append(m["lora_effective_rank"])
             stab.append(m["lora_stable_rank"])
             norms.append(m["lora_norm"])
-            if f"lora/{name}/A" not in extras:
+            if a is None or b is None:
                 continue
             for u_ref, v_ref in self._reference.get(name, []):
                 u, v = lora_update_subspace(a, b, scaling)
