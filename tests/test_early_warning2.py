@@ -261,4 +261,7 @@ def test_a_tiny_study_2_stage_trains_with_v2_live_saves_and_is_scored_offline(tm
     # v2 ran live: the stage's config carries its composite rule
     assert "training_loss" in (run / "run.json").read_text()
     assert a2.main(["--out", str(out), "--bootstrap", "50"]) == 0
-    assert "| trace-harmful-s0 |" in (out / "tables2.md").read_text()
+    tables = (out / "tables2.md").read_text()
+    assert "| trace-harmful-s0 |" in tables
+    # part 3: v2 run live in the stage and v2 replayed offline from its logs alert first at the same step
+    assert "the same first alert in 1 of 1 stages." in tables

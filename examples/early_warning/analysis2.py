@@ -181,6 +181,18 @@ def score_line(name: str, s: dict[str, Any]) -> str:
     )
 
 
+def live_first(res: Stage) -> int | None:
+    """The first step at which v2, run live in the stage through topomon's rule engine, fired."""
+    steps = [int(a["step"]) for a in res.get("live_alerts", []) if a.get("reason") != "recovered"]
+    return min(steps, default=None)
+
+
+def live_agreement(stages: list[Stage]) -> tuple[int, list[str]]:
+    """How many stages' live v2 first alert equals the replayed one (part 3), and the others' names."""
+    differ = [r["name"] for r in stages if live_first(r) != first_alert(DETECTORS[V2](r))]
+    return len(stages) - len(differ), differ
+
+
 def first_alert(state: State) -> int | None:
     """The first step in alarm."""
     return min((st for st, on in state.items() if on), default=None)
@@ -291,6 +303,11 @@ def table(stages: list[Stage], n_boot: int = 10_000) -> str:
     out.append(
         f"\nv2 minus the best other detector ({best}): F1 {d:+.2f}, 95% interval over stage types "
         f"[{lo:+.2f}, {hi:+.2f}] ({verdict})."
+    )
+    agree, differ = live_agreement(stages)
+    out.append(
+        f"\nv2 live (topomon's rule engine during training) and replayed: the same first alert in {agree} of "
+        f"{len(stages)} stages" + (f"; not in {', '.join(differ)}." if differ else ".")
     )
     ships = shipped(all_scores)
     runner_up = max((n for n in SHIPPABLE if n != ships), key=lambda n: rank_key(all_scores[n]))
