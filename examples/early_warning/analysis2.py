@@ -149,7 +149,8 @@ DETECTORS: dict[str, Detector] = {
 V2 = "v2 (any of geometry, nll, loss)"
 NLL_LOSS = "nll + loss (any of)"
 REFERENCE = "flag every stage"
-SHIPPABLE = [n for n in DETECTORS if n != REFERENCE and not n.startswith("TRL entropy")]
+GRPO_ONLY = "TRL entropy (grpo only)"
+SHIPPABLE = [n for n in DETECTORS if n not in (REFERENCE, GRPO_ONLY)]
 """What can become the default alert rules (amendment 2, before any study-2 score): every detector
 but the reference that alerts in every stage, and TRL's entropy rule (scored on GRPO stages only)."""
 
@@ -209,7 +210,7 @@ def events(state: State) -> int:
 
 def applies(name: str, res: Stage) -> bool:
     """The TRL-entropy detector is scored on GRPO stages only."""
-    return res["type"] == "grpo" if name.startswith("TRL entropy") else True
+    return res["type"] == "grpo" if name == GRPO_ONLY else True
 
 
 def scores(stages: list[Stage], name: str) -> dict[str, Any]:
@@ -296,7 +297,7 @@ def table(stages: list[Stage], n_boot: int = 10_000) -> str:
             f"{'-' if s['lead_median'] is None else s['lead_median']} | {s['fa_per_1000']:.1f} | "
             f"{s['benign_ck_in_alarm']:.2f} |"
         )
-    rivals = [n for n in DETECTORS if n != V2 and not n.startswith("TRL entropy")]
+    rivals = [n for n in DETECTORS if n not in (V2, GRPO_ONLY)]
     best = max(rivals, key=lambda n: rank_key(all_scores[n]))
     d, lo, hi = difference(stages, V2, best, n=n_boot)
     verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"

@@ -59,11 +59,16 @@ def _factors(a: npt.ArrayLike, b: npt.ArrayLike, scaling: float) -> tuple[np.nda
     bm = _matrix(b, "B", "(out, r)")
     if am.shape[0] != bm.shape[1]:
         raise ValueError(f"A (r, in) and B (out, r) must share the rank r, got A {am.shape} and B {bm.shape}")
+    return am, bm, _scaling(scaling)
+
+
+def _scaling(scaling: float) -> float:
+    """A LoRA scaling checked as a finite real number."""
     if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {scaling!r}")
     if not math.isfinite(float(scaling)):
         raise ValueError(f"scaling must be finite, got {scaling!r}")
-    return am, bm, float(scaling)
+    return float(scaling)
 
 
 def _core_svd(
@@ -163,12 +168,11 @@ def lora_gram_singular_values(gram_a: npt.ArrayLike, gram_b: npt.ArrayLike, scal
     gb = _matrix(gram_b, "gram_B", "(r, r)")
     if ga.shape[0] != ga.shape[1] or ga.shape != gb.shape:
         raise ValueError(f"gram_A and gram_B must be (r, r) of the same r, got {ga.shape} and {gb.shape}")
-    if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"scaling must be a real number, got {scaling!r}")
+    sc = _scaling(scaling)
     w, v = np.linalg.eigh(0.5 * (ga + ga.T))
     half = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
     ev = np.linalg.eigvalsh(half @ (0.5 * (gb + gb.T)) @ half)
-    return abs(float(scaling)) * np.sqrt(np.clip(ev, 0.0, None))[::-1]
+    return abs(sc) * np.sqrt(np.clip(ev, 0.0, None))[::-1]
 
 
 def lora_gram_metrics(
