@@ -814,6 +814,12 @@ def test_a_rule_on_a_captured_layer_fires_and_on_one_not_captured_fails_before_s
     fails_before_step_1(tmp_path, "layer_1", layers=[0], alerts=[_always("rankme", "layer_1", "not")])
 
 
+def test_a_named_detector_with_no_part_left_or_an_unknown_name_fails_before_step_1(tmp_path: Path) -> None:
+    # "probe NLL" is one rule on logit_nll: with the logits family off nothing of it could fire
+    fails_before_step_1(tmp_path, "set logits=True", alerts="probe NLL", logits=False)
+    fails_before_step_1(tmp_path, "a detector of topomon.alerts.DETECTORS", alerts="v3")
+
+
 def test_a_topology_rule_on_a_layer_without_topology_fails_before_step_1(tmp_path: Path) -> None:
     # layer_0 is captured, but persistent homology runs on the last captured layer only (the default)
     fails_before_step_1(tmp_path, "layer_0", alerts=[_always("h1_total_persistence", "layer_0", "t")])

@@ -135,7 +135,11 @@ class MonitorConfig:
             ``lora_metrics`` ...): each is the family option of the same name
             (``topomon.metrics.families.options_from_config``).
         alerts: "default" (final-norm RankMe -15% / effective rank -25% from the stage start, and
-            non-finite activations), a list of rule mappings (``topomon.alerts.rules_from_config``:
+            non-finite activations), a detector of ``topomon.alerts.DETECTORS`` by name (``"v2"``,
+            ``"nll+loss"``, ``"training-loss drop"``, ``"probe NLL"``: docs/EARLY_WARNING.md part 3;
+            like the default, its parts on ``final_norm`` watch the deepest captured layer when
+            ``final_norm`` is not captured, and an any-of part whose family is off is left out with a
+            warning), a list of rule mappings (``topomon.alerts.rules_from_config``:
             ``drop`` / ``spike`` / ``trend`` / ``threshold`` / ``nonfinite`` / ``composite``; a
             ``layer`` of the captured ones, ``"model"`` for model-level metrics such as ``logit_nll``,
             or ``"trainer"`` for what the trainer logs, such as ``loss``), or None for no alerts.

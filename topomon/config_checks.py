@@ -113,8 +113,14 @@ def check_fields(c: Any) -> None:
         raise ConfigError(f"`seed` must be an int in [0, 2**32 - 1], got {c.seed!r}")
     if c.step_offset is not None:
         _require_int("step_offset", c.step_offset, 0)
-    if not (c.alerts is None or c.alerts == "default" or isinstance(c.alerts, (list, tuple))):
-        raise ConfigError(f"`alerts` must be 'default', a list of rules (mappings) or None, got {c.alerts!r}")
+    from topomon.alerts import DETECTORS
+
+    named = isinstance(c.alerts, str) and (c.alerts == "default" or c.alerts in DETECTORS)
+    if not (c.alerts is None or named or isinstance(c.alerts, (list, tuple))):
+        raise ConfigError(
+            f"`alerts` must be 'default', a detector of topomon.alerts.DETECTORS ({list(DETECTORS)}), "
+            f"a list of rules (mappings) or None, got {c.alerts!r}"
+        )
     if isinstance(c.alerts, (list, tuple)):
         from topomon.alerts import rules_from_config
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from topomon.alerts import TRAINER_LAYER, AlertEngine, default_rules, rules_from_config
+from topomon.alerts import SHIPPED, TRAINER_LAYER, AlertEngine, default_rules, rules_from_config
 from topomon.alerts.sinks import LogSink, WebhookSink
 from topomon.capture.layers import FINAL_NORM, layer_name
 from topomon.config import ConfigError, MonitorConfig
@@ -412,19 +412,14 @@ def rules_on_layers(rules: list[Any], layers: list[str], *, default: bool) -> li
     """
     valid = {*layers, "*", "mean", MODEL_LAYER, TRAINER_LAYER}
     if default and FINAL_NORM not in layers and layers:
-        moved = [r for r in rules if getattr(r, "layer", None) == FINAL_NORM]
-        if moved:
+        configs = [_moved(r.config(), layers[-1], top=True) for r in rules]
+        if configs != [r.config() for r in rules]:
             logger.warning(
                 "topomon: %s is not captured; the default alert rules watch %s instead",
                 FINAL_NORM,
                 layers[-1],
             )
-            rules = rules_from_config(
-                [
-                    {**r.config(), "layer": layers[-1], "name": None} if r in moved else r.config()
-                    for r in rules
-                ]
-            )
+            rules = rules_from_config(configs)
     for rule in rules:
         for layer, _ in rule.series:  # a composite: every part's layer
             if layer not in valid:
@@ -434,6 +429,54 @@ def rules_on_layers(rules: list[Any], layers: list[str], *, default: bool) -> li
                     f"{TRAINER_LAYER!r}): change the rule's `layer`, or capture it (`layers`, `final_norm`)"
                 )
     return rules
+
+
+def _moved(config: dict[str, Any], layer: str, *, top: bool) -> dict[str, Any]:
+    """A rule's config with every part on ``final_norm`` moved to ``layer``.
+
+    A moved top-level rule takes its default name (which names the layer); a part keeps its own.
+    """
+    if "parts" in config:
+        return {**config, "parts": [_moved(p, layer, top=False) for p in config["parts"]]}
+    if config.get("layer") != FINAL_NORM:
+        return config
+    return {**config, "layer": layer, **({"name": None} if top else {})}
+
+
+def available_default_parts(rules: list[Any], options: ComputeOptions) -> list[Any]:
+    """The default rules without the parts of an any-of rule whose metric family is off.
+
+    A warning names the parts left out (``logits=False`` leaves v2's geometry and loss parts). A rule
+    left with one part is that part, under the rule's name; a top-level rule, or one left with no
+    part, is kept as it is for ``make_router`` to refuse.
+    """
+    out = []
+    for rule in rules:
+        cfg = rule.config()
+        if "parts" not in cfg or cfg.get("k") != 1:
+            out.append(rule)
+            continue
+        keep = [p for p in cfg["parts"] if all(explain_unknown(m, options) is None for m in _part_metrics(p))]
+        off = [p.get("name") or p["metric"] for p in cfg["parts"] if p not in keep]
+        if not off or not keep:
+            out.append(rule)
+            continue
+        logger.warning(
+            "topomon: the default alert %r runs without its part(s) %s, whose metrics are off",
+            rule.name,
+            off,
+        )
+        out.extend(
+            rules_from_config([{**cfg, "parts": keep}] if len(keep) > 1 else [{**keep[0], "name": rule.name}])
+        )
+    return out
+
+
+def _part_metrics(config: dict[str, Any]) -> list[str]:
+    """The captured metrics a rule config reads (a trainer-logged value is no family's metric)."""
+    if "parts" in config:
+        return [m for p in config["parts"] for m in _part_metrics(p)]
+    return [] if config.get("layer") == TRAINER_LAYER else [config["metric"]] if "metric" in config else []
 
 
 def make_router(
@@ -475,9 +518,15 @@ def make_router(
     record_sinks.extend(sinks)
     engine = None
     if c.alerts is not None:
-        rules = default_rules() if c.alerts == "default" else rules_from_config(list(c.alerts))
+        named = isinstance(c.alerts, str)  # "default" or a detector of DETECTORS
+        if named:
+            rules = default_rules(SHIPPED if c.alerts == "default" else c.alerts)
+        else:
+            rules = rules_from_config(list(c.alerts))
         if layers is not None:
-            rules = rules_on_layers(rules, list(layers), default=c.alerts == "default")
+            rules = rules_on_layers(rules, list(layers), default=named)
+        if named:
+            rules = available_default_parts(rules, options)
         for rule in rules:
             for metric in rule.metrics:
                 why = explain_unknown(metric, options)

@@ -228,6 +228,15 @@ def test_default_rules_fall_back_to_the_deepest_captured_layer_with_a_warning(ca
     # an explicit rule on final_norm is not moved: it is an error
     with pytest.raises(ConfigError, match="not captured"):
         rules_on_layers(default_rules(), ["layer_1", "layer_3"], default=False)
+    # a named detector's any-of parts move too; its other parts and their names stay
+    (v2, _) = rules_on_layers(default_rules("v2"), ["layer_1", "layer_3"], default=True)
+    parts = v2.config()["parts"]
+    assert [(p["name"], p["layer"]) for p in parts] == [
+        ("rankme", "layer_3"),
+        ("rankme_pca", "layer_3"),
+        ("probe_nll", "model"),
+        ("training_loss", "trainer"),
+    ]
 
 
 def test_lora_targets_are_the_language_models_linear_layers_only():

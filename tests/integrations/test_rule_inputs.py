@@ -204,3 +204,33 @@ def test_offline_probe_replays_the_checkpoints_trainer_logs_to_the_same_alert(to
         ("loss_down", live[0]["step"], "trainer")
     ]
     assert offline[0]["value"] == pytest.approx(live[0]["value"], rel=1e-6)
+
+
+def test_a_named_detector_runs_live_and_leaves_out_a_part_whose_family_is_off(tok, tmp_path, caplog):
+    """``alerts="nll+loss"`` (a detector of docs/EARLY_WARNING.md part 3) in a real SFTTrainer run: with
+    the logits family off its probe-NLL part is left out with a warning, and its training-loss part
+    fires when the loss of one memorised text falls to 30% of its first logged value."""
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"text": ["the cat sat on the mat and the dog sat on the log"] * 64})
+    mon = TopoMonitor(
+        stage="sft",
+        schedule="every",
+        every_n_steps=4,
+        worker="sync",
+        topology=False,
+        logits=False,
+        max_points=128,
+        alerts="nll+loss",
+    )
+    model = tiny_causal_lm("llama", num_layers=2, hidden_size=32, seed=0)
+    with caplog.at_level(logging.WARNING, logger="topomon"):
+        trainer = run_sft(model, tok, data, tmp_path, mon, max_steps=24, learning_rate=1e-2)
+    assert "the default alert 'nll_loss' runs without its part(s) ['probe_nll']" in caplog.text
+    alerts = [a for a in read_jsonl(tmp_path / "topomon" / "alerts.jsonl") if a["kind"] == "alert"]
+    (a,) = [a for a in alerts if a["rule"] == "nll_loss" and a["reason"] != "recovered"]
+    assert (a["layer"], a["metric"], a["reason"]) == ("trainer", "loss", "drop")
+    loss = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    last4 = sum(loss[s] for s in range(a["step"] - 3, a["step"] + 1)) / 4
+    assert a["reference"] == pytest.approx(loss[1]) and a["value"] == pytest.approx(last4)
+    assert last4 <= 0.3 * loss[1]

@@ -42,7 +42,9 @@ from topomon.alerts.decisions import (
 )
 from topomon.alerts.engine import AlertEngine
 from topomon.alerts.rules import (
+    DETECTORS,
     RULE_TYPES,
+    SHIPPED,
     DropRule,
     NonFiniteRule,
     SpikeRule,
@@ -75,6 +77,8 @@ __all__ = [
     "RULE_TYPES",
     "rules_from_config",
     "default_rules",
+    "DETECTORS",
+    "SHIPPED",
     # pure decisions
     "Decision",
     "TrendStats",
