@@ -198,40 +198,58 @@ def _replay_live(rules, res):
 
     recs = [record_from_json(r) for r in res["records"]]
     engine = AlertEngine(rules_from_config(rules), {k for r in recs for k in r.metrics})
-    loss = dict((int(s), v) for s, v in res["loss"])
-    for step in sorted({r.step for r in recs} | set(loss)):
-        fired = engine.update_trainer(step, "stage", {"loss": loss[step]}) if step in loss else []
+    logs: dict[int, dict[str, float]] = {}
+    for key in ("loss", "grad_norm"):
+        for s, v in res.get(key, []):
+            logs.setdefault(int(s), {})[key] = v
+    for step in sorted({r.step for r in recs} | set(logs)):
+        fired = engine.update_trainer(step, "stage", logs[step]) if step in logs else []
         fired += engine.update([r for r in recs if r.step == step])
         if any(a.reason != "recovered" for a in fired):
             return step
     return None
 
 
-@pytest.mark.parametrize("name", ["v1", "v2", "nll+loss", "training-loss drop", "probe NLL"])
-def test_every_named_detector_fires_live_where_its_offline_definition_does(name):
+# topomon.alerts.DETECTORS -> the name analysis2.py scores it under
+SCORED_AS = {
+    "v1": "v1 (default rules)",
+    "v2": "v2 (any of geometry, nll, loss)",
+    "nll+loss": "nll + loss (any of)",
+    "training-loss drop": "training-loss drop",
+    "probe NLL": "probe NLL",
+    "loss spike": "loss spike",
+    "grad-norm spike": "grad-norm spike",
+    "grad-norm level": "grad-norm level",
+}
+
+
+@pytest.mark.parametrize("name", list(SCORED_AS))
+def test_every_named_detector_fires_live_where_part_3_scores_it(name):
     """Each detector of ``topomon.alerts.DETECTORS`` (what ``alerts="<name>"`` and the shipped default
-    run) against part 3's offline definition of it (fair.py's parts at their frozen knobs), on every
-    saved stage of study 1: the same first alert step in all 24. v2's rules are v2.py's."""
+    run) in topomon's rule engine, fed each step's trainer log and capture as in training, against the
+    offline replay part 3 scores (analysis2.py; v1 against study 1's released rules), on every saved
+    stage of study 1: the same first alert step in all 24. v2's rules are v2.py's."""
     import json
 
     from topomon.alerts import DETECTORS
 
-    v2 = _load("v2")
-    fair = _load("fair")
-    assert v2.v2_rules() == [*DETECTORS["v2"], {"type": "nonfinite"}]
+    a2, fair = _load("analysis2"), _load("fair")
+    assert set(SCORED_AS) == set(DETECTORS) and set(SCORED_AS.values()) == set(a2.SHIPPABLE)
+    assert _load("v2").v2_rules() == [*DETECTORS["v2"], {"type": "nonfinite"}]
     stages = [json.loads(p.read_text()) for p in sorted((FOLDER / "results" / "stages").glob("*.json"))]
-    nll = fair.TUNABLE["probe logit_nll rise"][1](0.02)
-    loss = fair.TUNABLE["training-loss drop (4-step mean vs step 1)"][1](0.30)
+    assert len(stages) == 24
     offline = {
-        "v1": fair.released,
-        "v2": v2.k_of(1, fair.released, nll, loss),
-        "nll+loss": v2.k_of(1, nll, loss),
-        "training-loss drop": loss,
-        "probe NLL": nll,
-    }[name]
-    pairs = [(_replay_live([*DETECTORS[name], {"type": "nonfinite"}], r), offline(r)) for r in stages]
-    assert [live for live, _ in pairs] == [off for _, off in pairs]
-    assert sum(live is not None for live, _ in pairs) >= 8  # the comparison is not over silence
+        r["name"]: fair.released(r)
+        if name == "v1"
+        else a2.first_alert(
+            a2.DETECTORS[SCORED_AS[name]]({**r, "streams": {k: r[k] for k in ("loss", "grad_norm")}})
+        )
+        for r in stages
+    }
+    live = {r["name"]: _replay_live([*DETECTORS[name], {"type": "nonfinite"}], r) for r in stages}
+    assert live == offline
+    print(name, sum(v is not None for v in live.values()))
+    assert sum(v is not None for v in live.values()) >= 8  # the comparison is not over silence
 
 
 def test_the_loss_part_is_silent_on_a_reference_at_or_below_zero_and_reads_the_first_value():

@@ -422,6 +422,15 @@ FULL_CONFIG = [
         "baseline": "previous_stage_end",
     },
     {"type": "spike", "metric": "topo_activity", "layer": "*", "z": 3.0, "window": 6, "min_history": 3},
+    {"type": "mean_spike", "metric": "topo_activity", "layer": "*", "rtol": 1.0, "window": 4},
+    {
+        "type": "drop",
+        "metric": "rankme_pca",
+        "layer": "final_norm",
+        "threshold": 0.2,
+        "reference_window": 3,
+        "reference_stat": "median",
+    },
     {"type": "trend", "metric": "rankme", "layer": "layer_29", "n": 4, "threshold": 0.1, "max_reversals": 1},
     {"type": "threshold", "metric": "anisotropy", "layer": "*", "above": 0.45, "rearm_above": 0.4},
     {"type": "nonfinite", "watch": ["rankme"], "cooldown": 1},
@@ -451,6 +460,7 @@ def test_collapse_stream_exercises_every_rule():
     assert {a.rule.split(":")[0].split("@")[0] for a in alerts} == {
         "drop",
         "spike",
+        "mean_spike",
         "trend",
         "threshold",
         "nonfinite",
@@ -571,11 +581,81 @@ def test_rules_from_config_round_trip_and_errors():
         rules_from_config([{"type": "drop"}])
     with pytest.raises(
         ValueError,
-        match=r"must be one of \['drop', 'spike', 'trend', 'threshold', 'nonfinite', 'composite'\], "
-        r"got 'dropp'",
+        match=r"must be one of \['drop', 'spike', 'mean_spike', 'trend', 'threshold', 'nonfinite', "
+        r"'composite'\], got 'dropp'",
     ):
         rules_from_config([{"type": "dropp", "metric": "rankme"}])
     with pytest.raises(ValueError, match="`threshold`"):
         rules_from_config([{"type": "drop", "metric": "rankme", "threshold": 0}])
     with pytest.raises(TypeError, match="list of dicts"):
         rules_from_config({"type": "drop"})  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ Lightning's spike test, median level
+def _lightning_first_spike(values: list[float], rtol: float, window: int, warmup: int) -> int | None:
+    """Lightning's own ``SpikeDetection`` (fabric) fed one value per batch: the first spiking batch."""
+    import torch
+    from lightning.fabric.utilities.spike import SpikeDetection
+
+    sd = SpikeDetection(rtol=rtol, window=window, warmup=warmup)
+    for i, v in enumerate(values):
+        loss = torch.tensor(v, dtype=torch.float64)
+        if i >= warmup and sd._is_spike(loss):
+            return i
+        sd._update_stats(loss)
+    return None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(0.1, 10.0), min_size=2, max_size=30),
+    rtol=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
+    window=st.integers(1, 12),
+    warmup=st.integers(1, 4),
+)
+def test_mean_spike_rule_fires_first_where_lightnings_spike_detection_does(values, rtol, window, warmup):
+    from topomon.alerts import MeanSpikeRule
+
+    rule = MeanSpikeRule("loss", layer="trainer", rtol=rtol, window=window, warmup=warmup)
+    fired = run(rule, values, layer="trainer", metric="loss")
+    first = min((i for i, al in fired.items() if any(a.reason == "spike" for a in al)), default=None)
+    assert first == _lightning_first_spike(values, rtol, window, warmup)
+
+
+def test_mean_spike_rule_needs_a_rise_re_arms_calm_and_flags_a_non_finite_value():
+    from topomon.alerts import MeanSpikeRule, evaluate_mean_spike
+
+    rule = MeanSpikeRule("loss", layer="trainer", rtol=0.5, window=3)
+    fired = run(rule, [1.0, 1.0, 0.2, 2.0, 1.0, 1.05, 3.0, float("nan")], layer="trainer", metric="loss")
+    # 0.2 is far from the mean but a fall; 2.0 rose and is 1.27 from the mean 0.73: a spike; 1.0
+    # is calm again (0.07 from the mean 1.07, within 0.25 x |mean|): recovered; 3.0 fires again
+    assert {i: [a.reason for a in al] for i, al in fired.items()} == {
+        3: ["spike"],
+        4: ["recovered"],
+        6: ["spike"],
+    }
+    assert evaluate_mean_spike(float("nan"), 1.0, [1.0], 0.5).fired
+    fresh = MeanSpikeRule("loss", layer="trainer", rtol=0.5)
+    assert [a.reason for a in run(fresh, [1.0, float("inf")], layer="trainer", metric="loss")[1]] == ["spike"]
+    with pytest.raises(ValueError, match="rtol"):
+        MeanSpikeRule("loss", rtol=0.0)
+
+
+def test_a_median_reference_longer_than_the_window_is_complete_before_the_rule_judges():
+    # the first 4 values are the reference: median 1.0 (their mean, 3.25, would hide the rise at 1.6),
+    # and 10.0, one of them, is not judged against itself
+    values = [1.0, 1.0, 10.0, 1.0, 1.2, 1.6]
+    level = DropRule(
+        "grad_norm",
+        layer="trainer",
+        direction="rise",
+        threshold=0.5,
+        reference_window=4,
+        reference_stat="median",
+    )
+    fired = run(level, values, layer="trainer", metric="grad_norm")
+    assert list(fired) == [5] and fired[5][0].reference == 1.0 and fired[5][0].value == 1.6
+    mean = DropRule("grad_norm", layer="trainer", direction="rise", threshold=0.5, reference_window=4)
+    assert run(mean, values, layer="trainer", metric="grad_norm") == {}
+    with pytest.raises(ValueError, match="reference_stat"):
+        DropRule("grad_norm", reference_stat="mode")

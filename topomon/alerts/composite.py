@@ -38,7 +38,14 @@ from typing import Any
 from topomon._validate import check_int
 from topomon.alerts.base import Rule, _Cond, _Obs
 from topomon.alerts.decisions import evaluate_k_of_n, parts_within
-from topomon.alerts.series import DropRule, NonFiniteRule, SpikeRule, ThresholdRule, TrendRule
+from topomon.alerts.series import (
+    DropRule,
+    MeanSpikeRule,
+    NonFiniteRule,
+    SpikeRule,
+    ThresholdRule,
+    TrendRule,
+)
 from topomon.types import MetricRecord
 
 __all__ = ["CompositeRule", "RULE_TYPES", "rules_from_config"]
@@ -242,6 +249,7 @@ class CompositeRule(Rule):
 RULE_TYPES: dict[str, type[Rule]] = {
     "drop": DropRule,
     "spike": SpikeRule,
+    "mean_spike": MeanSpikeRule,
     "trend": TrendRule,
     "threshold": ThresholdRule,
     "nonfinite": NonFiniteRule,

@@ -32,6 +32,7 @@ __all__ = [
     "evaluate_drop",
     "robust_zscore",
     "evaluate_spike",
+    "evaluate_mean_spike",
     "trend_statistics",
     "evaluate_trend",
     "evaluate_threshold",
@@ -280,6 +281,49 @@ def evaluate_spike(
     message = (
         f"{label} changed by {_fmt(float(change))} in one capture, robust z = {_fmt(score)} over "
         f"the last {n} changes; threshold: |z| > {_fmt(z)} ({direction})"
+    )
+    return Decision(fired, "spike" if fired else "ok", message)
+
+
+def evaluate_mean_spike(
+    value: float, last: float, history: Sequence[float], rtol: float, *, label: str = "value"
+) -> Decision:
+    """Lightning's ``SpikeDetection`` test (mode ``"min"``): a rise far from the running mean.
+
+    Fires when ``value`` is not finite, or when it rose from ``last`` and
+    ``|value - mean(history)| >= rtol * |mean(history)|``.
+
+    Args:
+        value: current value.
+        last: the previous value.
+        history: the previous values the running mean is taken over (at least one).
+        rtol: relative tolerance (> 0).
+        label: what the value is, for the message.
+
+    Returns:
+        The decision; ``reason`` is ``"spike"`` when fired, else ``"ok"`` or
+        ``"insufficient_history"`` (no previous value).
+
+    Raises:
+        ValueError: on a bad ``rtol``.
+
+    Example:
+        >>> evaluate_mean_spike(3.0, 1.0, [1.0, 1.2], rtol=1.0).reason
+        'spike'
+        >>> evaluate_mean_spike(0.5, 1.0, [1.0, 0.2], rtol=0.5).reason  # a fall is never a spike
+        'ok'
+    """
+    rtol = check_number("rtol", rtol, 0, low_open=True)
+    v = _as_float(value)
+    if not math.isfinite(v):
+        return Decision(True, "spike", f"{label} is {v}")
+    if not history:
+        return Decision(False, "insufficient_history", f"{label}: no previous value")
+    mean = float(np.mean(np.asarray(history, dtype=np.float64)))
+    fired = v - float(last) > 0 and abs(v - mean) >= abs(rtol * mean)
+    message = (
+        f"{label} = {_fmt(v)} rose from {_fmt(float(last))}, {_fmt(abs(v - mean))} from the mean of "
+        f"the last {len(history)} ({_fmt(mean)}); threshold: >= {_fmt(rtol)} x |mean|"
     )
     return Decision(fired, "spike" if fired else "ok", message)
 

@@ -23,13 +23,14 @@ from typing import Any
 
 from topomon.alerts.base import Rule
 from topomon.alerts.composite import RULE_TYPES, CompositeRule, rules_from_config
-from topomon.alerts.series import DropRule, NonFiniteRule, SpikeRule, ThresholdRule, TrendRule
+from topomon.alerts.series import DropRule, MeanSpikeRule, NonFiniteRule, SpikeRule, ThresholdRule, TrendRule
 
 __all__ = [
     "RULE_TYPES",
     "Rule",
     "DropRule",
     "SpikeRule",
+    "MeanSpikeRule",
     "TrendRule",
     "ThresholdRule",
     "NonFiniteRule",
@@ -81,6 +82,30 @@ DETECTORS: dict[str, list[dict[str, Any]]] = {
     "nll+loss": [_any_of("nll_loss", _PROBE_NLL, _TRAINING_LOSS)],
     "training-loss drop": [_TRAINING_LOSS],
     "probe NLL": [_PROBE_NLL],
+    "loss spike": [
+        {"type": "mean_spike", "metric": "loss", "layer": "trainer", "rtol": 0.5, "name": "loss_spike"}
+    ],
+    "grad-norm spike": [
+        {
+            "type": "mean_spike",
+            "metric": "grad_norm",
+            "layer": "trainer",
+            "rtol": 1.0,
+            "name": "grad_norm_spike",
+        }
+    ],
+    "grad-norm level": [
+        {
+            "type": "drop",
+            "metric": "grad_norm",
+            "layer": "trainer",
+            "direction": "rise",
+            "threshold": 0.5,
+            "reference_window": 4,
+            "reference_stat": "median",
+            "name": "grad_norm_level",
+        }
+    ],
 }
 """The candidate default detectors of docs/EARLY_WARNING.md part 3, as alert-rule configs (without the
 non-finite rule every default adds), at the knobs tuned on study 1's seed 0:
@@ -89,7 +114,10 @@ non-finite rule every default adds), at the knobs tuned on study 1's seed 0:
 - ``"v2"``: one any-of composite of those two, the probe ``logit_nll`` up >= 2% from the stage start,
   and the training loss (mean of its last 4 logged values) at or below 30% of its first logged value,
   silent while that first value is <= 0 (a GRPO policy loss);
-- ``"nll+loss"``: the any-of of the last two; ``"training-loss drop"`` and ``"probe NLL"``: each alone.
+- ``"nll+loss"``: the any-of of the last two; ``"training-loss drop"`` and ``"probe NLL"``: each alone;
+- ``"loss spike"`` and ``"grad-norm spike"``: Lightning's ``SpikeDetection`` test on the trainer's
+  ``loss`` (rtol 0.5) and ``grad_norm`` (rtol 1.0);
+- ``"grad-norm level"``: the gradient norm above 1.5x the median of its first 4 logged values.
 
 :data:`SHIPPED` names the one :func:`default_rules` returns. Each is tested to fire live where part
 3's offline replay of it does.

@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from topomon._validate import check_choice, check_int, check_number, check_str
 from topomon.alerts.base import TRAINER_LAYER, Rule, _Cond, _Obs, _opt_float, _SeriesRule
 from topomon.alerts.decisions import (
@@ -29,6 +31,7 @@ from topomon.alerts.decisions import (
     _check_bounds,
     _directional,
     evaluate_drop,
+    evaluate_mean_spike,
     evaluate_nonfinite,
     evaluate_spike,
     evaluate_threshold,
@@ -39,7 +42,7 @@ from topomon.alerts.decisions import (
 )
 from topomon.types import MetricRecord
 
-__all__ = ["DropRule", "SpikeRule", "TrendRule", "ThresholdRule", "NonFiniteRule"]
+__all__ = ["DropRule", "SpikeRule", "MeanSpikeRule", "TrendRule", "ThresholdRule", "NonFiniteRule"]
 
 
 class DropRule(_SeriesRule):
@@ -52,7 +55,8 @@ class DropRule(_SeriesRule):
     ``w`` values of the previous stage, falling back to the stage start during the first stage.
     It decides from the ``w``-th value of a stage on (``w = 1``: every value against the first).
     ``reference_window = r`` takes the baseline's mean over ``r`` values instead of ``w`` (``window=4,
-    reference_window=1``: the mean of the last 4 against the stage's first value). With
+    reference_window=1``: the mean of the last 4 against the stage's first value); a reference longer
+    than the window is complete before the rule decides, and its own values are not judged. With
     ``reference_floor`` set, the rule decides only while the reference is above it (a relative drop
     from a reference at or below 0, such as a GRPO policy loss, means nothing).
     Fires when the change exceeds ``threshold`` in ``direction`` (``"both"``: either way; the
@@ -77,6 +81,8 @@ class DropRule(_SeriesRule):
         window: values averaged on each side of the comparison (>= 1).
         reference_window: values averaged for the baseline (>= 1; default ``window``).
         reference_floor: the rule is silent while the reference is at or below this value.
+        reference_stat: ``"mean"`` or ``"median"`` of the reference's values (the median of the
+            first 4 gradient norms is robust to one large first step).
         name: rule name (default ``"drop:<metric>@<layer>"``).
 
     Raises:
@@ -103,9 +109,11 @@ class DropRule(_SeriesRule):
         window: int = 1,
         reference_window: int | None = None,
         reference_floor: float | None = None,
+        reference_stat: str = "mean",
         name: str | None = None,
     ) -> None:
         self.threshold = check_number("threshold", threshold, 0, low_open=True)
+        self.reference_stat = check_choice("reference_stat", reference_stat, ("mean", "median"))
         self.baseline = check_choice("baseline", baseline, BASELINES)
         self.direction = check_choice("direction", direction, SIDED_DIRECTIONS)
         self.base_stage = check_str("base_stage", base_stage)
@@ -164,10 +172,16 @@ class DropRule(_SeriesRule):
             if st["stage"] is not None and st["last"] is not None:
                 st["prev_end"] = st["last"]
             st["stage"], st["stage_start"], st["last"], st["head"], st["tail"] = stage, None, None, [], []
+        in_head = False
         if math.isfinite(value):
             if len(st["head"]) < self.reference_window:
+                in_head = True
                 st["head"] = [*st["head"], value]
-                st["stage_start"] = float(sum(st["head"]) / len(st["head"]))
+                st["stage_start"] = float(
+                    np.median(st["head"])
+                    if self.reference_stat == "median"
+                    else sum(st["head"]) / len(st["head"])
+                )
             st["tail"] = [*st["tail"], value][-w:]
             st["last"] = float(sum(st["tail"]) / len(st["tail"]))
             if st["first"] is None:  # (a state saved before windows has ``first`` and no ``first_stage``)
@@ -176,8 +190,8 @@ class DropRule(_SeriesRule):
                 st["first"] = st["stage_start"]
             if stage == self.base_stage:
                 st["base"] = st["stage_start"]
-        if len(st["tail"]) < w:
-            return None
+        if len(st["tail"]) < w or (in_head and self.reference_window > w):
+            return None  # (a value of a longer reference is not judged against itself)
         if w > 1:
             value, label = st["last"], f"{label} (mean of the last {w})"
         if self.baseline == "stage_start":
@@ -304,6 +318,88 @@ class SpikeRule(_SeriesRule):
             return None
         score = _directional(robust_zscore(change, history, floor=self.rel_floor * abs(prev)), self.direction)
         return _Obs(decision, score <= self.z * self.rearm_fraction, value, prev)
+
+
+class MeanSpikeRule(_SeriesRule):
+    """Lightning's ``SpikeDetection`` rule on any stream: a rise far from the running mean.
+
+    Keeps the stage's last ``window`` finite values per key; from the ``warmup + 1``-th value on,
+    fires when a value rose from the previous one and lies at least ``rtol * |mean|`` from their
+    mean (:func:`~topomon.alerts.decisions.evaluate_mean_spike`), or is not finite. Re-arms once a
+    later value lies within ``rtol * rearm_fraction * |mean|``. A new stage starts a new history.
+
+    Args:
+        metric: metric name, or the trainer's log key with ``layer="trainer"`` (``"loss"``).
+        layer: a layer name, ``"*"``, ``"mean"``, ``"model"`` or ``"trainer"``.
+        rtol: relative tolerance (> 0; Lightning's default 2.0).
+        window: values the running mean is taken over (>= 1; Lightning's 10).
+        warmup: values seen before deciding (>= 1; Lightning's 1).
+        cooldown: updates after a firing during which it cannot fire again.
+        rearm_fraction: in [0, 1]; hysteresis.
+        severity: ``"warning"`` or ``"critical"``.
+        name: rule name (default ``"mean_spike:<metric>@<layer>"``).
+
+    Raises:
+        ValueError: on any invalid argument.
+
+    Example:
+        >>> rule = MeanSpikeRule("loss", layer="trainer", rtol=0.5)
+    """
+
+    kind = "mean_spike"
+
+    def __init__(
+        self,
+        metric: str,
+        layer: str = "*",
+        rtol: float = 2.0,
+        window: int = 10,
+        warmup: int = 1,
+        cooldown: int = 0,
+        rearm_fraction: float = 0.5,
+        severity: str = "warning",
+        name: str | None = None,
+    ) -> None:
+        self.rtol = check_number("rtol", rtol, 0, low_open=True)
+        self.window = check_int("window", window, 1)
+        self.warmup = check_int("warmup", warmup, 1)
+        super().__init__(
+            metric,
+            layer=layer,
+            name=name,
+            cooldown=cooldown,
+            severity=severity,
+            rearm_fraction=rearm_fraction,
+        )
+
+    def _new_state(self) -> dict[str, Any]:
+        return {"stage": None, "seen": 0, "last": None, "values": []}
+
+    def _load_key_state(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        stage, seen = saved.get("stage"), saved.get("seen")
+        return {
+            "stage": stage if isinstance(stage, str) else None,
+            "seen": int(seen) if isinstance(seen, (int, float)) else 0,
+            "last": _opt_float(saved.get("last")),
+            "values": _float_list(saved.get("values"), self.window),
+        }
+
+    def _observe(self, st: dict[str, Any], value: float, stage: str, label: str) -> _Obs | None:
+        if st["stage"] != stage:
+            st["stage"], st["seen"], st["last"], st["values"] = stage, 0, None, []
+        history, last = list(st["values"]), st["last"]
+        mean = float(np.mean(history)) if history else math.nan
+        st["seen"] += 1
+        if not math.isfinite(value):  # a spike at any step, as in Lightning
+            return _Obs(
+                evaluate_mean_spike(value, math.nan, history, self.rtol, label=label), False, value, mean
+            )
+        st["values"], st["last"] = (history + [value])[-self.window :], value
+        if st["seen"] <= self.warmup or last is None:
+            return None
+        decision = evaluate_mean_spike(value, last, history, self.rtol, label=label)
+        calm = abs(value - mean) < self.rtol * self.rearm_fraction * abs(mean)
+        return _Obs(decision, calm, value, mean)
 
 
 class TrendRule(_SeriesRule):
