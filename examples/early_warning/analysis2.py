@@ -154,6 +154,19 @@ SHIPPABLE = [n for n in DETECTORS if n not in (REFERENCE, GRPO_ONLY)]
 """What can become the default alert rules (amendment 2, before any study-2 score): every detector
 but the reference that alerts in every stage, and TRL's entropy rule (scored on GRPO stages only)."""
 
+LIBRARY = {
+    "v1 (default rules)": "v1",
+    V2: "v2",
+    NLL_LOSS: "nll+loss",
+    "training-loss drop": "training-loss drop",
+    "probe NLL": "probe NLL",
+    "loss spike": "loss spike",
+    "grad-norm spike": "grad-norm spike",
+    "grad-norm level": "grad-norm level",
+}
+"""Each shippable detector's name in ``topomon.alerts.DETECTORS`` (``alerts="<name>"``): the same
+detector as alert rules, tested to fire live where it is replayed here (tests/test_early_warning2.py)."""
+
 
 def rank_key(s: dict[str, Any]) -> tuple[float, int, float]:
     """Part 3's order: F1, then alerts strictly before the harm, then fewer false alarms per 1,000 steps."""
@@ -313,7 +326,8 @@ def table(stages: list[Stage], n_boot: int = 10_000) -> str:
     ships = shipped(all_scores)
     runner_up = max((n for n in SHIPPABLE if n != ships), key=lambda n: rank_key(all_scores[n]))
     out += [
-        f'\nShips (part 3, "What ships"; amendment 2): **{ships}**.',
+        f'\nShips (part 3, "What ships"; amendment 2): **{ships}** '
+        f'(`topomon.alerts.DETECTORS["{LIBRARY[ships]}"]`).',
         f"- {score_line(ships, all_scores[ships])}.",
         f"- best other: {score_line(runner_up, all_scores[runner_up])}.",
         f"- reference: {score_line(REFERENCE, all_scores[REFERENCE])}.",
