@@ -57,6 +57,13 @@ def _opt_float(x: Any) -> float | None:
     return float(x) if _is_number(x) and math.isfinite(float(x)) else None
 
 
+def _float_list(saved: Any, n: int) -> list[float]:
+    """The finite numbers of a saved list (the last ``n``); anything else gives an empty list."""
+    if not isinstance(saved, list):
+        return []
+    return [float(v) for v in saved if _opt_float(v) is not None][-n:]
+
+
 class Rule:
     """Base of the stateful rules: per-key state, cooldown, hysteresis, ``state_dict``.
 

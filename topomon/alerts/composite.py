@@ -38,14 +38,8 @@ from typing import Any
 from topomon._validate import check_int
 from topomon.alerts.base import Rule, _Cond, _Obs
 from topomon.alerts.decisions import evaluate_k_of_n, parts_within
-from topomon.alerts.series import (
-    DropRule,
-    MeanSpikeRule,
-    NonFiniteRule,
-    SpikeRule,
-    ThresholdRule,
-    TrendRule,
-)
+from topomon.alerts.series import DropRule, NonFiniteRule, ThresholdRule, TrendRule
+from topomon.alerts.spikes import MeanSpikeRule, SpikeRule
 from topomon.types import MetricRecord
 
 __all__ = ["CompositeRule", "RULE_TYPES", "rules_from_config"]

@@ -23,7 +23,8 @@ from typing import Any
 
 from topomon.alerts.base import Rule
 from topomon.alerts.composite import RULE_TYPES, CompositeRule, rules_from_config
-from topomon.alerts.series import DropRule, MeanSpikeRule, NonFiniteRule, SpikeRule, ThresholdRule, TrendRule
+from topomon.alerts.series import DropRule, NonFiniteRule, ThresholdRule, TrendRule
+from topomon.alerts.spikes import MeanSpikeRule, SpikeRule
 
 __all__ = [
     "RULE_TYPES",
