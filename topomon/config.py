@@ -98,8 +98,8 @@ class MonitorConfig:
             huge hidden size, many layers, a large ``max_points``) is cut to the same fixed subset of
             points per layer at every capture, with a warning once; with ``queue_size`` it bounds the
             memory held by pending captures (about ``queue_size x max_snapshot_mb``). The LoRA family's
-            payload comes on top: Gram matrices (``2 r^2`` numbers per adapted module), or the factors
-            (``r (in + out)``) in a stage compared with an earlier stage's LoRA subspace.
+            payload comes on top: Gram matrices (``2 r^2`` numbers per adapted module), and the
+            factors projected on each earlier stage's LoRA subspace (``2 r k`` each).
         worker_threads: threads of the worker: BLAS/OpenMP, and giotto-ph's persistent homology.
         worker_priority: CPU priority of the worker process: "low" (default, nice 10: training
             keeps the cores, metrics arrive within seconds to a minute on a machine whose cores

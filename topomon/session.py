@@ -254,7 +254,7 @@ class MonitorSession(SessionBase):
         self._size_warned |= cut
         if "lora_factors" in self._needs:  # what the model-level families need beyond the points
             try:
-                snap.extras.update(lora_extras(model, grams="lora_grams" in self._needs))
+                snap.extras.update(lora_extras(model, self._lora_reference))
             except Exception as e:  # noqa: BLE001 - the capture lands without the update's metrics
                 self._report("LoRA factors", e)
         if c.figures_every and len(self.captures) % c.figures_every == 0:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from topomon.budget import OverheadBudget
+from topomon.capture.lora_weights import LoraReference
 from topomon.capture.probes import load_probes
 from topomon.capture.strategy import CaptureStrategy, ProbeStrategy
 from topomon.config import ConfigError, MonitorConfig, as_config
@@ -135,6 +136,7 @@ class SessionBase:
         self._router: ResultRouter | None = None
         self._strategy: CaptureStrategy | None = None
         self._needs: frozenset[str] = frozenset()
+        self._lora_reference = LoraReference()
         self.interventions.reset()
 
     # ------------------------------------------------------------------ properties
@@ -206,6 +208,7 @@ class SessionBase:
             st.needs,
         )
         self._done_steps, self._accepted, self._replay = set(st.done), set(st.done), st.replay
+        self._lora_reference = LoraReference(st.lora_reference)
         self.captures = list(st.captures)
         self._setup_interventions(model, st.run.path)
         # on the CPU the worker takes the cores training uses: its CPU time is a cost too

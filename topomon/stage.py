@@ -390,6 +390,7 @@ class StageSetup:
     done: set[int]  # steps of this stage already recorded: never captured again
     captures: list[int]  # from the checkpoint, on resume
     replay: dict[int, list[MetricRecord]]  # on resume: records written after the checkpoint, by step
+    lora_reference: tuple[str, ...] = ()  # earlier stages' LoRA subspaces, for the LoRA overlap
 
 
 def setup_stage(
@@ -440,11 +441,6 @@ def setup_stage(
     )
     check_worker_families(c, options)
     needs = capture_needs(options)
-    if "lora_factors" in needs and not LORA.settings(options)["lora_reference"]:
-        # no earlier stage's subspace to compare with: the update's spectrum needs only the Gram
-        # matrices of its factors (2 r^2 numbers per module instead of r (in + out): about 1 MiB
-        # instead of 160 for r=16 on every linear layer of an 8B Llama)
-        needs |= {"lora_grams"}
     strategy = make_strategy(c, model, needs=needs, tokenizer=tokenizer, probes=probes, run=run)
     # where this stage sits on the run's step axis, and what was already captured (resume)
     step_offset = stage_step_offset(c, run)
@@ -496,7 +492,18 @@ def setup_stage(
         },
     )
     return StageSetup(
-        c, run, strategy, router, executor, needs, step_offset, logging_dir, done, captures, replay
+        c,
+        run,
+        strategy,
+        router,
+        executor,
+        needs,
+        step_offset,
+        logging_dir,
+        done,
+        captures,
+        replay,
+        tuple(LORA.settings(options)["lora_reference"]) if "lora_factors" in needs else (),
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
-from topomon.capture.lora_weights import has_lora, lora_extras, lora_factors, lora_grams
+from topomon.capture.lora_weights import LoraReference, has_lora, lora_extras, lora_factors, lora_grams
 from topomon.metrics.lora import lora_update_singular_values
 from topomon.testing import tiny_causal_lm
 
@@ -143,7 +143,10 @@ def test_bad_input() -> None:
         lora_factors(_llama(), adapter_name=1)  # type: ignore[arg-type]
 
 
-def test_the_gram_matrices_are_those_of_the_factors_and_the_extras_ship_one_or_the_other() -> None:
+def test_the_extras_are_the_factors_grams_and_their_projections_on_earlier_subspaces(tmp_path) -> None:
+    from topomon.interventions.lora_decorrelation import save_lora_subspaces
+    from topomon.metrics.lora import lora_gram_overlap, lora_update_subspace, subspace_overlap
+
     model = _peft_llama()
     factors, grams = lora_factors(model), lora_grams(model)
     assert set(grams) == set(factors) and has_lora(model) and not has_lora(_llama())
@@ -152,11 +155,42 @@ def test_the_gram_matrices_are_those_of_the_factors_and_the_extras_ship_one_or_t
         assert ga.shape == gb.shape == (4, 4) and ga.dtype == np.float64 and sc == scaling
         np.testing.assert_allclose(ga, a.astype(np.float64) @ a.T, rtol=1e-5)
         np.testing.assert_allclose(gb, b.T.astype(np.float64) @ b, rtol=1e-5)
-    small, full = lora_extras(model, grams=True), lora_extras(model)
+    # a first stage ships the Grams and the scaling only
     name = next(iter(factors))
-    assert {k for k in small if k.startswith(f"lora/{name}/")} == {
+    first = lora_extras(model)
+    assert {k for k in first if k.startswith(f"lora/{name}/")} == {
         f"lora/{name}/{p}" for p in ("gram_A", "gram_B", "scaling")
     }
-    shipped = {k for k in full if k.startswith(f"lora/{name}/")}
-    assert shipped == {f"lora/{name}/{p}" for p in ("A", "B", "scaling")}
-    assert sum(v.nbytes for v in small.values()) < sum(v.nbytes for v in full.values())
+    # a later stage: the factors projected on each earlier stage's bases, r x k numbers each
+    earlier = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in earlier.named_parameters():
+            if "lora_" in n:
+                p.mul_(1.5).add_(0.3)
+    save_lora_subspaces(earlier, tmp_path / "sft.npz")
+    save_lora_subspaces(model, tmp_path / "dpo.npz")  # the current update itself
+    later = lora_extras(model, LoraReference([str(tmp_path / "sft.npz"), str(tmp_path / "dpo.npz")]))
+    factor_bytes = sum(a.nbytes + b.nbytes for a, b, _ in factors.values())
+    assert sum(v.nbytes for v in later.values()) < factor_bytes
+    for name, (a, b, scaling) in factors.items():
+        u, v = lora_update_subspace(a, b, scaling)
+        refs = [lora_update_subspace(*lora_factors(earlier)[name]), (u, v)]
+        for j, (u_ref, v_ref) in enumerate(refs):
+            av, btu = later[f"lora/{name}/AV_{j}"], later[f"lora/{name}/BtU_{j}"]
+            assert av.shape == btu.shape == (4, u_ref.shape[1])
+            np.testing.assert_allclose(av, a.astype(np.float64) @ v_ref, rtol=1e-4, atol=1e-5)
+            want = 0.5 * (subspace_overlap(u, u_ref) + subspace_overlap(v, v_ref))
+            got = lora_gram_overlap(later[f"lora/{name}/gram_A"], later[f"lora/{name}/gram_B"], av, btu)
+            assert got == pytest.approx(want, abs=1e-5)
+            assert j == 0 or got == pytest.approx(1.0, abs=1e-5)  # against itself
+    with pytest.raises(ValueError, match="another model"):
+        lora_extras(_other_width(), LoraReference([str(tmp_path / "sft.npz")]))
+
+
+def _other_width() -> Any:
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(
+        tiny_causal_lm("llama", vocab_size=64, hidden_size=48, num_layers=NUM_LAYERS), config
+    )
+    _randomise_lora(model)
+    return model

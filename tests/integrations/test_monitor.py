@@ -218,12 +218,12 @@ def test_dpo_with_and_without_lora(tok, dpo_data, tmp_path, lora):
         assert all(m["lora_modules"] == 8 for m in model)
         assert model[0]["lora_norm_total"] == 0.0 and model[-1]["lora_norm_total"] > 0
         assert 1 <= model[-1]["lora_effective_rank_mean"] <= 4
-        # a first stage (no earlier subspace to compare with) ships the factors' Gram matrices only;
-        # the worker's numbers are those of the trained factors themselves
+        # the capture ships the factors' Gram matrices (a first stage: no earlier subspace to project
+        # on); the worker's numbers are those of the trained factors themselves
         from topomon.capture.lora_weights import lora_factors
         from topomon.metrics.lora import lora_update_metrics
 
-        assert "lora_grams" in mon.session._needs
+        assert not mon.session._lora_reference
         final = [lora_update_metrics(a, b, sc) for a, b, sc in lora_factors(trainer.model).values()]
         assert model[-1]["lora_effective_rank_mean"] == pytest.approx(
             np.mean([m["lora_effective_rank"] for m in final]), rel=1e-5

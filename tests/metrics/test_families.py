@@ -42,7 +42,7 @@ def cloud(n=60, d=10, seed=0):
 
 
 def full_snapshot(step: int) -> Snapshot:
-    """Several layers (the same tokens), logit statistics and the factors of two LoRA modules."""
+    """Several layers (the same tokens), logit statistics and two LoRA modules' Grams and projections."""
     rng = np.random.default_rng(7)
     layers = {name: cloud(seed=i + step) for i, name in enumerate(("layer_0", "layer_1", "final_norm"))}
     extras: dict[str, np.ndarray] = {
@@ -52,9 +52,11 @@ def full_snapshot(step: int) -> Snapshot:
         "logits/nll": rng.uniform(0, 5, 40).astype(np.float32),
     }
     for m, r in (("q", 3), ("v", 2)):
-        extras[f"lora/{m}/A"] = rng.standard_normal((r, 10))
-        extras[f"lora/{m}/B"] = rng.standard_normal((12, r))
+        a, b = rng.standard_normal((r, 10)), rng.standard_normal((12, r))
+        extras[f"lora/{m}/gram_A"], extras[f"lora/{m}/gram_B"] = a @ a.T, b.T @ b
         extras[f"lora/{m}/scaling"] = np.array(2.0)
+        u_ref, v_ref = np.eye(12)[:, :2], np.eye(10)[:, :2]  # an earlier stage's subspace
+        extras[f"lora/{m}/AV_0"], extras[f"lora/{m}/BtU_0"] = a @ v_ref, b.T @ u_ref
     return Snapshot(step, "sft", layers, extras=extras, meta={"figures": False})
 
 

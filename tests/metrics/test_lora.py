@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from topomon.metrics.lora import (
     lora_gram_metrics,
+    lora_gram_overlap,
     lora_gram_singular_values,
     lora_update_metrics,
     lora_update_singular_values,
@@ -224,3 +225,39 @@ def test_the_gram_metrics_of_a_zero_update_and_of_a_known_rank() -> None:
     assert _numerical_rank(s, tol=1e-6) == 2
     with pytest.raises(ValueError, match="same r"):
         lora_gram_singular_values(np.eye(3), np.eye(4), 1.0)
+
+
+@settings(max_examples=80, deadline=None)
+@RANDOM_FACTORS
+def test_the_overlap_from_grams_and_projections_equals_the_factors_subspace_overlap(
+    seed: int, out: int, inp: int, r: int, scaling: float
+) -> None:
+    # what a later stage ships: A A^T, B^T B and the factors projected on the earlier bases
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(r, inp)), rng.normal(size=(out, r))
+    if seed % 3 == 0:
+        b[:, 0] = 0.0  # a rank-deficient update
+    u, v = lora_update_subspace(a, b, scaling)
+    k = int(rng.integers(1, min(out, inp) + 1))
+    refs = [(_orthonormal(out, k, rng), _orthonormal(inp, k, rng))]
+    if u.shape[1]:
+        refs.append((u[:, : max(1, u.shape[1] // 2)], v[:, : max(1, v.shape[1] // 2)]))  # inside it
+    for u_ref, v_ref in refs:
+        got = lora_gram_overlap(a @ a.T, b.T @ b, a @ v_ref, b.T @ u_ref)
+        if not u.shape[1]:
+            assert math.isnan(got)
+            continue
+        want = 0.5 * (subspace_overlap(u, u_ref) + subspace_overlap(v, v_ref))
+        assert got == pytest.approx(want, abs=1e-8)
+    if u.shape[1]:
+        assert got == pytest.approx(1.0, abs=1e-8)  # a reference inside the update's subspace
+
+
+def test_the_gram_overlap_of_a_zero_update_an_empty_reference_and_bad_shapes() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(3, 8)), rng.normal(size=(9, 3))
+    u_ref, v_ref = _orthonormal(9, 2, rng), _orthonormal(8, 2, rng)
+    assert math.isnan(lora_gram_overlap(a @ a.T, np.zeros((3, 3)), a @ v_ref, np.zeros((3, 2))))
+    assert math.isnan(lora_gram_overlap(a @ a.T, b.T @ b, np.zeros((3, 0)), np.zeros((3, 0))))
+    with pytest.raises(ValueError, match="one k_ref"):
+        lora_gram_overlap(a @ a.T, b.T @ b, a @ v_ref, (b.T @ u_ref)[:, :1])

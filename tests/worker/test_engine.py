@@ -5,7 +5,7 @@ import pytest
 
 from topomon.metrics.families import FamilyComputer, family
 from topomon.metrics.logits import logit_metrics
-from topomon.metrics.lora import LORA_SUBSPACE_FORMAT, lora_update_subspace
+from topomon.metrics.lora import lora_update_subspace
 from topomon.types import Snapshot
 from topomon.worker.engine import ComputeOptions, MetricEngine
 
@@ -92,24 +92,23 @@ def lora_pair(rank, out=24, inp=20, r=6, seed=0):
     return a, b
 
 
-def test_lora_geometry_and_overlap_with_an_earlier_stage(tmp_path):
+def test_lora_geometry_and_overlap_with_an_earlier_stage():
     a1, b1 = lora_pair(3, seed=1)
     a2, b2 = lora_pair(2, seed=2)
-    # an earlier stage whose update subspace equals module m1's current one
+    # an earlier stage whose update subspace equals module m1's current one, and one orthogonal to it
     u, v = lora_update_subspace(a1, b1, 2.0)
-    ref = tmp_path / "sft.npz"
-    np.savez(ref, __format__=np.array(LORA_SUBSPACE_FORMAT), name_0=np.array("m1"), U_0=u, V_0=v)
-    extras = {
-        "lora/m1/A": a1,
-        "lora/m1/B": b1,
-        "lora/m1/scaling": np.array(2.0),
-        "lora/m2/A": a2,
-        "lora/m2/B": b2,
-        "lora/m2/scaling": np.array(2.0),
-    }
-    opts = ComputeOptions(topology=False, trajectory=False, lora_reference=(str(ref),))
-    model = MetricEngine(opts).process(Snapshot(5, "dpo", {"l": cloud()}, extras=extras))[-1]
-    m = model.metrics
+    u_perp = np.linalg.svd(np.eye(24) - u @ u.T)[0][:, :3]
+    v_perp = np.linalg.svd(np.eye(20) - v @ v.T)[0][:, :3]
+    extras = {}
+    for m, a, b in (("m1", a1, b1), ("m2", a2, b2)):
+        extras |= {
+            f"lora/{m}/gram_A": a @ a.T,
+            f"lora/{m}/gram_B": b.T @ b,
+            f"lora/{m}/scaling": np.array(2.0),
+        }
+    extras |= {"lora/m1/AV_0": a1 @ v, "lora/m1/BtU_0": b1.T @ u}  # m2 has no reference
+    opts = ComputeOptions(topology=False, trajectory=False)
+    m = MetricEngine(opts).process(Snapshot(5, "dpo", {"l": cloud()}, extras=extras))[-1].metrics
     assert set(family("lora").keys) <= set(m)
     assert m["lora_modules"] == 2
     norms = [np.linalg.norm(2.0 * b @ a) for a, b in ((a1, b1), (a2, b2))]
@@ -117,6 +116,10 @@ def test_lora_geometry_and_overlap_with_an_earlier_stage(tmp_path):
     assert m["lora_norm_max"] == pytest.approx(max(norms))
     assert 1.0 < m["lora_effective_rank_mean"] <= 2.5  # ranks 3 and 2
     assert m["lora_overlap_prev"] == pytest.approx(1.0)  # only m1 has a reference, and it is identical
+    # a second earlier stage, orthogonal: the mean over (module, reference) pairs
+    extras |= {"lora/m1/AV_1": a1 @ v_perp, "lora/m1/BtU_1": b1.T @ u_perp}
+    m = MetricEngine(opts).process(Snapshot(5, "dpo", {"l": cloud()}, extras=extras))[-1].metrics
+    assert m["lora_overlap_prev"] == pytest.approx(0.5, abs=1e-9)
 
 
 def test_topological_drift_is_zero_at_the_first_capture_then_the_bottleneck_to_it():

@@ -22,12 +22,12 @@ gathered by the caller first (a sharded parameter reads as empty and is skipped)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["lora_factors", "lora_grams", "lora_extras", "has_lora"]
+__all__ = ["lora_factors", "lora_grams", "lora_extras", "has_lora", "LoraReference"]
 
 
 def _to_numpy(t: Any) -> np.ndarray:
@@ -135,40 +135,111 @@ def has_lora(model: Any) -> bool:
     return next(_lora_tensors(model, None), None) is not None
 
 
+def _grams(a: Any, b: Any) -> tuple[Any, Any]:
+    """``(A, B)`` as float64 where they live, and their Gram matrices ``(A A^T, B^T B)``.
+
+    On MPS, which has no float64, on the CPU.
+    """
+    if a.device.type == "mps":
+        a, b = a.cpu(), b.cpu()
+    a64, b64 = a.detach().double(), b.detach().double()
+    return (a64, b64), (a64 @ a64.T, b64.T @ b64)
+
+
 def lora_grams(model: Any) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """``(A A^T, B^T B, scaling)`` of every LoRA-adapted module: two ``r x r`` float64 Gram matrices.
 
     Computed where the factors live (one small product each), so only ``2 r^2`` numbers per module
     leave the device instead of ``r (in + out)``: the update's singular values follow from them
-    (:func:`topomon.metrics.lora.lora_gram_metrics`), its singular vectors do not.
+    (:func:`topomon.metrics.lora.lora_gram_metrics`).
     """
     import torch
 
     out: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     with torch.no_grad():
         for name, a, b, sc in _lora_tensors(model, None):
-            if a.device.type == "mps":  # no float64 there
-                a, b = a.cpu(), b.cpu()
-            a64, b64 = a.detach().double(), b.detach().double()
-            out[name] = ((a64 @ a64.T).cpu().numpy(), (b64.T @ b64).cpu().numpy(), sc)
+            _, (ga, gb) = _grams(a, b)
+            out[name] = (ga.cpu().numpy(), gb.cpu().numpy(), sc)
     return out
 
 
-def lora_extras(model: Any, *, grams: bool = False) -> dict[str, np.ndarray]:
+class LoraReference:
+    """Earlier stages' LoRA update subspaces, read once and kept beside each adapted module.
+
+    The training process projects each module's factors on them (:func:`lora_extras`), so a capture
+    ships ``r x k`` numbers per module and reference instead of the factors. The bases are read from
+    the files on first use and moved, as float32, to the device of the module they belong to: about
+    the size of the factors themselves.
+
+    Args:
+        paths: subspace files (``save_lora_subspaces``), earliest first.
+    """
+
+    def __init__(self, paths: Sequence[str] = ()) -> None:
+        self.paths = tuple(paths)
+        self._loaded: dict[str, list[tuple[np.ndarray, np.ndarray]]] | None = None
+        self._placed: dict[str, list[tuple[Any, Any]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.paths)
+
+    def bases(self, name: str, device: Any) -> list[tuple[Any, Any]]:
+        """``[(U_ref, V_ref), ...]`` of module ``name`` (one per file holding it) on ``device``."""
+        import torch
+
+        if self._loaded is None:
+            from topomon.metrics.lora import load_lora_subspaces
+
+            self._loaded = {}
+            for path in self.paths:
+                for module, uv in load_lora_subspaces(path).items():
+                    self._loaded.setdefault(module, []).append(uv)
+        if name not in self._placed:
+            self._placed[name] = [
+                (
+                    torch.as_tensor(u, dtype=torch.float32, device=device),
+                    torch.as_tensor(v, dtype=torch.float32, device=device),
+                )
+                for u, v in self._loaded.get(name, [])
+            ]
+        return self._placed[name]
+
+
+def lora_extras(model: Any, reference: LoraReference | None = None) -> dict[str, np.ndarray]:
     """The LoRA updates of ``model`` as snapshot extras, per adapted module ``lora/<module>/...``.
+
+    ``gram_A`` and ``gram_B`` (``A A^T`` and ``B^T B``: the update's spectrum), ``scaling``, and for
+    each earlier stage's subspace ``(U_ref, V_ref)`` of the module in ``reference``, ``AV_<j>`` and
+    ``BtU_<j>`` (``A V_ref`` and ``B^T U_ref``: its overlap with it,
+    :func:`topomon.metrics.lora.lora_gram_overlap`). All float64, computed where the factors live:
+    ``2 r^2 + 2 r k`` numbers per module leave the device, not ``r (in + out)`` (about 1 MiB instead
+    of 160 for r=16 on every linear layer of an 8B Llama).
 
     Args:
         model: a ``torch.nn.Module`` (a ``peft.PeftModel`` or one with adapters injected).
-        grams: ship ``gram_A`` and ``gram_B`` (:func:`lora_grams`: enough for the update's spectrum)
-            instead of the factors ``A`` and ``B`` (needed for its subspace); ``scaling`` either way.
+        reference: earlier stages' subspaces, or None.
 
     Returns:
         An empty mapping for a model without LoRA adapters.
+
+    Raises:
+        ValueError: a reference basis whose size does not match the module's (another model).
     """
+    import torch
+
     extras: dict[str, np.ndarray] = {}
-    parts = ("gram_A", "gram_B") if grams else ("A", "B")
-    for name, (x, y, scaling) in (lora_grams(model) if grams else lora_factors(model)).items():
-        extras[f"lora/{name}/{parts[0]}"] = x
-        extras[f"lora/{name}/{parts[1]}"] = y
-        extras[f"lora/{name}/scaling"] = np.asarray(scaling, dtype=np.float64)
+    with torch.no_grad():
+        for name, a, b, scaling in _lora_tensors(model, None):
+            (a64, b64), (ga, gb) = _grams(a, b)
+            extras[f"lora/{name}/gram_A"] = ga.cpu().numpy()
+            extras[f"lora/{name}/gram_B"] = gb.cpu().numpy()
+            extras[f"lora/{name}/scaling"] = np.asarray(scaling, dtype=np.float64)
+            for j, (u, v) in enumerate(reference.bases(name, a64.device) if reference else []):
+                if u.shape[0] != b64.shape[0] or v.shape[0] != a64.shape[1]:
+                    raise ValueError(
+                        f"module {name!r}: the reference subspace is ({u.shape[0]}, {v.shape[0]}) but the "
+                        f"update is ({b64.shape[0]}, {a64.shape[1]}): lora_reference comes from another model"
+                    )
+                extras[f"lora/{name}/AV_{j}"] = (a64 @ v.double()).cpu().numpy()
+                extras[f"lora/{name}/BtU_{j}"] = (b64.T @ u.double()).cpu().numpy()
     return extras

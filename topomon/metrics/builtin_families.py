@@ -23,13 +23,7 @@ from topomon.metrics.family_base import (
     resolve_function,
 )
 from topomon.metrics.logits import logit_metrics
-from topomon.metrics.lora import (
-    load_lora_subspaces,
-    lora_gram_metrics,
-    lora_update_metrics,
-    lora_update_subspace,
-    subspace_overlap,
-)
+from topomon.metrics.lora import lora_gram_metrics, lora_gram_overlap
 from topomon.metrics.options import ComputeOptions
 from topomon.metrics.preprocess import massive_part, prepare_points, subsample_indices
 from topomon.metrics.spectral import SPECTRAL_KEYS, eigenspectrum, spectral_metrics
@@ -191,44 +185,35 @@ class _Trajectory(FamilyComputer):
 
 
 class _Lora(FamilyComputer):
-    """The LoRA update of each adapted module, averaged.
+    """The LoRA update of each adapted module, averaged, from what the training process ships.
 
-    From its factors (``lora/<module>/A|B|scaling`` extras), or from their Gram matrices
-    (``gram_A|gram_B``, shipped when there is no earlier stage's subspace to compare with: the same
-    spectrum from ``r x r`` numbers instead of ``r (in + out)``).
+    Per module ``lora/<module>/gram_A|gram_B|scaling`` (the Gram matrices of the factors: the
+    update's spectrum from ``r x r`` numbers) and, per earlier stage's subspace, ``AV_<j>|BtU_<j>``
+    (the factors projected on it: the overlap from ``r x k`` numbers), by
+    :func:`topomon.capture.lora_weights.lora_extras`.
     """
 
     def __init__(self, options: ComputeOptions):
-        self.paths = tuple(LORA.settings(options)["lora_reference"])
-        self._reference: dict[str, list[tuple[np.ndarray, np.ndarray]]] | None = None
+        pass
 
     def compute(self, inp: FamilyInput) -> FamilyOutput | None:
         extras = inp.snap.extras
-        if not any(k.startswith("lora/") for k in extras):
-            return None
-        if self._reference is None:
-            self._reference = {}
-            for path in self.paths:
-                for name, uv in load_lora_subspaces(path).items():
-                    self._reference.setdefault(name, []).append(uv)
         names = sorted({k.split("/")[1] for k in extras if k.startswith("lora/")})
+        if not names:
+            return None
         eff, stab, norms, overlaps = [], [], [], []
         for name in names:
-            scaling = float(extras[f"lora/{name}/scaling"])
-            a, b = extras.get(f"lora/{name}/A"), extras.get(f"lora/{name}/B")
-            if a is None or b is None:  # the Gram matrices: the spectrum, no subspace to compare
-                m = lora_gram_metrics(extras[f"lora/{name}/gram_A"], extras[f"lora/{name}/gram_B"], scaling)
-            else:
-                m = lora_update_metrics(a, b, scaling)
+            ga, gb = extras[f"lora/{name}/gram_A"], extras[f"lora/{name}/gram_B"]
+            m = lora_gram_metrics(ga, gb, float(extras[f"lora/{name}/scaling"]))
             eff.append(m["lora_effective_rank"])
             stab.append(m["lora_stable_rank"])
             norms.append(m["lora_norm"])
-            if a is None or b is None:
-                continue
-            for u_ref, v_ref in self._reference.get(name, []):
-                u, v = lora_update_subspace(a, b, scaling)
-                if u.shape[1] and u_ref.shape[1]:
-                    overlaps.append(0.5 * (subspace_overlap(u, u_ref) + subspace_overlap(v, v_ref)))
+            j = 0
+            while f"lora/{name}/AV_{j}" in extras:
+                overlaps.append(
+                    lora_gram_overlap(ga, gb, extras[f"lora/{name}/AV_{j}"], extras[f"lora/{name}/BtU_{j}"])
+                )
+                j += 1
         values = (
             float(len(names)),
             _mean_finite(eff),

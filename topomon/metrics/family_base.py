@@ -44,8 +44,8 @@ SCOPES = ("layer", "model")
 NEEDS = frozenset({"points", "logits", "lora_factors", "aligned_layers"})
 """What a capture can gather: layer points, logit statistics, LoRA factors, the same tokens in every layer.
 
-(The stage adds ``"lora_grams"`` beside ``"lora_factors"`` when the Gram matrices of the factors are
-enough: :func:`topomon.stage.setup_stage`.)"""
+(``"lora_factors"`` ships what the LoRA family needs of them: their Gram matrices and their projections
+on earlier stages' subspaces, :func:`topomon.capture.lora_weights.lora_extras`.)"""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ __all__ = [
     "lora_update_singular_values",
     "lora_gram_metrics",
     "lora_gram_singular_values",
+    "lora_gram_overlap",
     "lora_update_subspace",
     "subspace_overlap",
     "load_lora_subspaces",
@@ -164,14 +165,11 @@ def lora_gram_singular_values(gram_a: npt.ArrayLike, gram_b: npt.ArrayLike, scal
         >>> lora_gram_singular_values(a @ a.T, b.T @ b, 0.5)
         array([1.5, 1.5])
     """
-    ga = _matrix(gram_a, "gram_A", "(r, r)")
-    gb = _matrix(gram_b, "gram_B", "(r, r)")
-    if ga.shape[0] != ga.shape[1] or ga.shape != gb.shape:
-        raise ValueError(f"gram_A and gram_B must be (r, r) of the same r, got {ga.shape} and {gb.shape}")
+    ga, gb = _grams(gram_a, gram_b)
     sc = _scaling(scaling)
-    w, v = np.linalg.eigh(0.5 * (ga + ga.T))
+    w, v = np.linalg.eigh(ga)
     half = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    ev = np.linalg.eigvalsh(half @ (0.5 * (gb + gb.T)) @ half)
+    ev = np.linalg.eigvalsh(half @ gb @ half)
     return abs(sc) * np.sqrt(np.clip(ev, 0.0, None))[::-1]
 
 
@@ -187,6 +185,80 @@ def lora_gram_metrics(
         (2.0, 2.0)
     """
     return _spectrum_metrics(lora_gram_singular_values(gram_a, gram_b, scaling), eps)
+
+
+def _grams(gram_a: npt.ArrayLike, gram_b: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """``A A^T`` and ``B^T B`` checked as finite ``(r, r)`` matrices of one ``r``, symmetrised."""
+    ga = _matrix(gram_a, "gram_A", "(r, r)")
+    gb = _matrix(gram_b, "gram_B", "(r, r)")
+    if ga.shape[0] != ga.shape[1] or ga.shape != gb.shape:
+        raise ValueError(f"gram_A and gram_B must be (r, r) of the same r, got {ga.shape} and {gb.shape}")
+    return 0.5 * (ga + ga.T), 0.5 * (gb + gb.T)
+
+
+_GRAM_RTOL = 1e-7
+"""Directions of a factor, or of the update, below this fraction of the largest singular value are
+not resolved from Gram matrices (their squares sit at float64's rounding of the largest)."""
+
+
+def lora_gram_overlap(
+    gram_a: npt.ArrayLike,
+    gram_b: npt.ArrayLike,
+    av_ref: npt.ArrayLike,
+    btu_ref: npt.ArrayLike,
+) -> float:
+    """The update's subspace overlap with a reference, from ``r x r`` and ``r x k`` numbers only.
+
+    ``0.5 * (subspace_overlap(U, U_ref) + subspace_overlap(V, V_ref))`` where ``U`` and ``V`` are the
+    left and right singular vectors of ``B @ A`` (:func:`lora_update_subspace`), computed from the
+    Gram matrices ``A A^T``, ``B^T B`` and the projections ``A V_ref`` and ``B^T U_ref``: with
+    ``B^T B = W_B L_B W_B^T``, ``Q_B = B W_B L_B^(-1/2)`` is an orthonormal basis of ``B``'s columns,
+    ``B A = Q_B (L_B^(1/2) W_B^T W_A L_A^(1/2)) Q_A^T``, and ``U^T U_ref = U_m^T L_B^(-1/2) W_B^T
+    (B^T U_ref)`` for the small core's left singular vectors ``U_m`` (and the same on the right).
+    Directions below ``1e-7`` of the largest singular value are left out (the factor path keeps them
+    down to about ``1e-12``; they are rounding noise of float32 factors).
+
+    Args:
+        gram_a: ``A A^T``, shape ``(r, r)``.
+        gram_b: ``B^T B``, shape ``(r, r)``.
+        av_ref: ``A V_ref``, shape ``(r, k_ref)``, for the reference's right basis ``V_ref (in, k_ref)``.
+        btu_ref: ``B^T U_ref``, shape ``(r, k_ref)``, for its left basis ``U_ref (out, k_ref)``.
+
+    Returns:
+        The overlap in ``[0, 1]``; NaN for a zero update or an empty reference.
+
+    Example:
+        >>> a, b = np.eye(2, 5), np.eye(4, 2)
+        >>> u_ref, v_ref = np.eye(4)[:, 1:2], np.eye(5)[:, 1:2]  # one of the update's two directions
+        >>> lora_gram_overlap(a @ a.T, b.T @ b, a @ v_ref, b.T @ u_ref)
+        1.0
+    """
+    ga, gb = _grams(gram_a, gram_b)
+    r = ga.shape[0]
+    av = _matrix(av_ref, "av_ref", "(r, k_ref)") if np.size(av_ref) else np.zeros((r, 0))
+    bu = _matrix(btu_ref, "btu_ref", "(r, k_ref)") if np.size(btu_ref) else np.zeros((r, 0))
+    if av.shape[0] != r or bu.shape[0] != r or av.shape[1] != bu.shape[1]:
+        raise ValueError(
+            f"av_ref and btu_ref must be (r, k_ref) with r = {r} and one k_ref, got {av.shape} and {bu.shape}"
+        )
+
+    def basis(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lam, w = np.linalg.eigh(g)
+        keep = lam > (lam[-1] if lam.size else 0.0) * _GRAM_RTOL**2
+        return np.sqrt(lam[keep]), w[:, keep]
+
+    sa, wa = basis(ga)
+    sb, wb = basis(gb)
+    if not (sa.size and sb.size and av.shape[1]):
+        return math.nan
+    um, s, vmt = np.linalg.svd((sb[:, None] * (wb.T @ wa)) * sa[None, :], full_matrices=False)
+    k = int(np.sum(s > s[0] * _GRAM_RTOL)) if s.size and s[0] > 0 else 0
+    if k == 0:
+        return math.nan
+    kmin = min(k, av.shape[1])
+    left = um[:, :k].T @ ((wb.T @ bu) / sb[:, None])
+    right = vmt[:k] @ ((wa.T @ av) / sa[:, None])
+    return float(0.5 * (min(np.sum(left**2) / kmin, 1.0) + min(np.sum(right**2) / kmin, 1.0)))
 
 
 def _spectrum_metrics(s: np.ndarray, eps: float) -> dict[str, float]:
