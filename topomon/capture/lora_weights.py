@@ -200,7 +200,7 @@ class LoraReference:
                     torch.as_tensor(u, dtype=torch.float32, device=device),
                     torch.as_tensor(v, dtype=torch.float32, device=device),
                 )
-                for u, v in self._loaded.get(name, [])
+                for u, v in self._loaded.pop(name, [])  # (the host copy is not kept)
             ]
         return self._placed[name]
 
