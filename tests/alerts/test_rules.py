@@ -597,7 +597,12 @@ def _lightning_first_spike(values: list[float], rtol: float, window: int, warmup
     import torch
     from lightning.fabric.utilities.spike import SpikeDetection
 
-    sd = SpikeDetection(rtol=rtol, window=window, warmup=warmup)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # its running mean in float64 too, as the rule's
+    try:
+        sd = SpikeDetection(rtol=rtol, window=window, warmup=warmup)
+    finally:
+        torch.set_default_dtype(default)
     for i, v in enumerate(values):
         loss = torch.tensor(v, dtype=torch.float64)
         if i >= warmup and sd._is_spike(loss):
