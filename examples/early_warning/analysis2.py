@@ -36,12 +36,13 @@ KNOBS |= {"grad_spike": 1.0, "grad_level": 1.5, "entropy": 0.5}
 
 
 def geometry(res: Stage) -> State:
-    """topomon's default rules replayed by its own engine: in alarm from a firing until its recovery."""
+    """topomon's default rules as released (v1) replayed by its own engine: in alarm from a firing
+    until its recovery. Pinned to ``default_rules("v1")``: the detector part 3 froze, whatever ships."""
     from topomon.alerts import AlertEngine, default_rules
     from topomon.pipeline import record_from_json
 
     recs = [record_from_json(r) for r in res["records"]]
-    engine = AlertEngine(default_rules(), {k for r in recs for k in r.metrics})
+    engine = AlertEngine(default_rules("v1"), {k for r in recs for k in r.metrics})
     live: set[str] = set()
     state: State = {}
     for step in sorted({r.step for r in recs}):
