@@ -292,8 +292,8 @@ ex = make_executor("process", opts, Sink(), queue_size=2)
 ex.submit(snapshot(1))
 while not any(t is not None for _, t in ex._pending_tasks.values()):  # until the worker started it
     time.sleep(0.05)
-print(ex.pid, flush=True)
-try:
+try:  # (the pid is printed inside: the parent's SIGINT may arrive as soon as the line is out)
+    print(ex.pid, flush=True)
     time.sleep(120)
 except KeyboardInterrupt:
     ex.close(0.0)
