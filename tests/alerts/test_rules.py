@@ -478,8 +478,8 @@ def test_load_state_dict_tolerates_missing_keys():
         engine.rules[0].load_state_dict({"kind": "spike"})
 
 
-def test_default_rules_quiet_on_benign_sft_and_fire_on_collapse():
-    engine = AlertEngine(default_rules(), KNOWN)
+def test_the_v1_rules_are_quiet_on_benign_sft_and_fire_on_collapse():
+    engine = AlertEngine(default_rules("v1"), KNOWN)
     # benign SFT (RESEARCH.md): final-norm RankMe -5..-10%, centred effective rank -3..-10%
     sft = [
         [rec(i, "sft", rankme=40 * (1 - 0.012 * i), rankme_pca=20 * (1 - 0.012 * i), n_nonfinite=0.0)]
@@ -516,7 +516,7 @@ def test_engine_validation_messages():
     ):
         AlertEngine([DropRule("rankm")], KNOWN)
     with pytest.raises(ValueError, match="n_nonfinite"):
-        AlertEngine(default_rules(), ["rankme", "rankme_pca"])
+        AlertEngine(default_rules("v1"), ["rankme", "rankme_pca"])
     with pytest.raises(ValueError, match="duplicate rule name"):
         AlertEngine([DropRule("rankme"), DropRule("rankme")], KNOWN)
     with pytest.raises(TypeError, match=r"rules\[0\]"):
