@@ -820,6 +820,31 @@ def test_a_named_detector_with_no_part_left_or_an_unknown_name_fails_before_step
     fails_before_step_1(tmp_path, "a detector of topomon.alerts.DETECTORS", alerts="v3")
 
 
+def test_an_action_on_a_rule_that_does_not_exist_or_without_alerts_fails_before_step_1(
+    tmp_path: Path,
+) -> None:
+    always = _always("rankme", "final_norm", "always")
+    # a typo in an action's rule name: it would never act
+    fails_before_step_1(
+        tmp_path,
+        "did you mean \\['always'\\]",
+        alerts=[always],
+        actions=[{"kind": "stop", "rules": ["alwyas"]}],
+    )
+    # a part of a composite never fires alone: only the composite's name triggers actions
+    fails_before_step_1(tmp_path, "no rule has", alerts="v2", actions=[{"kind": "stop", "rules": ["rankme"]}])
+    fails_before_step_1(tmp_path, "`alerts` is None", alerts=None, actions=[{"kind": "checkpoint"}])
+
+
+def test_the_default_rules_and_one_more_in_one_list_both_fire(tmp_path: Path) -> None:
+    # "default" in a list of rules: the default rules beside the user's, without copying them
+    alerts = ["default", _always("rankme", "final_norm", "mine")]
+    assert "mine" in {a["rule"] for a in run(tmp_path, name="ok", alerts=alerts, steps=1).alerts()}
+    bad = run(tmp_path, name="nan", model=nan_model(), alerts=alerts, steps=1)
+    assert "nonfinite@*" in {a["rule"] for a in bad.alerts()}  # a default rule, acting
+    fails_before_step_1(tmp_path, "must be one of", alerts=["default", "v3"])
+
+
 def test_a_topology_rule_on_a_layer_without_topology_fails_before_step_1(tmp_path: Path) -> None:
     # layer_0 is captured, but persistent homology runs on the last captured layer only (the default)
     fails_before_step_1(tmp_path, "layer_0", alerts=[_always("h1_total_persistence", "layer_0", "t")])

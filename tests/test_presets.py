@@ -39,15 +39,18 @@ def test_the_packaged_presets_are_the_files_and_differ():
 
 def test_the_rl_preset_is_standard_plus_the_probe_entropy_watched_both_ways():
     from topomon.alerts import default_rules, rules_from_config
+    from topomon.metrics.options import ComputeOptions
+    from topomon.pipeline import alert_rules
     from topomon.types import MetricRecord
 
     rl = MonitorConfig.from_dict(load_preset("rl"))
     assert rl.replace(alerts="default", every_n_steps=50) == MonitorConfig()
     assert rl.logits and rl.every_n_steps == 20
-    rules = rules_from_config(rl.alerts)
-    # the default rules, unchanged, then the two entropy rules
-    assert [r.config() for r in rules[:3]] == [r.config() for r in default_rules()]
-    drop, rise, rollout_drop, rollout_rise = rules[3:]
+    assert rl.alerts[0] == "default"  # the default rules, whichever ship, then the entropy rules
+    rules = rules_from_config(rl.alerts[1:])
+    drop, rise, rollout_drop, rollout_rise = rules
+    built = alert_rules(rl.alerts, None, ComputeOptions(logits=True))
+    assert [r.config() for r in built] == [r.config() for r in default_rules() + rules]
     assert (drop.name, rise.name) == ("logit_entropy_drop", "logit_entropy_rise")
     assert (rollout_drop.layer, rollout_drop.metric, rollout_drop.window) == ("trainer", "entropy", 4)
     assert (rollout_drop.direction, rollout_rise.direction) == ("drop", "rise")

@@ -136,13 +136,15 @@ class MonitorConfig:
             (``topomon.metrics.families.options_from_config``).
         alerts: "default" (final-norm RankMe -15% / effective rank -25% from the stage start, and
             non-finite activations), a detector of ``topomon.alerts.DETECTORS`` by name (``"v2"``,
-            ``"nll+loss"``, ``"training-loss drop"``, ``"probe NLL"``: docs/EARLY_WARNING.md part 3;
+            ``"nll+loss"``, ``"training-loss drop"`` ...: docs/EARLY_WARNING.md part 3;
             like the default, its parts on ``final_norm`` watch the deepest captured layer when
             ``final_norm`` is not captured, and an any-of part whose family is off is left out with a
             warning), a list of rule mappings (``topomon.alerts.rules_from_config``:
-            ``drop`` / ``spike`` / ``trend`` / ``threshold`` / ``nonfinite`` / ``composite``; a
-            ``layer`` of the captured ones, ``"model"`` for model-level metrics such as ``logit_nll``,
-            or ``"trainer"`` for what the trainer logs, such as ``loss``), or None for no alerts.
+            ``drop`` / ``spike`` / ``mean_spike`` / ``trend`` / ``threshold`` / ``nonfinite`` /
+            ``composite``; a ``layer`` of the captured ones, ``"model"`` for model-level metrics such
+            as ``logit_nll``, or ``"trainer"`` for what the trainer logs, such as ``loss``) whose items
+            may also be those names (``["default", {...}]``: the default rules and one more), or None
+            for no alerts.
         webhook_url: POST every alert as JSON to this http(s) URL (never blocks training).
         trackers: the experiment trackers that also get every curve, figure and alert, into the run
             the trainer (or you) started: None follows the trainer's ``report_to``, ``[]`` is none,
@@ -152,7 +154,8 @@ class MonitorConfig:
             ``{"kind": "replay", "value": 0.5}``, ``{"kind": "diversity", "value": 0.05}``,
             ``{"kind": "lora_decorrelation", "value": 1.0}``, ``{"kind": "entropy_bonus", "value":
             0.01}`` (TRL GRPOTrainer, with ``.attach(trainer)``), ``{"kind": "checkpoint"}``,
-            ``{"kind": "stop"}``. Settable kinds revert when the alert recovers.
+            ``{"kind": "stop"}``. Settable kinds revert when the alert recovers. ``rules`` names the
+            alert rules that trigger one (none: any); a name no rule has is an error before step 1.
         diversity: options of the diversity regulariser: ``layers`` (default ``[-1]``), ``kind``
             ("logdet", "entropy", "uniformity"), ``max_tokens`` (shorthand for
             ``intervention_options: {diversity: {...}}``).

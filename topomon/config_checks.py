@@ -115,17 +115,23 @@ def check_fields(c: Any) -> None:
         _require_int("step_offset", c.step_offset, 0)
     from topomon.alerts import DETECTORS
 
-    named = isinstance(c.alerts, str) and (c.alerts == "default" or c.alerts in DETECTORS)
-    if not (c.alerts is None or named or isinstance(c.alerts, (list, tuple))):
+    detectors = ["default", *DETECTORS]
+    listed = isinstance(c.alerts, (list, tuple))
+    if not (c.alerts is None or c.alerts in detectors or listed):
         raise ConfigError(
             f"`alerts` must be 'default', a detector of topomon.alerts.DETECTORS ({list(DETECTORS)}), "
-            f"a list of rules (mappings) or None, got {c.alerts!r}"
+            f"a list of rules (mappings, or those names) or None, got {c.alerts!r}"
         )
-    if isinstance(c.alerts, (list, tuple)):
+    if listed:
         from topomon.alerts import rules_from_config
 
+        for i, item in enumerate(c.alerts):
+            if isinstance(item, str) and item not in detectors:
+                raise ConfigError(
+                    f"`alerts[{i}]`: a name in a list of rules must be one of {detectors}, got {item!r}"
+                )
         try:
-            rules_from_config(list(c.alerts))
+            rules_from_config([a for a in c.alerts if not isinstance(a, str)])
         except (TypeError, ValueError) as e:
             raise ConfigError(f"`alerts`: {e}") from None
     if not isinstance(c.actions, tuple) or not all(isinstance(a, Mapping) for a in c.actions):

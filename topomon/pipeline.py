@@ -11,6 +11,7 @@ sinks, and wait in a queue for the training thread to act on them.
 from __future__ import annotations
 
 import collections
+import difflib
 import logging
 import math
 import os
@@ -479,6 +480,55 @@ def _part_metrics(config: dict[str, Any]) -> list[str]:
     return [] if config.get("layer") == TRAINER_LAYER else [config["metric"]] if "metric" in config else []
 
 
+def alert_rules(alerts: Any, layers: Sequence[str] | None, options: ComputeOptions) -> list[Any]:
+    """The rules of the ``alerts`` field, checked against the captured ``layers``.
+
+    ``alerts`` is ``"default"``, a detector's name (:data:`topomon.alerts.DETECTORS`) or a list whose
+    items are rule mappings or such names (``["default", {...}]``: the default rules and one more).
+    A name's rules watch the deepest captured layer when ``final_norm`` is not captured, and lose the
+    any-of parts whose family is off (:func:`rules_on_layers`, :func:`available_default_parts`); a
+    rule two names share (the non-finite rule) is kept once.
+
+    Raises:
+        ConfigError: a rule on a layer that is not captured.
+    """
+    rules: list[Any] = []
+    for item in [alerts] if isinstance(alerts, str) else list(alerts):
+        named = isinstance(item, str)
+        if isinstance(item, str):
+            got = default_rules(SHIPPED if item == "default" else item)
+        else:
+            got = rules_from_config([item])
+        if layers is not None:
+            got = rules_on_layers(got, list(layers), default=named)
+        if named:
+            got = available_default_parts(got, options)
+        have = [r.config() for r in rules]
+        rules += [r for r in got if not (named and r.config() in have)]
+    return rules
+
+
+def _check_action_rules(c: MonitorConfig, names: list[str] | None) -> None:
+    """Every rule an action names is one of the alert rules (an action on no rule would never act)."""
+    for i, spec in enumerate(c.actions):
+        wanted = list(spec.get("rules") or ())
+        if not wanted:
+            if names is None:
+                raise ConfigError(
+                    f"`actions[{i}]` ({spec.get('kind')!r}) acts on alerts, but `alerts` is None: "
+                    "no alert could trigger it; set `alerts` (e.g. 'default')"
+                )
+            continue
+        missing = [w for w in wanted if names is None or w not in names]
+        if missing:
+            close = {w: difflib.get_close_matches(w, names or [], n=2) for w in missing}
+            hint = "".join(f"; {w!r}: did you mean {m}?" for w, m in close.items() if m)
+            raise ConfigError(
+                f"`actions[{i}]` ({spec.get('kind')!r}) names alert rule(s) {missing} that no rule has: "
+                f"the alert rules are {names or []}{hint}"
+            )
+
+
 def make_router(
     c: MonitorConfig,
     run: RunDir,
@@ -518,15 +568,7 @@ def make_router(
     record_sinks.extend(sinks)
     engine = None
     if c.alerts is not None:
-        named = isinstance(c.alerts, str)  # "default" or a detector of DETECTORS
-        if named:
-            rules = default_rules(SHIPPED if c.alerts == "default" else c.alerts)
-        else:
-            rules = rules_from_config(list(c.alerts))
-        if layers is not None:
-            rules = rules_on_layers(rules, list(layers), default=named)
-        if named:
-            rules = available_default_parts(rules, options)
+        rules = alert_rules(c.alerts, layers, options)
         for rule in rules:
             for metric in rule.metrics:
                 why = explain_unknown(metric, options)
@@ -550,6 +592,7 @@ def make_router(
             engine = AlertEngine(rules, metric_names(options))
         except ValueError as e:
             raise ConfigError(f"`alerts`: {e}") from None
+    _check_action_rules(c, [r.name for r in engine.rules] if engine is not None else None)
     record_sinks.append(AlertsOnly("log", LogSink()))
     if c.webhook_url:
         record_sinks.append(AlertsOnly("webhook", WebhookSink(c.webhook_url)))
