@@ -385,6 +385,8 @@ def case_topology_layers(tmp_path: Path) -> None:
     every = run(tmp_path, name="all", topology_layers="all")
     assert all("h1_total_persistence" in every.keys(ly) for ly in ("layer_0", "layer_1", "final_norm"))
     fails_before_step_1(tmp_path, "topology_layers", layers=[0], topology_layers=[1])
+    # an index past the model's blocks is an error, not the block it wraps around to
+    fails_before_step_1(tmp_path, "out of range for a model with", topology_layers=[99])
 
 
 def _dgm_h0(r: Result, layer: str = "final_norm") -> np.ndarray:

@@ -83,8 +83,14 @@ def capture_modules(c: MonitorConfig, model: Any) -> tuple[list[int], dict[str, 
     except ValueError as e:
         raise ConfigError(f"`layers`: {e}") from None
     if isinstance(c.topology_layers, (list, tuple)):
+        n = layout.n_layers
         for i in c.topology_layers:
-            if isinstance(i, int) and i % layout.n_layers not in indices:
+            if isinstance(i, int) and not -n <= i < n:
+                raise ConfigError(
+                    f"`topology_layers`: block index {i} is out of range for a model with {n} blocks: "
+                    f"valid indices are {-n}..{n - 1}"
+                )
+            if isinstance(i, int) and i % n not in indices:
                 raise ConfigError(
                     f"`topology_layers` holds {i}, which is not among the captured `layers` {indices}"
                 )
