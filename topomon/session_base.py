@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -105,6 +106,13 @@ class SessionBase:
         mixing = self.interventions.requires.get("trainer_data")
         if mixing and replay_dataset is None:
             raise ConfigError(f"a {mixing[0]!r} action needs replay_dataset=...: the examples to mix in")
+        if replay_dataset is not None and not mixing:
+            warnings.warn(
+                "replay_dataset is given but no action mixes it in: it is unused (add e.g. "
+                "actions=[{'kind': 'replay', 'value': 0.5}])",
+                UserWarning,
+                stacklevel=3,
+            )
         self._stage = c.stage  # the configured stage name (a re-run into it gets a new one)
         self._started = False
         self._depth = 0

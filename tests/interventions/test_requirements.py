@@ -254,3 +254,13 @@ def test_bad_or_unused_intervention_options() -> None:
         )
     reg_options = MonitorSession(both).interventions.get("diversity").options  # type: ignore[union-attr]
     assert reg_options == {"layers": [0], "kind": "entropy"}
+
+
+def test_a_replay_dataset_without_a_replay_action_is_said_to_be_unused() -> None:
+    with pytest.warns(UserWarning, match="replay_dataset is given but no action mixes it in"):
+        MonitorSession(MonitorConfig(), replay_dataset=[{"text": "a"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MonitorSession(
+            MonitorConfig(actions=[{"kind": "replay", "value": 0.5}]), replay_dataset=[{"text": "a"}]
+        )
