@@ -510,22 +510,21 @@ def alert_rules(alerts: Any, layers: Sequence[str] | None, options: ComputeOptio
 
 def _check_action_rules(c: MonitorConfig, names: list[str] | None) -> None:
     """Every rule an action names is one of the alert rules (an action on no rule would never act)."""
-    for i, spec in enumerate(c.actions):
-        wanted = list(spec.get("rules") or ())
-        if not wanted:
-            if names is None:
-                raise ConfigError(
-                    f"`actions[{i}]` ({spec.get('kind')!r}) acts on alerts, but `alerts` is None: "
-                    "no alert could trigger it; set `alerts` (e.g. 'default')"
-                )
-            continue
-        missing = [w for w in wanted if names is None or w not in names]
+    from topomon.interventions.actions import ActionSpec
+
+    for i, spec in enumerate(ActionSpec.from_dict(a) for a in c.actions):
+        if names is None:
+            raise ConfigError(
+                f"`actions[{i}]` ({spec.kind!r}) acts on alerts, but `alerts` is None: no alert could "
+                "trigger it; set `alerts` (e.g. 'default')"
+            )
+        missing = [w for w in spec.rules if w not in names]
         if missing:
-            close = {w: difflib.get_close_matches(w, names or [], n=2) for w in missing}
+            close = {w: difflib.get_close_matches(w, names, n=2) for w in missing}
             hint = "".join(f"; {w!r}: did you mean {m}?" for w, m in close.items() if m)
             raise ConfigError(
-                f"`actions[{i}]` ({spec.get('kind')!r}) names alert rule(s) {missing} that no rule has: "
-                f"the alert rules are {names or []}{hint}"
+                f"`actions[{i}]` ({spec.kind!r}) names alert rule(s) {missing} that no rule has: the "
+                f"alert rules are {names}{hint}"
             )
 
 
