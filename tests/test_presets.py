@@ -38,9 +38,9 @@ def test_the_packaged_presets_are_the_files_and_differ():
 
 
 def test_the_rl_preset_is_standard_plus_the_probe_entropy_watched_both_ways():
+    from topomon.alert_setup import alert_rules
     from topomon.alerts import default_rules, rules_from_config
     from topomon.metrics.options import ComputeOptions
-    from topomon.pipeline import alert_rules
     from topomon.types import MetricRecord
 
     rl = MonitorConfig.from_dict(load_preset("rl"))

@@ -19,11 +19,11 @@ import torch
 from tests.capture import conftest
 from tests.capture.tiny_zoo import REPRESENTATIVE, tiny_model
 from tests.capture.tiny_zoo import text_settings as tiny_zoo_text
+from topomon.alert_setup import rules_on_layers
 from topomon.alerts import default_rules
 from topomon.capture.layers import FINAL_NORM, model_layout
 from topomon.capture.probe import ProbeCapture, plan_tokens
 from topomon.config import ConfigError, MonitorConfig
-from topomon.pipeline import rules_on_layers
 from topomon.stage import capture_modules
 from topomon.testing import sample_texts, tiny_tokenizer
 
