@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from topomon.capture.lora_weights import lora_extras
+from topomon.capture.lora_weights import LoraReference, lora_extras
 from topomon.config import ConfigError
 from topomon.distributed import Comm
 from topomon.interventions.base import InterventionError
@@ -456,6 +456,7 @@ class MonitorSession(SessionBase):
             self._finalizer.detach()
         if self._strategy is not None:
             self._strategy.close()
+        self._lora_reference = LoraReference()  # the earlier stages' bases leave the device
         flushed = True
         if self._executor is not None:
             try:

@@ -166,6 +166,7 @@ def case_lora_decorrelation(tok: Any, data: Any, tmp: Path, request: pytest.Fixt
     # the monitor's own measure agrees: lora_overlap_prev at the last capture
     last = [last_overlap(run) for run in (with_action, without)]
     assert last[0] == pytest.approx(decorrelated, abs=1e-6) and last[1] == pytest.approx(plain, abs=1e-6)
+    assert not mon.session._lora_reference  # stage 1's bases, kept beside the adapters, left with the stage
     assert "topomon/interventions/lora_decorrelation" in tags(with_action / "tensorboard" / "stage2")
 
 
