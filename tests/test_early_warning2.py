@@ -127,6 +127,16 @@ def test_detectors_are_replayed_as_alarm_states_and_scored_per_step():
     assert a2.scores([grpo_h, *stages], "TRL entropy (grpo only)")["harmful"] == 1
 
 
+def test_the_false_alarm_rate_interval_is_the_exact_poisson_one():
+    a2 = _load("analysis2")
+    # Garwood's exact 95% limits for 0, 1 and 10 events (standard tables), per 1,000 of 1,000 steps
+    assert a2.poisson_rate(0, 1000) == pytest.approx((0.0, 3.689), abs=1e-3)
+    assert a2.poisson_rate(1, 1000) == pytest.approx((0.0253, 5.572), abs=1e-3)
+    assert a2.poisson_rate(10, 1000) == pytest.approx((4.795, 18.39), abs=1e-2)
+    assert a2.poisson_rate(10, 2000) == pytest.approx((2.398, 9.195), abs=1e-2)  # per 1,000 steps
+    assert all(math.isnan(x) for x in a2.poisson_rate(0, 0))
+
+
 def test_no_detector_is_scored_before_every_registered_stage_is_saved(tmp_path, capsys):
     import json
 

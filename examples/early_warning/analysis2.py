@@ -12,6 +12,7 @@ minus the best other detector with a bootstrap over the stage types.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import statistics
@@ -186,13 +187,25 @@ def shipped(all_scores: dict[str, dict[str, Any]]) -> str:
     return best
 
 
+def poisson_rate(events: int, steps: int, per: int = 1000) -> tuple[float, float]:
+    """The exact (Garwood) 95% interval of an event rate per ``per`` steps; (nan, nan) without steps."""
+    from scipy.stats import chi2
+
+    if steps <= 0:
+        return (math.nan, math.nan)
+    lo = 0.0 if events == 0 else 0.5 * float(chi2.ppf(0.025, 2 * events))
+    hi = 0.5 * float(chi2.ppf(0.975, 2 * events + 2))
+    return (per * lo / steps, per * hi / steps)
+
+
 def score_line(name: str, s: dict[str, Any]) -> str:
-    """One detector's held-out numbers as the README states them."""
+    """One detector's held-out numbers as the README states them, each with its 95% interval."""
+    b, fa = s["before_ci"], s["fa_ci"]
     return (
         f"{name}: precision {s['precision']:.2f} [{s['p_ci'][0]:.2f}, {s['p_ci'][1]:.2f}], recall "
         f"{s['recall']:.2f} [{s['r_ci'][0]:.2f}, {s['r_ci'][1]:.2f}], F1 {s['f1']:.2f}, strictly before the "
-        f"first measured harm in {s['before']} of {s['harmful']} harmful stages, "
-        f"{s['fa_per_1000']:.1f} false alarms per 1,000 benign steps"
+        f"first measured harm in {s['before']} of {s['harmful']} harmful stages [{b[0]:.2f}, {b[1]:.2f}], "
+        f"{s['fa_per_1000']:.1f} [{fa[0]:.1f}, {fa[1]:.1f}] false alarms per 1,000 benign steps"
     )
 
 
@@ -262,8 +275,10 @@ def scores(stages: list[Stage], name: str) -> dict[str, Any]:
         "r_ci": wilson(tp, tp + fn),
         "before": before,
         "harmful": tp + fn,
+        "before_ci": wilson(before, tp + fn),  # of the share of harmful stages alerted strictly before
         "lead_median": statistics.median(leads) if leads else None,
         "fa_per_1000": 1000 * n_events / steps if steps else float("nan"),
+        "fa_ci": poisson_rate(n_events, steps),
         "benign_ck_in_alarm": ck_on / ck_all if ck_all else float("nan"),
     }
 
@@ -300,7 +315,7 @@ def table(stages: list[Stage], n_boot: int = 10_000) -> str:
         out.append(f"| {res['name']} | {'-' if h is None else h} | " + " | ".join(cells) + " |")
     out += [
         "\n| detector | precision [95% CI] | recall [95% CI] | F1 | strictly before the harm | lead median | "
-        "false alarms / 1,000 benign steps | benign checkpoints in alarm |",
+        "false alarms / 1,000 benign steps [95% CI] | benign checkpoints in alarm |",
         "|---|---|---|---|---|---|---|---|",
     ]
     all_scores = {name: scores(stages, name) for name in DETECTORS}
@@ -308,7 +323,8 @@ def table(stages: list[Stage], n_boot: int = 10_000) -> str:
         out.append(
             f"| {name} | {s['precision']:.2f} [{s['p_ci'][0]:.2f}, {s['p_ci'][1]:.2f}] | {s['recall']:.2f} "
             f"[{s['r_ci'][0]:.2f}, {s['r_ci'][1]:.2f}] | {s['f1']:.2f} | {s['before']} / {s['harmful']} | "
-            f"{'-' if s['lead_median'] is None else s['lead_median']} | {s['fa_per_1000']:.1f} | "
+            f"{'-' if s['lead_median'] is None else s['lead_median']} | {s['fa_per_1000']:.1f} "
+            f"[{s['fa_ci'][0]:.1f}, {s['fa_ci'][1]:.1f}] | "
             f"{s['benign_ck_in_alarm']:.2f} |"
         )
     rivals = [n for n in DETECTORS if n not in (V2, GRPO_ONLY)]
