@@ -7,6 +7,7 @@ back and fails when its rule never fired. Then the plain loop's ``mon.step(step,
 
 import logging
 
+import numpy as np
 import pytest
 
 import topomon
@@ -46,6 +47,15 @@ RULES = [
         "name": "nll_confirms_loss",
         "parts": [{**LOSS_DOWN, "name": "loss"}, {**NLL_DOWN, "name": "nll"}],
         "within": 2,
+    },
+    # Lightning's spike test on the gradient norm the Trainer logs
+    {
+        "type": "mean_spike",
+        "layer": "trainer",
+        "metric": "grad_norm",
+        "rtol": 0.01,
+        "window": 3,
+        "name": "grad_jump",
     },
     # SFT logs no reward: never judged, so said at the end
     {"type": "drop", "layer": "trainer", "metric": "reward", "threshold": 0.3},
@@ -113,6 +123,20 @@ def test_a_composite_of_loss_and_probe_nll_fires_once_naming_both(sft_run):
     assert "[loss] step" in a["message"] and "[nll] step" in a["message"]
     parts = {r: fired(sft_run, r)[0]["step"] for r in ("loss_down", "nll_down")}
     assert a["step"] == max(parts.values()) and abs(parts["loss_down"] - parts["nll_down"]) <= 2
+
+
+def test_lightnings_spike_test_on_the_logged_grad_norm_fires_where_the_log_history_says(sft_run):
+    history = [h["grad_norm"] for h in sft_run["trainer"].state.log_history if "grad_norm" in h]
+    steps = [h["step"] for h in sft_run["trainer"].state.log_history if "grad_norm" in h]
+    first = next(
+        steps[i]
+        for i in range(1, len(history))
+        if history[i] > history[i - 1]
+        and abs(history[i] - np.mean(history[max(0, i - 3) : i]))
+        >= 0.01 * np.mean(history[max(0, i - 3) : i])
+    )
+    (a, *_) = fired(sft_run, "grad_jump")
+    assert (a["step"], a["reason"], a["layer"]) == (first, "spike", "trainer")
 
 
 def test_an_alert_on_the_summary_after_the_loop_is_reported_late_not_acted_on(sft_run):
