@@ -144,13 +144,19 @@ def lora_update_metrics(
     return _spectrum_metrics(lora_update_singular_values(A, B, scaling), eps)
 
 
+_GRAM_RTOL = 1e-7
+"""Directions of a factor, or of the update, below this fraction of the largest singular value are
+not resolved from Gram matrices (their squares sit at float64's rounding of the largest)."""
+
+
 def lora_gram_singular_values(gram_a: npt.ArrayLike, gram_b: npt.ArrayLike, scaling: float) -> np.ndarray:
     """Singular values of ``scaling * B @ A`` from the Gram matrices ``A A^T`` and ``B^T B`` alone.
 
     The squared singular values are the eigenvalues of ``B^T B A A^T``, computed as those of the
-    symmetric ``H (B^T B) H`` with ``H = (A A^T)^(1/2)``. Singular values below about ``1e-8`` of the
-    largest lose relative precision (they are square roots of eigenvalues); the ranks and the norm of
-    :func:`lora_gram_metrics` do not notice.
+    symmetric ``H (B^T B) H`` with ``H = (A A^T)^(1/2)``. Singular values at or below ``1e-7`` of
+    ``||A|| ||B||`` are returned as 0: they are square roots of eigenvalues at float64's rounding (a
+    rank-deficient update's zeros would come back as about ``1e-8`` of it), so the ranks and the
+    norm of :func:`lora_gram_metrics` equal the factor path's.
 
     Args:
         gram_a: ``A A^T``, shape ``(r, r)``.
@@ -168,9 +174,12 @@ def lora_gram_singular_values(gram_a: npt.ArrayLike, gram_b: npt.ArrayLike, scal
     ga, gb = _grams(gram_a, gram_b)
     sc = _scaling(scaling)
     w, v = np.linalg.eigh(ga)
-    half = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    w[w <= w[-1] * _GRAM_RTOL**2] = 0.0  # A's directions below the resolution: rounding noise
+    half = (v * np.sqrt(w)) @ v.T
     ev = np.linalg.eigvalsh(half @ gb @ half)
-    return abs(sc) * np.sqrt(np.clip(ev, 0.0, None))[::-1]
+    s = np.sqrt(np.clip(ev, 0.0, None))[::-1]
+    s[s <= np.sqrt(w[-1] * max(np.linalg.eigvalsh(gb)[-1], 0.0)) * _GRAM_RTOL] = 0.0  # vs ||A|| ||B||
+    return abs(sc) * s
 
 
 def lora_gram_metrics(
@@ -196,11 +205,6 @@ def _grams(gram_a: npt.ArrayLike, gram_b: npt.ArrayLike) -> tuple[np.ndarray, np
     return 0.5 * (ga + ga.T), 0.5 * (gb + gb.T)
 
 
-_GRAM_RTOL = 1e-7
-"""Directions of a factor, or of the update, below this fraction of the largest singular value are
-not resolved from Gram matrices (their squares sit at float64's rounding of the largest)."""
-
-
 def lora_gram_overlap(
     gram_a: npt.ArrayLike,
     gram_b: npt.ArrayLike,
@@ -215,8 +219,8 @@ def lora_gram_overlap(
     ``B^T B = W_B L_B W_B^T``, ``Q_B = B W_B L_B^(-1/2)`` is an orthonormal basis of ``B``'s columns,
     ``B A = Q_B (L_B^(1/2) W_B^T W_A L_A^(1/2)) Q_A^T``, and ``U^T U_ref = U_m^T L_B^(-1/2) W_B^T
     (B^T U_ref)`` for the small core's left singular vectors ``U_m`` (and the same on the right).
-    Directions below ``1e-7`` of the largest singular value are left out (the factor path keeps them
-    down to about ``1e-12``; they are rounding noise of float32 factors).
+    Directions below ``1e-7`` of ``||A|| ||B||`` are left out (the factor path keeps them down to
+    about ``1e-12``; they are rounding noise of float32 factors).
 
     Args:
         gram_a: ``A A^T``, shape ``(r, r)``.
@@ -252,7 +256,7 @@ def lora_gram_overlap(
     if not (sa.size and sb.size and av.shape[1]):
         return math.nan
     um, s, vmt = np.linalg.svd((sb[:, None] * (wb.T @ wa)) * sa[None, :], full_matrices=False)
-    k = int(np.sum(s > s[0] * _GRAM_RTOL)) if s.size and s[0] > 0 else 0
+    k = int(np.sum(s > sa.max() * sb.max() * _GRAM_RTOL))  # resolved relative to ||A|| ||B||
     if k == 0:
         return math.nan
     kmin = min(k, av.shape[1])
