@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
-from topomon.capture.lora_weights import LoraReference, has_lora, lora_extras, lora_factors, lora_grams
+from topomon.capture.lora_weights import LoraReference, has_lora, lora_extras, lora_factors
 from topomon.metrics.lora import lora_update_singular_values
 from topomon.testing import tiny_causal_lm
 
@@ -148,16 +148,15 @@ def test_the_extras_are_the_factors_grams_and_their_projections_on_earlier_subsp
     from topomon.metrics.lora import lora_gram_overlap, lora_update_subspace, subspace_overlap
 
     model = _peft_llama()
-    factors, grams = lora_factors(model), lora_grams(model)
-    assert set(grams) == set(factors) and has_lora(model) and not has_lora(_llama())
+    factors, first = lora_factors(model), lora_extras(model)
+    assert {k.split("/")[1] for k in first} == set(factors) and has_lora(model) and not has_lora(_llama())
     for name, (a, b, scaling) in factors.items():
-        ga, gb, sc = grams[name]
+        ga, gb, sc = (first[f"lora/{name}/{p}"] for p in ("gram_A", "gram_B", "scaling"))
         assert ga.shape == gb.shape == (4, 4) and ga.dtype == np.float64 and sc == scaling
         np.testing.assert_allclose(ga, a.astype(np.float64) @ a.T, rtol=1e-5)
         np.testing.assert_allclose(gb, b.T.astype(np.float64) @ b, rtol=1e-5)
     # a first stage ships the Grams and the scaling only
     name = next(iter(factors))
-    first = lora_extras(model)
     assert {k for k in first if k.startswith(f"lora/{name}/")} == {
         f"lora/{name}/{p}" for p in ("gram_A", "gram_B", "scaling")
     }

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["lora_factors", "lora_grams", "lora_extras", "has_lora", "LoraReference"]
+__all__ = ["lora_factors", "lora_extras", "has_lora", "LoraReference"]
 
 
 def _to_numpy(t: Any) -> np.ndarray:
@@ -135,34 +135,6 @@ def has_lora(model: Any) -> bool:
     return next(_lora_tensors(model, None), None) is not None
 
 
-def _grams(a: Any, b: Any) -> tuple[Any, Any]:
-    """``(A, B)`` as float64 where they live, and their Gram matrices ``(A A^T, B^T B)``.
-
-    On MPS, which has no float64, on the CPU.
-    """
-    if a.device.type == "mps":
-        a, b = a.cpu(), b.cpu()
-    a64, b64 = a.detach().double(), b.detach().double()
-    return (a64, b64), (a64 @ a64.T, b64.T @ b64)
-
-
-def lora_grams(model: Any) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """``(A A^T, B^T B, scaling)`` of every LoRA-adapted module: two ``r x r`` float64 Gram matrices.
-
-    Computed where the factors live (one small product each), so only ``2 r^2`` numbers per module
-    leave the device instead of ``r (in + out)``: the update's singular values follow from them
-    (:func:`topomon.metrics.lora.lora_gram_metrics`).
-    """
-    import torch
-
-    out: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
-    with torch.no_grad():
-        for name, a, b, sc in _lora_tensors(model, None):
-            _, (ga, gb) = _grams(a, b)
-            out[name] = (ga.cpu().numpy(), gb.cpu().numpy(), sc)
-    return out
-
-
 class LoraReference:
     """Earlier stages' LoRA update subspaces, read once and kept beside each adapted module.
 
@@ -230,9 +202,11 @@ def lora_extras(model: Any, reference: LoraReference | None = None) -> dict[str,
     extras: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for name, a, b, scaling in _lora_tensors(model, None):
-            (a64, b64), (ga, gb) = _grams(a, b)
-            extras[f"lora/{name}/gram_A"] = ga.cpu().numpy()
-            extras[f"lora/{name}/gram_B"] = gb.cpu().numpy()
+            if a.device.type == "mps":  # no float64 there
+                a, b = a.cpu(), b.cpu()
+            a64, b64 = a.detach().double(), b.detach().double()
+            extras[f"lora/{name}/gram_A"] = (a64 @ a64.T).cpu().numpy()
+            extras[f"lora/{name}/gram_B"] = (b64.T @ b64).cpu().numpy()
             extras[f"lora/{name}/scaling"] = np.asarray(scaling, dtype=np.float64)
             for j, (u, v) in enumerate(reference.bases(name, a64.device) if reference else []):
                 if u.shape[0] != b64.shape[0] or v.shape[0] != a64.shape[1]:
