@@ -173,12 +173,12 @@ def lora_gram_singular_values(gram_a: npt.ArrayLike, gram_b: npt.ArrayLike, scal
     """
     ga, gb = _grams(gram_a, gram_b)
     sc = _scaling(scaling)
-    w, v = np.linalg.eigh(ga)
-    w[w <= w[-1] * _GRAM_RTOL**2] = 0.0  # A's directions below the resolution: rounding noise
-    half = (v * np.sqrt(w)) @ v.T
-    ev = np.linalg.eigvalsh(half @ gb @ half)
-    s = np.sqrt(np.clip(ev, 0.0, None))[::-1]
-    s[s <= np.sqrt(w[-1] * max(np.linalg.eigvalsh(gb)[-1], 0.0)) * _GRAM_RTOL] = 0.0  # vs ||A|| ||B||
+    (sa, wa), (sb, _) = _resolved(ga), _resolved(gb)
+    if not (sa.size and sb.size):
+        return np.zeros(ga.shape[0])
+    half = (wa * sa) @ wa.T
+    s = np.sqrt(np.clip(np.linalg.eigvalsh(half @ gb @ half), 0.0, None))[::-1]
+    s[s <= sa[-1] * sb[-1] * _GRAM_RTOL] = 0.0  # below the resolution of ||A|| ||B||
     return abs(sc) * s
 
 
@@ -203,6 +203,16 @@ def _grams(gram_a: npt.ArrayLike, gram_b: npt.ArrayLike) -> tuple[np.ndarray, np
     if ga.shape[0] != ga.shape[1] or ga.shape != gb.shape:
         raise ValueError(f"gram_A and gram_B must be (r, r) of the same r, got {ga.shape} and {gb.shape}")
     return 0.5 * (ga + ga.T), 0.5 * (gb + gb.T)
+
+
+def _resolved(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A factor's singular values (ascending) and vectors from its Gram matrix, the resolved ones.
+
+    Directions at or below :data:`_GRAM_RTOL` of the largest are left out: float64 rounding.
+    """
+    lam, w = np.linalg.eigh(gram)
+    keep = lam > max(lam[-1] if lam.size else 0.0, 0.0) * _GRAM_RTOL**2
+    return np.sqrt(lam[keep]), w[:, keep]
 
 
 def lora_gram_overlap(
@@ -246,17 +256,11 @@ def lora_gram_overlap(
             f"av_ref and btu_ref must be (r, k_ref) with r = {r} and one k_ref, got {av.shape} and {bu.shape}"
         )
 
-    def basis(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lam, w = np.linalg.eigh(g)
-        keep = lam > (lam[-1] if lam.size else 0.0) * _GRAM_RTOL**2
-        return np.sqrt(lam[keep]), w[:, keep]
-
-    sa, wa = basis(ga)
-    sb, wb = basis(gb)
+    (sa, wa), (sb, wb) = _resolved(ga), _resolved(gb)
     if not (sa.size and sb.size and av.shape[1]):
         return math.nan
     um, s, vmt = np.linalg.svd((sb[:, None] * (wb.T @ wa)) * sa[None, :], full_matrices=False)
-    k = int(np.sum(s > sa.max() * sb.max() * _GRAM_RTOL))  # resolved relative to ||A|| ||B||
+    k = int(np.sum(s > sa[-1] * sb[-1] * _GRAM_RTOL))  # resolved relative to ||A|| ||B||
     if k == 0:
         return math.nan
     kmin = min(k, av.shape[1])
