@@ -126,7 +126,7 @@ def available_default_parts(rules: list[Any], options: ComputeOptions) -> list[A
 
     A warning names the parts left out (``logits=False`` leaves v2's geometry and loss parts). A rule
     left with one part is that part, under the rule's name; a top-level rule, or one left with no
-    part, is kept as it is for ``make_router`` to refuse.
+    part, is kept as it is for :func:`alert_engine` to refuse.
     """
     out = []
     for rule in rules:
@@ -134,8 +134,12 @@ def available_default_parts(rules: list[Any], options: ComputeOptions) -> list[A
         if "parts" not in cfg or cfg.get("k") != 1:
             out.append(rule)
             continue
-        keep = [p for p in cfg["parts"] if all(explain_unknown(m, options) is None for m in _part_metrics(p))]
-        off = [p.get("name") or p["metric"] for p in cfg["parts"] if p not in keep]
+        keep = [
+            p
+            for p in cfg["parts"]
+            if all(explain_unknown(m, options) is None for m in rules_from_config([p])[0].metrics)
+        ]
+        off = [p["name"] for p in cfg["parts"] if p not in keep]
         if not off or not keep:
             out.append(rule)
             continue
@@ -148,13 +152,6 @@ def available_default_parts(rules: list[Any], options: ComputeOptions) -> list[A
             rules_from_config([{**cfg, "parts": keep}] if len(keep) > 1 else [{**keep[0], "name": rule.name}])
         )
     return out
-
-
-def _part_metrics(config: dict[str, Any]) -> list[str]:
-    """The captured metrics a rule config reads (a trainer-logged value is no family's metric)."""
-    if "parts" in config:
-        return [m for p in config["parts"] for m in _part_metrics(p)]
-    return [] if config.get("layer") == TRAINER_LAYER else [config["metric"]] if "metric" in config else []
 
 
 def alert_rules(alerts: Any, layers: Sequence[str] | None, options: ComputeOptions) -> list[Any]:
